@@ -1,0 +1,17 @@
+"""Backends: one module per runtime, each registering a Runner (see `base.py` for the protocol)."""
+
+from exporter.backends import eager  # noqa: F401  (registration)
+from exporter.backends.base import (
+    BACKENDS,
+    Artifact,
+    BackendUnavailable,
+    BuildContext,
+    Runner,
+    RunnerError,
+    get_backend,
+    register_backend,
+    runner_for,
+)
+
+__all__ = ["BACKENDS", "Artifact", "BackendUnavailable", "BuildContext", "Runner", "RunnerError", "get_backend",
+           "register_backend", "runner_for"]

@@ -1,0 +1,224 @@
+"""Model registry: one `ModelSpec` per architecture name, and `create_model` to build one."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from exporter.errors import ExporterError, UsageError
+
+
+class UnknownModelError(ExporterError, KeyError):
+    """A model name that is not registered."""
+
+    exit_code = 2
+
+    def __str__(self) -> str:  # KeyError would add quotes around the message
+        return self.args[0]
+
+
+class InputShapeError(UsageError):
+    """An input shape the model cannot take."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The seed's d2l training recipe (Xavier init, SGD without momentum, cross-entropy)."""
+
+    lr: float
+    batch_size: int
+    epochs: int
+    resize: int
+    # A smaller budget for a 2-core CPU; `None` means the seed's recipe runs unchanged.
+    cpu_epochs: int | None = None
+    cpu_max_steps: int | None = None
+    cpu_batch_size: int | None = None
+    source: str = "seed"  # "seed" or "chosen" (the seed gives no recipe)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the pipeline needs to know about an architecture besides its code."""
+
+    name: str
+    family: str
+    seed: str
+    input_shape: tuple[int, int, int]  # default (C, H, W)
+    num_classes: int
+    recipe: Recipe
+    description: str
+    builder: Callable[..., nn.Module] = field(repr=False, compare=False)
+    seed_test_acc: float | None = None  # the seed's Fashion-MNIST accuracy after 10 epochs
+    seed_examples_per_s: float | None = None  # the seed's training throughput on their GPU
+    # Inputs are images scaled to [0, 1] (torchvision ToTensor), no mean/std normalisation: the seeds' recipe.
+    input_scaling: str = "pixels/255, no mean/std"
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    *,
+    family: str,
+    seed: str,
+    input_shape: tuple[int, int, int],
+    recipe: Recipe,
+    num_classes: int = 10,
+    seed_test_acc: float | None = None,
+    seed_examples_per_s: float | None = None,
+    name: str | None = None,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a keyword-only builder under its function name (or `name`)."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        model_name = name or builder.__name__
+        if model_name in MODELS:
+            raise ValueError(f"model {model_name!r} is registered twice")
+        doc = (builder.__doc__ or "").strip().splitlines()
+        MODELS[model_name] = ModelSpec(
+            name=model_name,
+            family=family,
+            seed=seed,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            recipe=recipe,
+            description=doc[0] if doc else model_name,
+            builder=builder,
+            seed_test_acc=seed_test_acc,
+            seed_examples_per_s=seed_examples_per_s,
+        )
+        return builder
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Registered model names in registration order."""
+    return list(MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of a registered model; an unknown name raises naming the close matches."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "run `exporter list` to see them"
+        raise UnknownModelError(f"unknown model {name!r}: {hint}") from None
+
+
+def create_model(
+    name: str, *, in_channels: int | None = None, num_classes: int | None = None, **options
+) -> nn.Module:
+    """Build a registered model with the seed's defaults unless overridden."""
+    spec = get_spec(name)
+    in_channels = spec.input_shape[0] if in_channels is None else in_channels
+    num_classes = spec.num_classes if num_classes is None else num_classes
+    for label, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UsageError(f"{name}: {label} must be a positive integer, got {value!r}")
+    return spec.builder(in_channels=in_channels, num_classes=num_classes, **options)
+
+
+def _forward_shape(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Output shape of `model` on a meta tensor of `shape`, or None when the shape does not fit."""
+    try:
+        with torch.no_grad():
+            return tuple(model(torch.empty(shape, device="meta")).shape)
+    except (RuntimeError, ValueError, IndexError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def valid_sizes(name: str, in_channels: int, limit: int = 512) -> tuple[int, ...]:
+    """Square input sizes (H = W) in 1..limit that the model accepts."""
+    with torch.device("meta"):
+        model = create_model(name, in_channels=in_channels).eval()
+    return tuple(s for s in range(1, limit + 1) if _forward_shape(model, (1, in_channels, s, s)))
+
+
+def _describe_sizes(sizes: tuple[int, ...]) -> str:
+    if not sizes:
+        return "no square size up to 512 fits"
+    runs, start = [], sizes[0]
+    for prev, cur in zip(sizes, sizes[1:] + (None,)):
+        if cur != prev + 1:
+            runs.append(f"{start}" if start == prev else f"{start}–{prev}")
+            start = cur
+    return ", ".join(runs)
+
+
+def check_input_shape(name: str, shape: tuple[int, int, int], *, in_channels: int | None = None) -> None:
+    """Raise InputShapeError with the valid sizes when a (C, H, W) input does not fit the model."""
+    spec = get_spec(name)
+    if len(shape) != 3 or any(int(d) <= 0 for d in shape):
+        raise InputShapeError(f"{name}: input shape must be C,H,W with positive sizes, got {shape}")
+    channels = shape[0] if in_channels is None else in_channels
+    if channels != shape[0]:
+        raise InputShapeError(f"{name}: model has {channels} input channels but the input has {shape[0]}")
+    with torch.device("meta"):
+        model = create_model(name, in_channels=channels).eval()
+    if _forward_shape(model, (1, *shape)) is not None:
+        return
+    sizes = valid_sizes(name, channels)
+    smallest = f"{channels}×{sizes[0]}×{sizes[0]}" if sizes else "none"
+    raise InputShapeError(
+        f"{name}: input {'×'.join(map(str, shape))} does not fit the model; smallest valid size is {smallest} "
+        f"(square sizes it accepts: {_describe_sizes(sizes)}; default {'×'.join(map(str, spec.input_shape))})"
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable and frozen parameters (buffers excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass (conv and linear layers), measured with hooks on meta tensors."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, inputs, output) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    def linear_hook(module: nn.Linear, inputs, output) -> None:
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(input_shape, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def model_summary(name: str) -> dict:
+    """Family, seed, default input, parameters and MACs (batch 1) of a registered model, computed from it."""
+    spec = get_spec(name)
+    with torch.device("meta"):
+        model = create_model(name).eval()
+    return {
+        "name": name,
+        "family": spec.family,
+        "seed": spec.seed,
+        "input_shape": list(spec.input_shape),
+        "num_classes": spec.num_classes,
+        "params": count_parameters(model),
+        "macs": count_macs(model, (1, *spec.input_shape)),
+        "description": spec.description,
+    }
