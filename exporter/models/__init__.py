@@ -1,6 +1,7 @@
 """The model zoo: importing this package registers every architecture (one module per family)."""
 
-from exporter.models import alexnet, densenet, googlenet, lenet, nin, resnet, vgg  # noqa: F401  (registration)
+# Registration order is the listing order: the seeds' chronology, LeNet to ResNet.
+from exporter.models import lenet, alexnet, vgg, nin, googlenet, resnet, densenet  # noqa: F401, I001
 from exporter.models.registry import (
     MODELS,
     InputShapeError,
