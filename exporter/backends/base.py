@@ -201,6 +201,14 @@ class Runner(ABC):
     def deactivate_impl(self) -> None:
         pass
 
+    def bare_call_impl(self, prepared: Any) -> Any:
+        """Optional: a zero-argument callable running the runtime on `prepared` with nothing of ours around it.
+
+        `exporter bench` times it beside `run` to measure the runner's overhead. None (the default) lets bench
+        find the runtime object on the runner by type (ONNX Runtime session, OpenVINO request, torch module).
+        """
+        return None
+
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()

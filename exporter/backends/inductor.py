@@ -1,0 +1,193 @@
+"""torch.compile (inductor): the model's Python code compiled by Dynamo + Inductor, from the build's weights.
+
+The artifact is `weights.safetensors` (shared with the eager reference) plus the options to rebuild the model;
+the runner compiles at `activate()`, so a benchmark's timed region never includes compilation. With a dynamic
+batch the batch dimension is marked dynamic (batches ≥ 2 share one graph; batch 1 is specialised by Dynamo, one
+extra graph), and the runner counts the graphs it compiled.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from exporter.backends.base import Artifact, BuildContext, Runner, register_backend
+
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def _cpp_compiler_reason() -> str | None:
+    """Inductor's CPU code needs a C++ compiler; None when one is found."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001  (any failure means inductor cannot build CPU kernels)
+        return f"inductor needs a C++ compiler for CPU code: {str(exc).splitlines()[0][:150] if str(exc) else exc!r}"
+    return None
+
+
+def _dynamo_counters() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+@register_backend
+class InductorRunner(Runner):
+    """torch.compile(backend="inductor") of the registered model loaded with the build's weights."""
+
+    backend = "inductor"
+    description = "torch.compile (inductor)"
+    devices = ("cpu", "cuda")
+
+    def __init__(self, path, *, precision: str = "fp32", device: str = "cpu", dynamic_batch: bool = True,
+                 input_shape: tuple[int, int, int] | list[int] | None = None, mode: str | None = None,
+                 freezing: bool = False, **model_options: Any) -> None:
+        super().__init__(path, precision=precision, device=device, **model_options)
+        self.dynamic_batch = dynamic_batch
+        self.input_shape = tuple(input_shape) if input_shape else None
+        self.mode = mode  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+        self.freezing = freezing  # inductor freezing: weights become constants folded into the graph
+        self.model_options = model_options  # model, in_channels, num_classes (+ builder options)
+        self.compile_seconds: float | None = None
+        self.graphs_compiled = 0
+
+    @classmethod
+    def available_impl(cls, device: str) -> str | None:
+        import torch
+
+        if device == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA device visible to torch"
+        return _cpp_compiler_reason()
+
+    def activate_impl(self) -> None:
+        import torch
+
+        from exporter.backends.eager import load_torch_model
+
+        if self.precision != "fp32":
+            raise ValueError(f"the inductor artifact runs fp32, not {self.precision}")
+        self._torch = torch
+        model = load_torch_model(self.path, device=self.device, **self.model_options)
+        if self.freezing:  # torch.compile takes a mode or options, not both: spell the mode out as options
+            import torch._inductor
+
+            options = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
+            self.model = torch.compile(model, backend="inductor", options={**options, "freezing": True})
+        else:
+            self.model = torch.compile(model, backend="inductor", mode=self.mode)
+        if self.input_shape:  # compile now, outside any timed region
+            before = _dynamo_counters()["graphs"]
+            start = time.perf_counter()
+            self.run(self.prepare_impl(np.zeros((2, *self.input_shape), np.float32)))
+            self.compile_seconds = time.perf_counter() - start
+            self.graphs_compiled += _dynamo_counters()["graphs"] - before
+
+    def prepare_impl(self, batch: np.ndarray) -> Any:
+        x = self._torch.from_numpy(batch).to(self.device)
+        if self.dynamic_batch and x.shape[0] >= 2:  # Dynamo always specialises a size-1 dimension
+            self._torch._dynamo.mark_dynamic(x, 0)
+        return x
+
+    def run_impl(self, prepared: Any) -> Any:
+        with self._torch.inference_mode():
+            return self.model(prepared)
+
+    def finish_impl(self, raw: Any) -> np.ndarray:
+        return raw.float().cpu().numpy()
+
+    def bare_call_impl(self, prepared: Any) -> Any:
+        """The compiled module called directly (benchmarks compare the runner's overhead against it)."""
+        fn, inference_mode = self.model, self._torch.inference_mode
+
+        def call() -> Any:
+            with inference_mode():
+                return fn(prepared)
+
+        return call
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            self._torch.cuda.synchronize()
+
+    def deactivate_impl(self) -> None:
+        del self.model
+
+
+def compile_diagnostics(model: Any, sample: Any, *, dynamic_batch: bool, batch_sizes: tuple[int, ...]) -> dict:
+    """Compile `model` with inductor from a clean Dynamo state and report what happened.
+
+    Returns compile seconds (first call), graph count, graph breaks with their reasons (`torch._dynamo.explain`)
+    and recompilations while running each of `batch_sizes` once.
+    """
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(sample)
+    breaks = [{"reason": str(getattr(b, "reason", b)).splitlines()[0][:300],
+               "where": str(getattr(b, "user_stack", [""])[-1:]).strip("[]")[:200]}
+              for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="inductor")
+    timings = {}
+    for batch in batch_sizes:
+        x = sample[:1].expand(batch, *sample.shape[1:]).contiguous()
+        if dynamic_batch and batch >= 2:
+            torch._dynamo.mark_dynamic(x, 0)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            compiled(x)
+        timings[batch] = time.perf_counter() - start
+    graphs = int(counters["stats"].get("unique_graphs", 0))
+    first_graphs = explanation.graph_count
+    result = {
+        "compile_s": round(timings[batch_sizes[0]], 3),
+        "first_call_s_by_batch": {str(b): round(t, 3) for b, t in timings.items()},
+        "graphs": explanation.graph_count,
+        "graph_breaks": explanation.graph_break_count,
+        "graph_break_reasons": breaks,
+        "recompilations": max(0, graphs - first_graphs),
+        "batch_sizes_run": list(batch_sizes),
+    }
+    torch._dynamo.reset()
+    return result
+
+
+def export_inductor(ctx: BuildContext) -> list[Artifact]:
+    """Compile the eval model with inductor (time, graph breaks, recompilations) and describe its artifact.
+
+    The artifact reuses the build's `weights.safetensors`: torch.compile output is not a portable file; the
+    runner recompiles (Inductor's on-disk cache makes that fast on the same machine).
+    """
+    import torch
+
+    reason = InductorRunner.unavailable_reason(ctx.device)
+    if reason:
+        from exporter.backends.base import BackendUnavailable
+
+        raise BackendUnavailable(reason)
+    eager = ctx.artifact("eager")
+    if eager is None:
+        raise RuntimeError("export_inductor needs the eager artifact (weights.safetensors) first")
+    sample = torch.rand((2, *ctx.input_shape), generator=torch.Generator().manual_seed(0))
+    if ctx.static_batch:
+        batch_sizes: tuple[int, ...] = (ctx.static_batch,)
+    else:
+        batch_sizes = tuple(dict.fromkeys((2, 7, 1, min(ctx.max_batch, 32))))
+    diagnostics = compile_diagnostics(ctx.model, sample, dynamic_batch=ctx.static_batch is None,
+                                      batch_sizes=batch_sizes)
+    ctx.diagnostics["inductor"] = diagnostics
+    if diagnostics["graph_breaks"]:
+        ctx.warnings.append(f"torch.compile: {diagnostics['graph_breaks']} graph break(s): "
+                            f"{diagnostics['graph_break_reasons'][0]['reason']}")
+    options = dict(eager.options, dynamic_batch=ctx.static_batch is None, input_shape=list(ctx.input_shape))
+    return [Artifact(name="inductor", backend="inductor", path=eager.path, precision="fp32", device=ctx.device,
+                     options=options,
+                     notes=[f"compiled by the runner at activate(); first compile here took "
+                            f"{diagnostics['compile_s']:.1f}s"])]

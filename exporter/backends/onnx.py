@@ -1,0 +1,344 @@
+"""ONNX: the dynamo exporter's artifact (fp32, optional fp16), and the ONNX reference evaluator as a runner.
+
+`export_onnx` writes `model.onnx` (opset ≥ 18, dynamic batch named "batch" unless the build is static, input
+"input" NCHW float32, output "logits") checked with `onnx.checker.check_model(full_check=True)` and strict
+shape inference, carrying the build's metadata in `metadata_props` so another runtime can use the file
+alone. With `ctx.fp16` it also writes `model.fp16.onnx`: fp16 weights and compute, float32 inputs/outputs.
+
+The file is run by three runners: `onnxruntime` (see `onnxruntime.py`), `openvino` (which reads ONNX too) and
+`onnx_reference` here — `onnx.reference.ReferenceEvaluator`, a pure-numpy implementation of the ONNX spec
+that shares no kernel with any runtime, so it is an independent oracle (slow: used for small models only).
+
+`add_intermediate_outputs` turns every node output into a graph output and maps it back to the PyTorch module
+that produced it (from the exporter's `pkg.torch.onnx.name_scopes` node metadata), for the parity suite's
+first-diverging-layer bisection.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, Runner, register_backend
+from exporter.errors import ExporterError
+
+ONNX_OPSET = 18  # the lowest opset the issue allows: the widest runtime support (TensorRT's parser included)
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"
+FP32_FILE = "model.onnx"
+FP16_FILE = "model.fp16.onnx"
+# The reference evaluator is numpy code: resnet18 at 96×96 (0.32 GMACs) takes 0.17 s per image on 2 cores,
+# alexnet (0.94 GMACs) 0.56 s. Above this many multiply-accumulates per image a parity run over a few hundred
+# images takes minutes, so builds skip its artifact for bigger models (the runner still works on them).
+REFERENCE_MAX_MACS = 400_000_000
+
+
+class OnnxExportError(ExporterError):
+    """The ONNX export or its checks failed."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; it is renamed onto `path` only if the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keep the suffix: some writers dispatch on it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as exc:
+        raise BackendUnavailable(f"onnx is not installed ({exc})") from exc
+    return onnx
+
+
+def _example_input(ctx: BuildContext) -> Any:
+    import torch
+
+    # A batch of 2 when dynamic: torch.export specialises batch sizes 0 and 1.
+    return torch.rand((ctx.static_batch or 2, *ctx.input_shape), generator=torch.Generator().manual_seed(0))
+
+
+def _rename_batch_dim(model: Any) -> None:
+    """Name the symbolic batch dimension "batch" everywhere (the exporter calls it s0, s31, …)."""
+    first = model.graph.input[0].type.tensor_type.shape.dim
+    if not first or not first[0].dim_param:
+        return
+    symbol = first[0].dim_param
+    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = BATCH_DIM
+
+
+def _metadata(ctx: BuildContext, precision: str) -> dict[str, str]:
+    meta = {
+        "model_name": ctx.model_name,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_layout": "NCHW",
+        "input_shape": ",".join(map(str, ctx.input_shape)),
+        "input_dtype": "float32",
+        "batch": str(ctx.static_batch) if ctx.static_batch else "dynamic",
+    }
+    for key, value in ctx.metadata.items():
+        meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    meta["precision"] = precision
+    return meta
+
+
+def set_metadata(model: Any, meta: dict[str, str]) -> None:
+    """Replace the model's `metadata_props` with `meta` (keys sorted, values strings)."""
+    del model.metadata_props[:]
+    for key in sorted(meta):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, meta[key]
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `metadata_props` of an ONNX file, without loading its weights."""
+    onnx = _require_onnx()
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def check_and_save(model: Any, path: Path) -> Any:
+    """Run the full checker and strict shape inference, then save the inferred model atomically to `path`."""
+    onnx = _require_onnx()
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        onnx.checker.check_model(inferred, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxExportError(f"{path.name} fails the ONNX checker: {first}") from exc
+    with atomic_path(path) as tmp:
+        onnx.save(inferred, str(tmp))
+    return inferred
+
+
+def export_onnx(ctx: BuildContext) -> list[Artifact]:
+    """Export `ctx` to `model.onnx` (and `model.fp16.onnx` with `ctx.fp16`) and return the runnable artifacts."""
+    onnx = _require_onnx()
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError as exc:
+        raise BackendUnavailable(f"onnxscript is not installed ({exc}); the dynamo ONNX exporter needs it") from exc
+    import torch
+
+    example = _example_input(ctx)
+    kwargs: dict[str, Any] = {}
+    if ctx.exported_program is not None:
+        source = ctx.exported_program  # already traced with the build's batch policy
+    else:
+        source = ctx.model
+        if not ctx.static_batch:
+            kwargs["dynamic_shapes"] = ({0: torch.export.Dim(BATCH_DIM, min=1, max=max(ctx.max_batch, 2))},)
+    try:
+        program = torch.onnx.export(source, (example,), dynamo=True, opset_version=ONNX_OPSET,
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False,
+                                    verbose=False, **kwargs)
+    except Exception as exc:
+        raise OnnxExportError(f"torch.onnx.export failed for {ctx.model_name}: {_root_cause(exc)}") from exc
+    model = program.model_proto
+    _rename_batch_dim(model)
+    set_metadata(model, _metadata(ctx, "fp32"))
+    model.doc_string = f"{ctx.model_name} exported by exporter (torch {torch.__version__})"
+    fp32 = check_and_save(model, ctx.out_dir / FP32_FILE)
+
+    opset = next(o.version for o in fp32.opset_import if o.domain in ("", "ai.onnx"))
+    ctx.diagnostics["onnx"] = {"opset": opset, "ir_version": fp32.ir_version, "nodes": len(fp32.graph.node),
+                               "batch": "dynamic" if not ctx.static_batch else ctx.static_batch,
+                               "onnx_version": onnx.__version__}
+    artifacts = [Artifact(name="onnx-fp32", backend="onnxruntime", path=FP32_FILE, precision="fp32",
+                          notes=[f"opset {opset}; ONNX Runtime CPU execution provider"])]
+
+    macs = _macs_per_image(ctx)
+    if macs is not None and macs <= REFERENCE_MAX_MACS:
+        artifacts.append(Artifact(name="onnx-reference", backend="onnx_reference", path=FP32_FILE, precision="fp32",
+                                  notes=["onnx.reference.ReferenceEvaluator: independent numpy oracle"]))
+    else:
+        ctx.diagnostics["onnx"]["reference_skipped"] = (
+            f"{macs / 1e9:.1f} GMACs per image is too slow for the numpy reference evaluator "
+            f"(limit {REFERENCE_MAX_MACS / 1e9:.1f})" if macs is not None else "could not count MACs")
+
+    if ctx.fp16:
+        artifacts.append(export_onnx_fp16(ctx, fp32))
+    return artifacts
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception of a chain as one line: the exporter wraps the useful message (which op, which
+    guard) in generic "step 1/3" text with terminal colours."""
+    import re
+
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"[:300]
+
+
+def _macs_per_image(ctx: BuildContext) -> int | None:
+    from exporter.models.registry import count_macs
+
+    try:
+        return count_macs(ctx.model, (1, *ctx.input_shape))
+    except Exception:  # a model the hooks cannot count: treat as too big for the slow oracle
+        return None
+
+
+def export_onnx_fp16(ctx: BuildContext, fp32_model: Any) -> Artifact:
+    """Write `model.fp16.onnx`: fp16 weights and arithmetic, float32 input/output (casts at the boundary)."""
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as exc:
+        raise BackendUnavailable(f"the fp16 ONNX needs onnxruntime's float16 converter ({exc})") from exc
+    import copy
+
+    model = convert_float_to_float16(copy.deepcopy(fp32_model), keep_io_types=True, disable_shape_infer=False)
+    topological_sort(model.graph)  # the converter appends its input casts after their consumers
+    meta = {p.key: p.value for p in fp32_model.metadata_props}
+    meta["precision"] = "fp16"
+    set_metadata(model, meta)
+    check_and_save(model, ctx.out_dir / FP16_FILE)
+    return Artifact(name="onnx-fp16", backend="onnxruntime", path=FP16_FILE, precision="fp16",
+                    notes=["fp16 weights and compute, float32 input/output; on a CPU ONNX Runtime may compute "
+                           "some fp16 nodes in fp32 (its CPU kernels are mostly fp32)"])
+
+
+def topological_sort(graph: Any) -> None:
+    """Reorder `graph.node` in place so that every node comes after the producers of its inputs (stable)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        remaining = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                remaining.append(node)
+        if len(remaining) == len(pending):
+            missing = sorted({n for node in remaining for n in node.input if n not in available})
+            raise OnnxExportError(f"ONNX graph has a cycle or undefined inputs: {', '.join(missing[:5])}")
+        pending = remaining
+    copies = [type(node)() for node in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+# --- bisection support ---------------------------------------------------------------------------------------
+
+
+def node_module_name(node: Any) -> str | None:
+    """The PyTorch module path that produced an ONNX node ("" for the model's own forward), or None if unknown.
+
+    The dynamo exporter writes `pkg.torch.onnx.name_scopes` on each node: the module path at every depth, then
+    the op name, e.g. `['', 'layer1', 'layer1.0', 'layer1.0.bn1', '_native_batch_norm…']`. Fused nodes (a
+    Conv with its BatchNorm folded in) carry the scope of the last fused module (the BatchNorm).
+    """
+    props = {p.key: p.value for p in node.metadata_props}
+    scopes = props.get("pkg.torch.onnx.name_scopes")
+    if scopes is None:
+        return None
+    try:
+        names = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(names, list) or len(names) < 2:
+        return "" if isinstance(names, list) else None
+    return str(names[-2])
+
+
+def add_intermediate_outputs(onnx_path: str | Path, out_path: str | Path) -> dict[str, str]:
+    """Write a copy of `onnx_path` whose every float node output is also a graph output.
+
+    Returns {tensor name: PyTorch module path} in the graph's (topological) order, for the tensors whose node
+    carries the exporter's scope metadata. Non-float tensors (shapes, indices) are not exposed.
+    """
+    onnx = _require_onnx()
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
+    known = {v.name: v for v in (*model.graph.value_info, *model.graph.output)}
+    existing = {o.name for o in model.graph.output}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    mapping: dict[str, str] = {}
+    for node in model.graph.node:
+        module = node_module_name(node)
+        for name in node.output:
+            info = known.get(name)
+            if not name or info is None or info.type.tensor_type.elem_type not in floats:
+                continue
+            if name not in existing:
+                model.graph.output.append(info)
+                existing.add(name)
+            if module is not None:
+                mapping[name] = module
+    with atomic_path(Path(out_path)) as tmp:
+        onnx.save(model, str(tmp))
+    return mapping
+
+
+def module_output_tensors(mapping: dict[str, str]) -> dict[str, str]:
+    """{module path: tensor} where the tensor is the last one computed inside that module (or its children).
+
+    `mapping` is `add_intermediate_outputs`' result. Parents get their last child's tensor too, so a residual
+    block maps to the tensor after its final add/activation. Modules with no node of their own (a Conv whose
+    BatchNorm was folded into it) are absent.
+    """
+    outputs: dict[str, str] = {}
+    for tensor, module in mapping.items():  # topological order: later tensors overwrite earlier ones
+        parts = module.split(".") if module else []
+        for depth in range(len(parts) + 1):
+            outputs[".".join(parts[:depth])] = tensor
+    return outputs
+
+
+# --- runner --------------------------------------------------------------------------------------------------
+
+
+@register_backend
+class OnnxReferenceRunner(Runner):
+    """Runs an ONNX file with `onnx.reference.ReferenceEvaluator` (numpy; slow: small models only)."""
+
+    backend = "onnx_reference"
+    description = "ONNX reference evaluator (independent numpy oracle, slow)"
+    devices = ("cpu",)
+
+    @classmethod
+    def available_impl(cls, device: str) -> str | None:
+        try:
+            import onnx.reference  # noqa: F401
+        except ImportError as exc:
+            return f"onnx.reference is not available ({exc})"
+        return None
+
+    def activate_impl(self) -> None:
+        from onnx.reference import ReferenceEvaluator
+
+        self._session = ReferenceEvaluator(str(self.path))
+        self._input = self._session.input_names[0]
+        self._outputs = self.options.get("output_names") or self._session.output_names[:1]
+
+    def run_impl(self, prepared: np.ndarray) -> Any:
+        return self._session.run(self._outputs, {self._input: prepared})
+
+    def finish_impl(self, raw: Any) -> np.ndarray:
+        return np.asarray(raw[0])
+
+    def deactivate_impl(self) -> None:
+        del self._session

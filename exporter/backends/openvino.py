@@ -1,0 +1,210 @@
+"""OpenVINO: the IR artifact (`openvino.convert_model` + `save_model`) and its CPU runner.
+
+OpenVINO's CPU plugin picks its inference precision by itself: on a CPU with AVX-512 bf16 or AMX its default
+is bf16, and an "f16" request on a CPU without native fp16 silently becomes bf16 too. The runner therefore
+always sets `INFERENCE_PRECISION_HINT` explicitly, reads back what the compiled model executes, and refuses to
+run when that differs from what was asked.
+
+Artifacts written by `export_openvino(ctx)`:
+- "openvino-fp32": `openvino/model.xml` (fp32 weights), executed in f32;
+- "openvino-bf16": the same IR executed in bf16, only when the CPU has bf16 (an explicit variant, never a
+  silent default);
+- with `ctx.fp16`, "openvino-fp16": `openvino-fp16/model.xml` with weights compressed to fp16, decompressed and
+  executed in f32 on a CPU (precision class fp16: the weights carry fp16 rounding).
+
+Runner options: `inference_precision` ("f32", "bf16", "f16"; default from the artifact's precision),
+`performance_hint` ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"), `num_streams`, `inference_num_threads`,
+`enable_cpu_pinning` (bool), `device_name` (OpenVINO device, default "CPU").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, Runner, RunnerError, register_backend
+from exporter.errors import UsageError
+
+IR_DIR = "openvino"
+IR_FP16_DIR = "openvino-fp16"
+IR_FILE = "model.xml"
+# OpenVINO's inference-precision names ↔ our precision names.
+OV_TO_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+PRECISION_TO_OV = {v: k for k, v in OV_TO_PRECISION.items()}
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+
+
+def _import_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise BackendUnavailable(f"openvino is not installed ({exc})") from exc
+    return openvino
+
+
+def ov_type_to_precision(value: Any) -> str:
+    """Map an OpenVINO element type (`<Type: 'bfloat16'>`, "f32", …) to "fp32" / "bf16" / "fp16"."""
+    text = str(getattr(value, "get_type_name", lambda: value)()).lower()
+    text = text.replace("<type: '", "").replace("'>", "")
+    names = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "f16": "fp16", "float16": "fp16"}
+    if text not in names:
+        raise RunnerError(f"openvino: unknown inference precision {value!r}")
+    return names[text]
+
+
+def cpu_supports_bf16(core: Any = None) -> bool:
+    """Whether OpenVINO's CPU plugin reports native bf16 (AVX-512 bf16 or AMX) on this machine."""
+    ov = _import_openvino()
+    core = core or ov.Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@register_backend
+class OpenVinoRunner(Runner):
+    """Runs an OpenVINO IR (or an ONNX file) on OpenVINO's CPU plugin at an explicit inference precision."""
+
+    backend = "openvino"
+    description = "OpenVINO CPU plugin (explicit f32 / bf16 / f16 inference precision)"
+    devices = ("cpu",)
+
+    @classmethod
+    def available_impl(cls, device: str) -> str | None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            return f"openvino is not installed ({exc})"
+        if "CPU" not in ov.Core().available_devices:
+            return "OpenVINO reports no CPU device"
+        return None
+
+    @property
+    def inference_precision(self) -> str:
+        requested = self.options.get("inference_precision") or PRECISION_TO_OV.get(self.precision)
+        if requested not in OV_TO_PRECISION:
+            raise UsageError(f"openvino: inference_precision must be one of {', '.join(OV_TO_PRECISION)} "
+                             f"(precision {self.precision} has no OpenVINO equivalent), got {requested!r}")
+        return requested
+
+    def compile_config(self) -> dict[str, Any]:
+        """The `compile_model` config: the precision hint always, the performance options when given."""
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.inference_precision}
+        hint = self.options.get("performance_hint")
+        if hint is not None:
+            if str(hint).upper() not in PERFORMANCE_HINTS:
+                raise UsageError(f"openvino: performance_hint must be one of {', '.join(PERFORMANCE_HINTS)}")
+            config["PERFORMANCE_HINT"] = str(hint).upper()
+        for option, key in (("num_streams", "NUM_STREAMS"), ("inference_num_threads", "INFERENCE_NUM_THREADS")):
+            value = self.options.get(option)
+            if value is not None:
+                if not isinstance(value, int) or value < 0:
+                    raise UsageError(f"openvino: {option} must be a non-negative integer, got {value!r}")
+                config[key] = value
+        if self.options.get("enable_cpu_pinning") is not None:
+            config["ENABLE_CPU_PINNING"] = bool(self.options["enable_cpu_pinning"])
+        return config
+
+    def activate_impl(self) -> None:
+        ov = _import_openvino()
+        core = ov.Core()
+        model = core.read_model(str(self.path))
+        self.compiled = core.compile_model(model, self.options.get("device_name", "CPU"), self.compile_config())
+        self._executed = ov_type_to_precision(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        asked = OV_TO_PRECISION[self.inference_precision]
+        if self._executed != asked:
+            raise RunnerError(f"openvino: asked for {self.inference_precision} inference but the CPU plugin would "
+                              f"execute {self._executed} (this CPU has no native {asked}); refusing a silent change")
+        self.request = self.compiled.create_infer_request()
+
+    @property
+    def executed_precision(self) -> str:
+        """What the compiled model executes, read back from OpenVINO (not what was asked)."""
+        return getattr(self, "_executed", None) or OV_TO_PRECISION[self.inference_precision]
+
+    def run_impl(self, prepared: np.ndarray) -> Any:
+        self.request.infer({0: prepared})
+        return self.request.get_output_tensor(0).data
+
+    def finish_impl(self, raw: Any) -> np.ndarray:
+        return np.array(raw, dtype=np.float32, copy=True)  # the request reuses its output buffer
+
+    def deactivate_impl(self) -> None:
+        self.request = None
+        self.compiled = None
+
+
+# --- export --------------------------------------------------------------------------------------------------
+
+
+def _convert(ctx: BuildContext) -> Any:
+    """An `openvino.Model` from the build's ONNX file when there is one, else from the ExportedProgram."""
+    ov = _import_openvino()
+    onnx_artifact = ctx.artifact("onnx-fp32")
+    if onnx_artifact is not None:
+        return ov.convert_model(str(ctx.out_dir / onnx_artifact.path)), "onnx"
+    if ctx.exported_program is not None:
+        model = ov.convert_model(ctx.exported_program)
+    else:
+        import torch
+
+        example = torch.zeros((ctx.static_batch or 2, *ctx.input_shape))
+        model = ov.convert_model(ctx.model, example_input=example)
+    batch = ctx.static_batch or -1
+    model.reshape([batch, *ctx.input_shape])
+    model.inputs[0].get_tensor().set_names({"input"})
+    model.outputs[0].get_tensor().set_names({"logits"})
+    return model, "torch"
+
+
+def _save_ir(ov: Any, model: Any, target_dir: Path, *, compress_to_fp16: bool) -> None:
+    """Save `model` as `target_dir/model.xml` + `.bin`, written in a temporary folder and renamed into place."""
+    tmp = target_dir.with_name(f".{target_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        ov.save_model(model, str(tmp / IR_FILE), compress_to_fp16=compress_to_fp16)
+        if target_dir.exists():
+            shutil.rmtree(target_dir)
+        os.replace(tmp, target_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_openvino(ctx: BuildContext) -> list[Artifact]:
+    """Convert the model to OpenVINO IR (fp32 weights; with `ctx.fp16` also fp16-compressed weights)."""
+    ov = _import_openvino()
+    reason = OpenVinoRunner.unavailable_reason("cpu")
+    if reason:
+        raise BackendUnavailable(reason)
+    model, source = _convert(ctx)
+    for key, value in ctx.metadata.items():  # so the IR alone says what it is, like the ONNX metadata_props
+        model.set_rt_info(value if isinstance(value, str) else str(value), ["exporter", str(key)])
+    model.set_rt_info(ctx.model_name, ["exporter", "model_name"])
+    model.set_rt_info("NCHW", ["exporter", "input_layout"])
+
+    core = ov.Core()
+    _save_ir(ov, model, ctx.out_dir / IR_DIR, compress_to_fp16=False)
+    ir = f"{IR_DIR}/{IR_FILE}"
+    artifacts = [Artifact(name="openvino-fp32", backend="openvino", path=ir, precision="fp32",
+                          options={"inference_precision": "f32"},
+                          notes=[f"converted from {source}; INFERENCE_PRECISION_HINT=f32 set explicitly"])]
+    bf16 = cpu_supports_bf16(core)
+    if bf16:
+        artifacts.append(Artifact(name="openvino-bf16", backend="openvino", path=ir, precision="bf16",
+                                  options={"inference_precision": "bf16"},
+                                  notes=["same IR, INFERENCE_PRECISION_HINT=bf16 (the CPU plugin's default "
+                                         "on this CPU, made explicit)"]))
+    if ctx.fp16:
+        _save_ir(ov, model, ctx.out_dir / IR_FP16_DIR, compress_to_fp16=True)
+        artifacts.append(Artifact(name="openvino-fp16", backend="openvino", path=f"{IR_FP16_DIR}/{IR_FILE}",
+                                  precision="fp16", options={"inference_precision": "f32"},
+                                  notes=["weights compressed to fp16; decompressed and executed in f32 on the CPU"]))
+    ctx.diagnostics["openvino"] = {
+        "openvino_version": ov.__version__, "converted_from": source, "cpu_bf16": bf16,
+        "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"),
+        "cpu_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+    }
+    return artifacts

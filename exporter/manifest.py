@@ -1,0 +1,266 @@
+"""A build's `manifest.json`: what `exporter build` wrote, and how later stages (verify, bench) find and trust it.
+
+A build lives in `artifacts/<model>/<build-id>/` with `manifest.json` beside its files; `artifacts/<model>/latest`
+is a relative symlink to the newest good build (replaced atomically). The manifest's top-level keys:
+
+- `format`, `build_id`, `created`, `model`, `num_classes`, `in_channels`, `input_shape` (C, H, W), `dataset`
+  (the `--data` the weights were trained on; null = the embedded digits5k), `untrained`;
+- `input` / `output`: name, shape (`"batch"` for a dynamic dimension), dtype, layout and scaling;
+- `batch`: {dynamic, static, max};
+- `weights`: where they came from (checkpoint path, its sha256, training accuracy);
+- `files`: {relative path: {size, sha256}} of every file in the build except the manifest itself;
+- `artifacts`: one entry per runnable artifact (`exporter.backends.base.Artifact` fields, plus `files`,
+  `opset`, … where known); `skipped`: [{backend, reason}];
+- `lint`, `diagnostics`, `timings` (seconds per stage), `versions`, `parity` (quick parity of the build);
+  later stages add their own sections (`verify`, `bench`, `recommended`) with `update_manifest`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+from exporter.backends.base import Artifact, Runner, runner_for
+from exporter.errors import ExporterError
+
+MANIFEST_NAME = "manifest.json"
+LATEST_NAME = "latest"
+FORMAT_VERSION = 1
+_ARTIFACT_FIELDS = {f.name for f in fields(Artifact)}
+
+
+class ManifestError(ExporterError):
+    """A build that cannot be trusted: missing or unreadable manifest, or a file that does not match its hash."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entries(build_dir: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of every regular file under `build_dir` except the manifest."""
+    entries = {}
+    for path in sorted(Path(build_dir).rglob("*")):
+        if path.is_file() and not path.is_symlink() and path.name != MANIFEST_NAME:
+            rel = path.relative_to(build_dir).as_posix()
+            entries[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return entries
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same directory, fsync it, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a manifest is as readable as its build
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, default=_json_default)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on a directory (serialises read-modify-write of its manifest)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): last writer wins
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def artifact_from_entry(entry: dict[str, Any]) -> Artifact:
+    """An Artifact from a manifest entry (extra keys such as `files` or `opset` are ignored)."""
+    try:
+        return Artifact(**{k: v for k, v in entry.items() if k in _ARTIFACT_FIELDS})
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"bad artifact entry {entry.get('name', '?')!r} in manifest: {exc}") from None
+
+
+@dataclass
+class Build:
+    """A finished build directory and its parsed manifest."""
+
+    dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def artifacts(self) -> list[Artifact]:
+        """Every runnable artifact of the build (eager reference included)."""
+        return [artifact_from_entry(entry) for entry in self.manifest.get("artifacts", [])]
+
+    def artifact(self, name: str) -> Artifact:
+        """The artifact called `name`; ManifestError naming the available ones otherwise."""
+        for artifact in self.artifacts:
+            if artifact.name == name:
+                return artifact
+        names = ", ".join(a.name for a in self.artifacts) or "none"
+        raise ManifestError(f"build {self.dir} has no artifact {name!r} (it has: {names})")
+
+    def runner(self, artifact: Artifact | str) -> Runner:
+        """An inactive Runner for one of the build's artifacts."""
+        if isinstance(artifact, str):
+            artifact = self.artifact(artifact)
+        return runner_for(artifact, self.dir)
+
+    @property
+    def model(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.manifest["input_shape"]
+        return int(c), int(h), int(w)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def dataset(self) -> str | None:
+        """The `--data` the weights were trained on; None means the embedded digits5k."""
+        return self.manifest.get("dataset")
+
+    @property
+    def untrained(self) -> bool:
+        return bool(self.manifest.get("untrained", False))
+
+    @property
+    def build_id(self) -> str:
+        return self.manifest.get("build_id", self.dir.name)
+
+
+def _build_in(directory: Path) -> Path:
+    """A build directory itself, or the `latest` build of a model directory."""
+    if (directory / MANIFEST_NAME).is_file():
+        return directory
+    latest = directory / LATEST_NAME
+    if latest.is_symlink() or latest.exists():
+        if not (latest / MANIFEST_NAME).is_file():
+            raise ManifestError(f"{latest} does not point at a finished build (rebuild with "
+                                f"`exporter build {directory.name}`)")
+        return latest.resolve()
+    raise ManifestError(f"{directory} is not a build directory (no {MANIFEST_NAME}) and holds no {LATEST_NAME} build")
+
+
+def resolve_build(target: str | Path, artifacts_dir: Path = Path("artifacts")) -> Path:
+    """The build directory a user means: a model name (→ its `latest` build), a model dir, or a build dir."""
+    text = str(target)
+    is_path = isinstance(target, Path) or "/" in text or os.sep in text
+    if not is_path:
+        from exporter.models import MODELS, get_spec
+
+        if text in MODELS or not Path(text).is_dir():
+            spec = get_spec(text)  # an unknown model name raises UnknownModelError naming close matches
+            model_dir = Path(artifacts_dir) / spec.name
+            if not (model_dir / LATEST_NAME).is_symlink() and not (model_dir / LATEST_NAME).exists():
+                raise ManifestError(f"no build of {spec.name} in {artifacts_dir} "
+                                    f"(run `exporter build {spec.name}` first)")
+            return _build_in(model_dir)
+    path = Path(target)
+    if not path.is_dir():
+        raise ManifestError(f"build directory {path} does not exist")
+    return _build_in(path)
+
+
+def read_manifest(build_dir: Path) -> dict[str, Any]:
+    """The parsed manifest of a build directory; ManifestError when missing or unreadable."""
+    path = Path(build_dir) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{build_dir} has no {MANIFEST_NAME}: not a finished build") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or "model" not in data or "files" not in data:
+        raise ManifestError(f"{path} is not an exporter build manifest")
+    if int(data.get("format", 0)) > FORMAT_VERSION:
+        raise ManifestError(f"{path} has format {data['format']}, newer than this exporter reads "
+                            f"({FORMAT_VERSION}); upgrade exporter")
+    return data
+
+
+def verify_files(build_dir: Path, manifest: dict[str, Any]) -> None:
+    """Check every file the manifest lists: present, same size, same sha256 (ManifestError on the first miss)."""
+    build_dir = Path(build_dir)
+    for rel, entry in manifest["files"].items():
+        path = build_dir / rel
+        if not path.is_file():
+            raise ManifestError(f"{path} is listed in the manifest but missing (rebuild the model)")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise ManifestError(f"{path} has {size} bytes, the manifest says {entry['size']} "
+                                f"(truncated or modified; rebuild the model)")
+        if sha256_file(path) != entry["sha256"]:
+            raise ManifestError(f"{path} does not match its sha256 in the manifest (modified; rebuild the model)")
+
+
+def load_build(target: str | Path, artifacts_dir: Path = Path("artifacts"), *, verify_hashes: bool = True) -> Build:
+    """Resolve and load a build; with `verify_hashes` every listed file is checked against its sha256."""
+    build_dir = resolve_build(target, artifacts_dir)
+    manifest = read_manifest(build_dir)
+    if verify_hashes:
+        verify_files(build_dir, manifest)
+    return Build(dir=Path(build_dir), manifest=manifest)
+
+
+def update_manifest(build: Build, key: str, value: Any) -> None:
+    """Atomically set one top-level section of a build's manifest (e.g. "parity", "bench", "recommended").
+
+    The on-disk manifest is re-read under a lock so concurrent updates of different keys do not lose each other.
+    """
+    if key in ("files", "artifacts", "model", "format", "input_shape"):
+        raise ManifestError(f"manifest key {key!r} is written by `exporter build` only")
+    with _locked(build.dir):
+        manifest = read_manifest(build.dir)
+        manifest[key] = value
+        write_json_atomic(build.dir / MANIFEST_NAME, manifest)
+    build.manifest = manifest
+
+
+def point_latest(model_dir: Path, build_dir: Path) -> None:
+    """Atomically make `model_dir/latest` a relative symlink to `build_dir`."""
+    link = Path(model_dir) / LATEST_NAME
+    tmp = Path(model_dir) / f".{LATEST_NAME}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(Path(build_dir).name, tmp, target_is_directory=True)
+    os.replace(tmp, link)

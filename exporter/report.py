@@ -1,0 +1,365 @@
+"""`exporter report`: per model and across models — recommendation, accuracy, parity, latency, plot.
+
+Reads what the other stages saved in each build (`manifest.json`, `parity.json` from `exporter verify`,
+`bench.json` from `exporter bench`, `recommended` from `exporter select`) and writes Markdown + JSON + CSV + a
+PNG plot (latency vs batch size per artifact; throughput bars) with the machine and library versions.
+Nothing is measured here, so a report can be regenerated at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from exporter.errors import ExporterError
+
+CSV_COLUMNS = ["model", "label", "artifact", "backend", "variant", "precision", "executed_precision", "device",
+               "batch", "threads", "status", "error", "n", "min_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
+               "stdev_ms", "cv", "unstable", "throughput_ips", "gflops", "pct_of_peak", "peak_class",
+               "first_call_ms", "load_s", "peak_mem_mb", "overhead_us", "overhead_ok", "parity", "flip_rate",
+               "acc_drop"]
+
+
+class ReportError(ExporterError):
+    """Nothing to report (no builds, no results) or an output that cannot be written."""
+
+
+# --- collecting -------------------------------------------------------------------------------------------------
+
+
+def _training_accuracy(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy facts of the trained weights, wherever the build recorded them."""
+    found: dict[str, Any] = {}
+    weights = manifest.get("weights") or {}
+    for key, value in weights.items():
+        if "acc" in key and isinstance(value, (int, float)):
+            found[key] = value
+    if manifest.get("untrained"):
+        found["untrained"] = True
+    return found
+
+
+def parity_rows(build: Any) -> list[dict[str, Any]]:
+    """One row per artifact: parity status, flips, accuracy, max abs error (verify's results, else the build's)."""
+    from exporter.bench import REFERENCE_PARITY, parity_status
+
+    rows = []
+    for artifact in build.artifacts:
+        parity = parity_status(build.manifest, build.dir, artifact.name)
+        if artifact.backend == "eager" and artifact.precision == "fp32" and parity["status"] == "unverified":
+            parity = REFERENCE_PARITY
+        rows.append({"artifact": artifact.name, "backend": artifact.backend, "precision": artifact.precision,
+                     **parity})
+    return rows
+
+
+def collect(build: Any) -> dict[str, Any]:
+    """Everything a report shows for one build, from its saved files."""
+    from exporter.bench import load_results
+
+    bench = load_results(build.dir)
+    verify = build.manifest.get("verify") or {}
+    return {
+        "model": build.model, "build_id": build.build_id, "build_dir": str(build.dir),
+        "input_shape": list(build.input_shape), "dataset": build.manifest.get("dataset") or "digits5k",
+        "accuracy": _training_accuracy(build.manifest),
+        "verify": {k: verify.get(k) for k in ("passed", "created", "samples", "dataset")} if verify else None,
+        "recommended": build.manifest.get("recommended"),
+        "tuning": build.manifest.get("tuning"),
+        "parity": parity_rows(build),
+        "bench": {k: bench.get(k) for k in ("created", "settings", "peaks_gflops", "macs_per_image", "machine",
+                                              "versions", "warnings")} if bench else None,
+        "cells": bench["cells"] if bench else [],
+        "skipped": build.manifest.get("skipped") or [],
+    }
+
+
+def models_with_builds(artifacts_dir: Path) -> list[str]:
+    """Names of the models that have a `latest` build in `artifacts_dir` (ReportError when none has)."""
+    from exporter.manifest import LATEST_NAME
+
+    models = sorted(p.name for p in Path(artifacts_dir).glob("*") if (p / LATEST_NAME).exists())
+    if not models:
+        raise ReportError(f"no builds in {artifacts_dir} (run `exporter build MODEL` first)")
+    return models
+
+
+def builds_for(models: Sequence[str], artifacts_dir: Path) -> list[Any]:
+    """The latest build of each model (every model with a build when `models` is empty)."""
+    from exporter.manifest import load_build
+
+    models = list(models) or models_with_builds(artifacts_dir)
+    # reports only read the saved JSON files, so the artifacts' hashes are not re-checked here
+    return [load_build(model, Path(artifacts_dir), verify_hashes=False) for model in models]
+
+
+# --- formatting -------------------------------------------------------------------------------------------------
+
+
+def _f(value: Any, spec: str = ".3f", empty: str = "–") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return empty
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _parity_mark(parity: dict[str, Any] | None) -> str:
+    """Parity status as shown in tables; the build's quick parity (few images) is marked as such."""
+    status = (parity or {}).get("status", "unverified")
+    mark = {"pass": "✓ pass", "reference": "reference", "fail": "✗ FAIL", "error": "✗ ERROR",
+            "not run": "– not run", "unverified": "? unverified"}.get(status, status)
+    if (parity or {}).get("source") == "build" and status != "reference":
+        mark += " (quick)"
+    return mark
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return lines
+
+
+def latency_table(cells: list[dict[str, Any]]) -> list[str]:
+    """Markdown latency table: one row per artifact × variant × batch, parity and flags on every row."""
+    rows = []
+    for c in sorted(cells, key=lambda c: (c["batch"], c.get("p50_ms") or math.inf)):
+        if c["status"] != "ok":
+            rows.append([c["label"], str(c["batch"]), c.get("executed_precision") or c["precision"],
+                         _parity_mark(c.get("parity")), f"**{c['status']}**: {c.get('error') or ''}"] + [""] * 9)
+            continue
+        flags = []
+        if c.get("unstable"):
+            flags.append(f"⚠ unstable (cv {c['cv']:.0%})")
+        if c.get("overhead_ok") is False:
+            flags.append(f"overhead {c['overhead_us']:.0f} µs")
+        memory = (c.get("memory") or {}).get("peak_mb")
+        rows.append([
+            c["label"], str(c["batch"]), c.get("executed_precision") or c["precision"], _parity_mark(c.get("parity")),
+            _f(c["p50_ms"]), _f(c["p90_ms"]), _f(c["p99_ms"]), f"{_f(c['mean_ms'])} ± {_f(c['stdev_ms'])}",
+            _f(c.get("throughput_ips"), ".0f"), _f(c.get("gflops"), ".1f"), _f(c.get("pct_of_peak"), ".0f"),
+            _f(c.get("first_call_ms"), ".1f"), _f(memory, ".0f"),
+            (_f(c.get("overhead_us"), ".1f") if c.get("overhead_us") is not None else "–") + (" ".join([""] + flags)),
+        ])
+    return _table(["artifact", "batch", "runs in", "parity", "p50 ms", "p90 ms", "p99 ms", "mean ± sd ms", "img/s",
+                   "GFLOP/s", "% peak", "1st call ms", "peak RSS MB", "overhead µs / flags"], rows)
+
+
+def parity_table(rows: list[dict[str, Any]]) -> list[str]:
+    body = [[r["artifact"], r["backend"], r["precision"], _parity_mark(r),
+             f"{r['flips']}/{r['samples']}" if r.get("flips") is not None and r.get("samples") else "–",
+             _f(r.get("accuracy"), ".4f"), _f(r.get("acc_drop"), "+.2f"), _f(r.get("max_abs_error"), ".2e"),
+             r.get("source") or "–"] for r in rows]
+    return _table(["artifact", "backend", "precision", "parity", "top-1 flips", "accuracy", "drop (points)",
+                   "max abs err", "source"], body)
+
+
+def _recommendation_lines(rec: dict[str, Any] | None) -> list[str]:
+    if not rec:
+        return ["No recommendation yet: run `exporter select MODEL --max-flips 0.5%` after `verify` and `bench`."]
+    from exporter.select import describe_choice
+
+    return [f"- {line}" for line in describe_choice(rec)]
+
+
+def machine_lines(bench: dict[str, Any] | None) -> list[str]:
+    if not bench:
+        return []
+    m, s, peaks = bench["machine"], bench["settings"], bench.get("peaks_gflops") or {}
+    gpu = f"{m['gpu']} (driver {m.get('gpu_driver') or '?'}, CUDA {m.get('cuda') or '?'})" if m.get("gpu") else "none"
+    return [f"- machine: {m['cpu']}, {m['usable_cores']} usable cores of {m['logical_cpus']}, "
+            f"{m.get('memory_gb', '?')} GB; GPU: {gpu}",
+            f"- GEMM peak measured in the same run: fp32 {_f(peaks.get('fp32'), '.0f')} GFLOP/s, "
+            f"bf16 {_f(peaks.get('bf16'), '.0f')} GFLOP/s ({s.get('gemm_size')}³ matmul through torch)",
+            f"- method: {s['clock']}, device {s['device']}, {s['threads']} threads, first call timed alone, "
+            f"{s['warmup']} warm-up calls, then ≥ {s['min_runs']} timed calls and ≥ {s['budget_s']} s per cell, "
+            f"interleaved round by round; cv > {s.get('unstable_cv', 0.1):.0%} flagged unstable",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in bench["versions"].items() if v)]
+
+
+def model_markdown(data: dict[str, Any], png_name: str | None) -> list[str]:
+    """The Markdown section of one model."""
+    lines = [f"## {data['model']} — build `{data['build_id']}`", ""]
+    lines += ["**Recommended**", ""] + _recommendation_lines(data.get("recommended")) + [""]
+    acc = data.get("accuracy") or {}
+    acc_text = ", ".join(f"{k} {_f(v, '.4f')}" for k, v in acc.items() if k != "untrained")
+    lines += [f"Input {'×'.join(map(str, data['input_shape']))}, dataset {data['dataset']}; trained-model accuracy: "
+              + (acc_text or "not recorded") + (" (**untrained weights**)" if acc.get("untrained") else ""), ""]
+    lines += ["### Parity vs eager fp32", ""] + parity_table(data["parity"]) + [""]
+    if data["cells"]:
+        lines += ["### Latency", ""] + latency_table(data["cells"]) + [""]
+        lines += [f"**Warning:** {w}" for w in (data["bench"] or {}).get("warnings") or []] + [""]
+        if png_name:
+            lines += [f"![latency and throughput of {data['model']}]({png_name})", ""]
+    else:
+        lines += [f"No benchmark results: run `exporter bench {data['model']}`.", ""]
+    tuning = data.get("tuning") or {}
+    if tuning.get("artifacts"):
+        body = [[name, t.get("variant", "default"), str(t.get("options") or {}), _f(t.get("default_p50_ms")),
+                 _f(t.get("p50_ms")), _f(t.get("speedup"), ".2f")] for name, t in tuning["artifacts"].items()]
+        lines += [f"### Tuning (`bench --tune`, batch {tuning.get('batch')}, {tuning.get('machine')})", ""]
+        lines += _table(["artifact", "winner", "options", "default p50 ms", "tuned p50 ms", "speed-up"], body) + [""]
+    if data.get("skipped"):
+        lines += ["Skipped backends: " + "; ".join(f"{s.get('backend')}: {s.get('reason')}" for s in data["skipped"]),
+                  ""]
+    return lines
+
+
+def csv_rows(reports: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for data in reports:
+        for c in data["cells"]:
+            parity = c.get("parity") or {}
+            row = {k: c.get(k) for k in CSV_COLUMNS}
+            row.update(model=data["model"], peak_mem_mb=(c.get("memory") or {}).get("peak_mb"),
+                       parity=parity.get("status"), flip_rate=parity.get("flip_rate"), acc_drop=parity.get("acc_drop"))
+            rows.append(row)
+    return rows
+
+
+# --- plotting ---------------------------------------------------------------------------------------------------
+
+
+def plot(reports: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """PNG: per model, p50 latency vs batch per artifact (log-log) and throughput bars at the largest batch."""
+    reports = [r for r in reports if any(c["status"] == "ok" for c in r["cells"])]
+    if not reports:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(reports), 2, figsize=(13, 4.2 * len(reports)), squeeze=False)
+    for (ax_lat, ax_thr), data in zip(axes, reports):
+        ok = [c for c in data["cells"] if c["status"] == "ok"]
+        labels = list(dict.fromkeys(c["label"] for c in ok))
+        ax_lat.set_prop_cycle(color=[plt.get_cmap("tab20")(i % 20) for i in range(len(labels))])
+        for label in labels:
+            series = sorted((c for c in ok if c["label"] == label), key=lambda c: c["batch"])
+            mark = "" if (series[0].get("parity") or {}).get("status") in ("pass", "reference") else " (parity ?)"
+            ax_lat.plot([c["batch"] for c in series], [c["p50_ms"] for c in series], marker="o",
+                        label=f"{label} [{series[0].get('executed_precision') or series[0]['precision']}]{mark}")
+        ax_lat.set_xscale("log", base=2)
+        batches = sorted({c["batch"] for c in ok})
+        ax_lat.set_xticks(batches, [str(b) for b in batches])
+        ax_lat.minorticks_off()
+        ax_lat.set_yscale("log")
+        ax_lat.set_xlabel("batch size")
+        ax_lat.set_ylabel("p50 latency (ms)")
+        ax_lat.set_title(f"{data['model']}: latency vs batch")
+        ax_lat.grid(True, which="both", alpha=0.3)
+        ax_lat.legend(fontsize=7)
+        largest = max(c["batch"] for c in ok)
+        bars = sorted((c for c in ok if c["batch"] == largest), key=lambda c: -(c.get("throughput_ips") or 0))
+        colors = ["tab:green" if (c.get("parity") or {}).get("status") in ("pass", "reference") else
+                  "tab:red" if (c.get("parity") or {}).get("status") in ("fail", "error") else "tab:gray"
+                  for c in bars]
+        ax_thr.barh([c["label"] for c in bars], [c.get("throughput_ips") or 0 for c in bars], color=colors)
+        ax_thr.invert_yaxis()
+        ax_thr.set_xlabel("images / s (p50)")
+        ax_thr.set_title(f"throughput at batch {largest} (green: parity pass, grey: unverified, red: fail)",
+                         fontsize=9)
+        ax_thr.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    _write_atomic(path, buffer.getvalue())
+    return path
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: bytes | str) -> None:
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def summary_rows(reports: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Across models: the recommendation and the fastest default runtime at the recommendation's batch."""
+    rows = []
+    for data in reports:
+        rec = (data.get("recommended") or {}).get("recommended")
+        batch = (data.get("recommended") or {}).get("batch", 1)
+        ok = [c for c in data["cells"] if c["status"] == "ok" and c["batch"] == batch]
+        fastest = min(ok, key=lambda c: c["p50_ms"], default=None)
+        best_default = min((c for c in ok if c.get("variant") == "default" and c["backend"] != "eager"),
+                           key=lambda c: c["p50_ms"], default=None)
+        eager = next((c for c in ok if c["artifact"] == "eager" and c.get("variant") == "default"), None)
+        rows.append([data["model"], str(batch),
+                     f"{rec['label']} ({_f(rec['p50_ms'])} ms)" if rec else "–",
+                     f"{fastest['label']} ({_f(fastest['p50_ms'])} ms, {_parity_mark(fastest.get('parity'))})"
+                     if fastest else "–",
+                     f"{best_default['label']} ({_f(best_default['p50_ms'])} ms)" if best_default else "–",
+                     _f(eager["p50_ms"]) if eager else "–",
+                     _f(fastest.get("pct_of_peak"), ".0f") if fastest else "–"])
+    return rows
+
+
+def write_reports(reports: Sequence[dict[str, Any]], out_dir: Path, stem: str, *, title: str | None = None,
+                  notes: Sequence[str] = ()) -> dict[str, Path]:
+    """Write `<stem>.md`, `.json`, `.csv` and `.png` into `out_dir` (each atomically); returns their paths."""
+    import json
+
+    from exporter.manifest import _json_default
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot create report directory {out_dir}: {exc}") from None
+    paths = {kind: out_dir / f"{stem}.{kind}" for kind in ("md", "json", "csv", "png")}
+    png = plot(reports, paths["png"])
+    first_bench = next((r["bench"] for r in reports if r.get("bench")), None)
+    lines = [f"# {title or 'exporter report'}", ""]
+    lines += machine_lines(first_bench) + [""]
+    if notes:
+        lines += ["Notes:", ""] + [f"- {note}" for note in notes] + [""]
+    if len(reports) > 1:
+        lines += ["## Across models", ""]
+        lines += _table(["model", "batch", "recommended (select)", "fastest measured (parity)",
+                         "fastest runtime default", "eager p50 ms", "% of GEMM peak (fastest)"],
+                        summary_rows(reports)) + [""]
+    for data in reports:
+        lines += model_markdown(data, png.name if png else None)
+    _write_atomic(paths["md"], "\n".join(lines) + "\n")
+    document = {"title": title, "machine": first_bench["machine"] if first_bench else None,
+                "versions": first_bench["versions"] if first_bench else None, "notes": list(notes),
+                "models": list(reports)}
+    _write_atomic(paths["json"], json.dumps(document, indent=2, default=_json_default, allow_nan=True) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(csv_rows(reports))
+    _write_atomic(paths["csv"], buffer.getvalue())
+    if png is None:
+        del paths["png"]
+    return paths
+
+
+def report(models: Sequence[str], *, artifacts_dir: Path = Path("artifacts"), out_dir: Path | None = None
+           ) -> dict[str, dict[str, Path]]:
+    """One report per model (`<out>/<model>.*`) and, for several models, one across them (`<out>/index.*`)."""
+    builds = builds_for(models, artifacts_dir)
+    out_dir = Path(out_dir) if out_dir else Path(artifacts_dir) / "reports"
+    collected = [collect(build) for build in builds]
+    written = {data["model"]: write_reports([data], out_dir, data["model"], title=f"{data['model']} report")
+               for data in collected}
+    if len(collected) > 1:
+        written["index"] = write_reports(collected, out_dir, "index", title="exporter report: all models")
+    return written

@@ -1,0 +1,184 @@
+"""`exporter select`: the fastest artifact of a build that meets an accuracy budget, from parity + latency.
+
+Inputs are the build's saved results: `parity.json` (from `exporter verify`: top-1 flips vs eager fp32 and
+each artifact's test accuracy) and `bench.json` (from `exporter bench`: p50 latency per artifact, variant and
+batch). Every artifact × variant benchmarked at the requested batch is a candidate; candidates are taken in
+order of p50 latency and the first that meets the budget wins. Rejections carry their reason, so the user
+sees why each faster one lost. The choice is written into the manifest as `recommended`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+from exporter.errors import ExporterError, UsageError
+
+PASSING = ("pass", "reference")
+
+
+class SelectError(ExporterError):
+    """No benchmark results to choose from, or no artifact meets the budget."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How far an artifact may stray from eager fp32: top-1 flips (fraction of images) and accuracy drop (points)."""
+
+    max_flip_rate: float | None = None  # 0.005 = 0.5 % of test images may change their top-1 class
+    max_acc_drop: float | None = None  # percentage points of test accuracy below eager fp32
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_flip_rate is not None:
+            parts.append(f"flips ≤ {self.max_flip_rate * 100:g}%")
+        if self.max_acc_drop is not None:
+            parts.append(f"accuracy drop ≤ {self.max_acc_drop:g} points")
+        return " and ".join(parts) or "parity pass only"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_flip_rate": self.max_flip_rate, "max_acc_drop": self.max_acc_drop, "text": self.describe()}
+
+
+def parse_budget(max_flips: str | float | None = None, max_acc_drop: str | float | None = None) -> Budget:
+    """A Budget from CLI text: `--max-flips 0.5%` (or a fraction, 0.005) and `--max-acc-drop 0.2` (points)."""
+    flip_rate = None
+    if max_flips is not None:
+        text = str(max_flips).strip()
+        try:
+            flip_rate = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise UsageError(f"--max-flips must be a percentage like 0.5% or a fraction like 0.005, "
+                             f"got {text!r}") from None
+        if not 0 <= flip_rate <= 1 or not math.isfinite(flip_rate):
+            raise UsageError(f"--max-flips must be between 0% and 100%, got {text!r}")
+    drop = None
+    if max_acc_drop is not None:
+        text = str(max_acc_drop).strip().rstrip("%")
+        try:
+            drop = float(text)
+        except ValueError:
+            raise UsageError(f"--max-acc-drop must be accuracy points like 0.2, got {max_acc_drop!r}") from None
+        if not 0 <= drop <= 100 or not math.isfinite(drop):
+            raise UsageError(f"--max-acc-drop must be between 0 and 100 points, got {max_acc_drop!r}")
+    if flip_rate is None and drop is None:
+        raise UsageError("give a budget: --max-flips PCT% and/or --max-acc-drop POINTS")
+    return Budget(flip_rate, drop)
+
+
+def rejection_reasons(cell: dict[str, Any], budget: Budget) -> list[str]:
+    """Why a benchmarked cell cannot be recommended under `budget` (empty: it qualifies)."""
+    if cell.get("status") != "ok" or cell.get("p50_ms") is None:
+        return [f"benchmark {cell.get('status', 'missing')}: {cell.get('error') or 'no timing'}"]
+    parity = cell.get("parity") or {}
+    status = parity.get("status", "unverified")
+    if status == "unverified":
+        return ["no parity results (run `exporter verify` on the build)"]
+    if status not in PASSING:
+        reason = parity.get("reason")
+        return [f"parity {status}" + (f": {reason}" if reason else " (outside its precision's tolerance class)")]
+    reasons = []
+    if budget.max_flip_rate is not None:
+        rate = parity.get("flip_rate")
+        if rate is None:
+            reasons.append("parity has no top-1 flip count")
+        elif rate > budget.max_flip_rate + 1e-12:
+            reasons.append(f"top-1 flips {parity.get('flips')}/{parity.get('samples')} = {rate * 100:.2f}% > "
+                           f"{budget.max_flip_rate * 100:g}%")
+    if budget.max_acc_drop is not None:
+        drop = parity.get("acc_drop")
+        if drop is None:
+            reasons.append("parity has no test accuracy (verify on labelled images)")
+        elif drop > budget.max_acc_drop + 1e-9:
+            reasons.append(f"accuracy drop {drop:.2f} points > {budget.max_acc_drop:g}")
+    return reasons
+
+
+def _summary(cell: dict[str, Any]) -> dict[str, Any]:
+    parity = cell.get("parity") or {}
+    return {"label": cell["label"], "artifact": cell["artifact"], "backend": cell["backend"],
+            "variant": cell.get("variant", "default"), "options": cell.get("options") or {},
+            "precision": cell.get("executed_precision") or cell.get("precision"), "batch": cell["batch"],
+            "p50_ms": cell.get("p50_ms"), "p99_ms": cell.get("p99_ms"), "throughput_ips": cell.get("throughput_ips"),
+            "unstable": cell.get("unstable"), "parity": parity.get("status"), "flip_rate": parity.get("flip_rate"),
+            "acc_drop": parity.get("acc_drop")}
+
+
+def select_artifact(cells: Sequence[dict[str, Any]], budget: Budget, batch: int) -> dict[str, Any]:
+    """Choose from bench cells: the fastest (p50) at `batch` meeting `budget`, the runner-up, and the rejections.
+
+    Returns {"recommended", "runner_up", "rejected_faster" (faster than the winner, with reasons),
+    "rejected" (all rejections), "candidates"}; raises SelectError when nothing qualifies.
+    """
+    at_batch = [c for c in cells if c.get("batch") == batch]
+    if not at_batch:
+        have = sorted({c.get("batch") for c in cells if c.get("batch") is not None})
+        raise SelectError(f"no benchmark results at batch {batch} (benchmarked: "
+                          f"{', '.join(map(str, have)) or 'none'}; run `exporter bench MODEL --batch-sizes {batch}`)")
+    ordered = sorted(at_batch, key=lambda c: (c.get("p50_ms") is None, c.get("p50_ms") or math.inf))
+    qualified, rejected = [], []
+    for cell in ordered:
+        reasons = rejection_reasons(cell, budget)
+        if reasons:
+            rejected.append({**_summary(cell), "reasons": reasons})
+        else:
+            qualified.append(_summary(cell))
+    if not qualified:
+        lines = "; ".join(f"{r['label']}: {r['reasons'][0]}" for r in rejected)
+        raise SelectError(f"no artifact meets the budget ({budget.describe()}) at batch {batch}: {lines}")
+    winner = qualified[0]
+    return {"recommended": winner, "runner_up": qualified[1] if len(qualified) > 1 else None,
+            "rejected_faster": [r for r in rejected if r["p50_ms"] is not None and r["p50_ms"] < winner["p50_ms"]],
+            "rejected": rejected, "candidates": len(ordered), "budget": budget.to_dict(), "batch": batch}
+
+
+def select_build(build: Any, budget: Budget, batch: int = 1, *, save: bool = True) -> dict[str, Any]:
+    """Select on a loaded build's saved bench results (parity re-read now); writes `recommended` to the manifest."""
+    from exporter.bench import REFERENCE_PARITY, load_results, parity_status
+    from exporter.manifest import update_manifest
+
+    results = load_results(build.dir)
+    if results is None:
+        raise SelectError(f"build {build.dir} has no benchmark results; run `exporter bench {build.model}` first")
+    cells = []
+    for cell in results["cells"]:
+        parity = parity_status(build.manifest, build.dir, cell["artifact"])
+        if cell.get("parity", {}).get("status") == "reference" and parity["status"] == "unverified":
+            parity = REFERENCE_PARITY
+        if cell.get("variant") == "tuned" and (cell.get("options") or {}).get("inference_precision") == "bf16":
+            parity = cell.get("parity") or parity  # a bf16-tuned variant carries its bf16 artifact's parity
+        cells.append({**cell, "parity": parity})
+    choice = select_artifact(cells, budget, batch)
+    choice.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  bench_created=results.get("created"), machine=(build.manifest.get("bench") or {}).get("machine"),
+                  threads=results.get("settings", {}).get("threads"), device=results.get("settings", {}).get("device"))
+    if save:
+        update_manifest(build, "recommended", choice)
+    return choice
+
+
+def describe_choice(choice: dict[str, Any]) -> list[str]:
+    """Human-readable lines: the winner, the runner-up and why each faster artifact was rejected."""
+    win = choice["recommended"]
+    lines = [f"recommended at batch {choice['batch']} ({choice['budget']['text']}): {win['label']} "
+             f"[{win['backend']}, {win['precision']}] p50 {win['p50_ms']:.3f} ms, "
+             f"{win['throughput_ips']:.0f} img/s, parity {win['parity']}"
+             + (" (timing unstable)" if win.get("unstable") else "")]
+    lines.append(f"chosen among {choice['candidates']} benchmarked artifact variants at batch {choice['batch']}"
+                 + (f" (bench run {choice['bench_created']})" if choice.get("bench_created") else ""))
+    runner_up = choice.get("runner_up")
+    if runner_up:
+        gap = runner_up["p50_ms"] / win["p50_ms"] - 1 if win["p50_ms"] else 0.0
+        lines.append(f"runner-up: {runner_up['label']} [{runner_up['backend']}, {runner_up['precision']}] "
+                     f"p50 {runner_up['p50_ms']:.3f} ms (+{gap:.1%})"
+                     + (" — within 5 %, effectively a tie on this machine" if gap < 0.05 else ""))
+    else:
+        lines.append("runner-up: none (no other artifact meets the budget)")
+    for r in choice["rejected_faster"]:
+        lines.append(f"rejected (faster, p50 {r['p50_ms']:.3f} ms): {r['label']}: {'; '.join(r['reasons'])}")
+    for r in choice["rejected"]:
+        if r["p50_ms"] is None:
+            lines.append(f"not timed: {r['label']}: {'; '.join(r['reasons'])}")
+    return lines

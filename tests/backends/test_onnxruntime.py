@@ -1,0 +1,131 @@
+"""ONNX Runtime: the runner (CPU EP, no silent fallback), the optimized CPU copy and the int8 QDQ model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from exporter.backends import BackendUnavailable
+from exporter.backends.onnx import export_onnx, read_metadata
+from exporter.backends.onnxruntime import (
+    INT8_FILE,
+    OPTIMIZED_FILE,
+    CalibrationDataError,
+    OnnxRuntimeRunner,
+    export_onnxruntime,
+)
+from exporter.errors import UsageError
+from tests.backends.onnx_builds import (  # noqa: F401  (onnx_build is a fixture)
+    CHEAP_MODELS,
+    FP32_ATOL,
+    make_context,
+    onnx_build,
+    trained_lenet_bn,
+)
+from tests.conftest import TEST_NUM_CLASSES
+
+
+@pytest.mark.parametrize("model_name", CHEAP_MODELS)
+@pytest.mark.parametrize("artifact", ["onnx-fp32", "onnxruntime-optimized"])
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_onnxruntime_cpu_matches_eager(onnx_build, model_name: str, artifact: str, batch_size: int) -> None:
+    build = onnx_build(model_name)
+    batch = build.batch(batch_size)
+    with OnnxRuntimeRunner(build.path(artifact), **build.artifacts[artifact].options) as runner:
+        assert runner.session.get_providers()[0] == "CPUExecutionProvider"
+        out = runner.infer(batch)
+    assert out.shape == (batch_size, TEST_NUM_CLASSES)
+    np.testing.assert_allclose(out, build.eager(batch), atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("model_name", CHEAP_MODELS)
+def test_optimized_copy_is_fused_and_keeps_metadata(onnx_build, model_name: str) -> None:
+    build = onnx_build(model_name)
+    original = onnx.load(str(build.path("onnx-fp32")))
+    optimized = onnx.load(str(build.path("onnxruntime-optimized")))
+    assert build.artifacts["onnxruntime-optimized"].path == OPTIMIZED_FILE
+    assert len(optimized.graph.node) < len(original.graph.node)  # ORT fused activations into convs
+    assert read_metadata(build.path("onnxruntime-optimized")) == read_metadata(build.path("onnx-fp32"))
+
+
+def test_session_options_come_from_runner_options(onnx_build) -> None:
+    build = onnx_build("lenet")
+    runner = OnnxRuntimeRunner(build.path("onnx-fp32"), intra_op_num_threads=1, graph_optimization_level="basic",
+                               execution_mode="sequential")
+    with runner:
+        assert runner.session.get_session_options().intra_op_num_threads == 1
+        assert runner.session.get_session_options().graph_optimization_level == \
+            ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with pytest.raises(UsageError, match="graph_optimization_level"):
+        OnnxRuntimeRunner(build.path("onnx-fp32"), graph_optimization_level="max").activate()
+    with pytest.raises(UsageError, match="provider 'tensorrt' does not run on device 'cpu'"):
+        OnnxRuntimeRunner(build.path("onnx-fp32"), provider="tensorrt").activate()
+
+
+def test_missing_gpu_provider_is_unavailable_not_a_cpu_fallback(onnx_build) -> None:
+    build = onnx_build("lenet")
+    # The TensorRT EP is reported missing, or the CUDA EP it needs for the device check before it.
+    for provider, name, reason in (("cuda", "CUDAExecutionProvider", "has no CUDAExecutionProvider"),
+                                   ("tensorrt", "TensorrtExecutionProvider", "has no (CUDA|Tensorrt)ExecutionProvider")):
+        if name in ort.get_available_providers():
+            continue
+        with pytest.raises(BackendUnavailable, match=reason):
+            OnnxRuntimeRunner(build.path("onnx-fp32"), device="cuda", provider=provider).activate()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert "CUDAExecutionProvider" in OnnxRuntimeRunner.unavailable_reason("cuda")
+
+
+@pytest.fixture(scope="module")
+def int8_build(tmp_path_factory):
+    """A briefly trained lenet_bn exported to fp32 ONNX and quantized on real training images."""
+    model, calibration, test_images, test_labels = trained_lenet_bn()
+    ctx = make_context("lenet_bn", tmp_path_factory.mktemp("int8"), model=model, int8=True, calibration=calibration)
+    ctx.artifacts += export_onnx(ctx)
+    ctx.artifacts += export_onnxruntime(ctx)
+    return ctx, test_images, test_labels
+
+
+def test_int8_qdq_runs_and_keeps_top1_on_real_images(int8_build) -> None:
+    ctx, images, labels = int8_build
+    artifact = ctx.artifact("onnx-int8")
+    assert artifact is not None and artifact.precision == "int8" and artifact.path == INT8_FILE
+    model = onnx.load(str(ctx.out_dir / artifact.path))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    zero_points = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+                   if t.name.endswith("zero_point")}
+    assert zero_points and all((z == 0).all() for z in zero_points.values())  # symmetric, as TensorRT needs
+    assert {z.dtype for name, z in zero_points.items() if "bias" not in name} == {np.dtype(np.int8)}
+    assert read_metadata(ctx.out_dir / artifact.path)["precision"] == "int8"
+
+    with OnnxRuntimeRunner(ctx.out_dir / ctx.artifact("onnx-fp32").path) as fp32, \
+            OnnxRuntimeRunner(ctx.out_dir / artifact.path, precision="int8") as int8:
+        reference, quantized = fp32.infer(images), int8.infer(images)
+    assert not np.array_equal(reference, quantized)  # it really is a different (quantized) computation
+    fp32_acc = float((reference.argmax(1) == labels).mean())
+    int8_acc = float((quantized.argmax(1) == labels).mean())
+    agreement = float((reference.argmax(1) == quantized.argmax(1)).mean())
+    assert fp32_acc > 0.8, f"the test model did not train (accuracy {fp32_acc:.2f})"
+    assert agreement >= 0.95, f"int8 top-1 agreement {agreement:.3f}"
+    assert int8_acc >= fp32_acc - 0.03
+    assert ctx.diagnostics["onnxruntime"]["int8_calibration_images"] == 256
+
+
+def test_int8_without_calibration_is_one_clear_error_and_writes_nothing(tmp_path) -> None:
+    ctx = make_context("lenet", tmp_path, int8=True, calibration=None)
+    ctx.artifacts += export_onnx(ctx)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CalibrationDataError, match="--int8 needs calibration images"):
+        export_onnxruntime(ctx)
+    ctx.calibration = np.zeros((4, 3, 28, 28), dtype=np.float32)
+    with pytest.raises(CalibrationDataError, match=r"expected N×1×28×28"):
+        export_onnxruntime(ctx)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_export_needs_the_onnx_artifact(tmp_path) -> None:
+    ctx = make_context("lenet", tmp_path, trace=False)
+    with pytest.raises(BackendUnavailable, match="fp32 ONNX"):
+        export_onnxruntime(ctx)

@@ -1,0 +1,117 @@
+"""OpenVINO: the IR export and the runner's explicit, read-back inference precision."""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+import pytest
+
+from exporter.backends import RunnerError
+from exporter.backends.openvino import OpenVinoRunner, cpu_supports_bf16, export_openvino, ov_type_to_precision
+from exporter.errors import UsageError
+from tests.backends.onnx_builds import CHEAP_MODELS, FP32_ATOL, make_context, onnx_build  # noqa: F401
+from tests.conftest import TEST_NUM_CLASSES
+
+HAS_BF16 = cpu_supports_bf16()
+HAS_FP16 = "FP16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.mark.parametrize("model_name", CHEAP_MODELS)
+@pytest.mark.parametrize("source", ["ir", "onnx"])
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_f32_executes_f32_and_matches_eager(onnx_build, model_name: str, source: str, batch_size: int) -> None:
+    build = onnx_build(model_name)
+    path = build.path("openvino-fp32" if source == "ir" else "onnx-fp32")  # OpenVINO reads the ONNX file too
+    batch = build.batch(batch_size)
+    with OpenVinoRunner(path, precision="fp32", inference_precision="f32") as runner:
+        assert runner.executed_precision == "fp32"
+        out = runner.infer(batch)
+    assert out.shape == (batch_size, TEST_NUM_CLASSES)
+    np.testing.assert_allclose(out, build.eager(batch), atol=FP32_ATOL, rtol=0)
+
+
+def test_fp32_is_the_default_even_where_the_plugin_prefers_bf16(onnx_build) -> None:
+    """With no option at all, an fp32 runner compiles with an explicit f32 hint, never the CPU's bf16 default."""
+    build = onnx_build("lenet")
+    runner = OpenVinoRunner(build.path("openvino-fp32"))
+    assert runner.compile_config()["INFERENCE_PRECISION_HINT"] == "f32"
+    with runner:
+        assert runner.executed_precision == "fp32"
+        assert ov_type_to_precision(runner.compiled.get_property("INFERENCE_PRECISION_HINT")) == "fp32"
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no native bf16 (no AVX-512 bf16 / AMX)")
+@pytest.mark.parametrize("model_name", CHEAP_MODELS)
+def test_bf16_variant_is_explicit_and_really_runs_bf16(onnx_build, model_name: str) -> None:
+    build = onnx_build(model_name)
+    artifact = build.artifacts["openvino-bf16"]
+    assert artifact.precision == "bf16" and artifact.options == {"inference_precision": "bf16"}
+    assert artifact.path == build.artifacts["openvino-fp32"].path  # the same IR, another precision
+    batch = build.batch(7)
+    with OpenVinoRunner(build.path("openvino-bf16"), precision="bf16", **artifact.options) as bf16, \
+            OpenVinoRunner(build.path("openvino-fp32"), precision="fp32", inference_precision="f32") as f32:
+        assert bf16.executed_precision == "bf16"
+        low, high = bf16.infer(batch), f32.infer(batch)
+    reference = build.eager(batch)
+    # bf16 has an 8-bit mantissa (relative rounding ~4e-3): visibly different from f32, whose relative error is
+    # ~1e-6 (proves the hint is applied), yet close.
+    assert np.abs(low - high).max() > 1e-4 * float(np.abs(high).max())
+    assert np.abs(low - reference).max() <= 2e-2 * max(1.0, float(np.abs(reference).max()))
+
+
+@pytest.mark.skipif(HAS_FP16, reason="this CPU executes f16 natively")
+def test_f16_request_on_a_cpu_without_fp16_is_refused(onnx_build) -> None:
+    build = onnx_build("lenet")
+    with pytest.raises(RunnerError, match="asked for f16 inference but the CPU plugin would execute"):
+        OpenVinoRunner(build.path("openvino-fp32"), precision="fp16").activate()
+
+
+@pytest.mark.parametrize("model_name", CHEAP_MODELS)
+def test_fp16_compressed_ir_is_smaller_and_close(onnx_build, model_name: str) -> None:
+    build = onnx_build(model_name)
+    artifact = build.artifacts["openvino-fp16"]
+    assert artifact.precision == "fp16" and artifact.options["inference_precision"] == "f32"
+    fp32_bin = build.path("openvino-fp32").with_suffix(".bin").stat().st_size
+    fp16_bin = build.path("openvino-fp16").with_suffix(".bin").stat().st_size
+    assert fp16_bin < 0.6 * fp32_bin
+    batch = build.batch(7)
+    with OpenVinoRunner(build.path("openvino-fp16"), precision="fp16", **artifact.options) as runner:
+        assert runner.executed_precision == "fp32"  # fp16 weights, f32 arithmetic on this CPU
+        out = runner.infer(batch)
+    reference = build.eager(batch)
+    assert 0 < np.abs(out - reference).max() <= 1e-2 * max(1.0, float(np.abs(reference).max()))
+
+
+def test_ir_carries_the_build_metadata(onnx_build) -> None:
+    build = onnx_build("lenet")
+    model = ov.Core().read_model(str(build.path("openvino-fp32")))
+    assert model.get_rt_info(["exporter", "model_name"]).astype(str) == "lenet"
+    assert model.get_rt_info(["exporter", "input_layout"]).astype(str) == "NCHW"
+    assert model.get_rt_info(["exporter", "checkpoint_sha256"]).astype(str) == "0" * 64
+
+
+def test_export_from_the_exported_program_without_onnx(tmp_path) -> None:
+    ctx = make_context("lenet_bn", tmp_path)
+    artifacts = {a.name: a for a in export_openvino(ctx)}
+    assert ctx.diagnostics["openvino"]["converted_from"] == "torch"
+    assert ("openvino-bf16" in artifacts) == HAS_BF16 and "openvino-fp16" not in artifacts
+    import torch
+
+    for batch_size in (1, 7):
+        batch = np.random.default_rng(batch_size).random((batch_size, *ctx.input_shape), dtype=np.float32)
+        with OpenVinoRunner(tmp_path / artifacts["openvino-fp32"].path, inference_precision="f32") as runner:
+            out = runner.infer(batch)
+        with torch.inference_mode():
+            np.testing.assert_allclose(out, ctx.model(torch.from_numpy(batch)).numpy(), atol=FP32_ATOL, rtol=0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_bad_runner_options_are_one_line_usage_errors(onnx_build) -> None:
+    path = onnx_build("lenet").path("openvino-fp32")
+    with pytest.raises(UsageError, match="inference_precision must be one of"):
+        OpenVinoRunner(path, inference_precision="int4").activate()
+    with pytest.raises(UsageError, match="performance_hint"):
+        OpenVinoRunner(path, performance_hint="FASTEST").activate()
+    with OpenVinoRunner(path, performance_hint="latency", num_streams=1, inference_num_threads=1) as runner:
+        assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+        assert runner.infer(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, TEST_NUM_CLASSES)

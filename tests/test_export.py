@@ -1,0 +1,279 @@
+"""`exporter build`: the pipeline end to end, its manifest, atomicity and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.cli import main
+from exporter.errors import UsageError
+from exporter.export import STAGE_NAMES, BuildError, build, parse_backends
+from exporter.manifest import MANIFEST_NAME, load_build, sha256_file
+from tests.conftest import TEST_NUM_CLASSES
+from tests.export_builds import FAST_MODELS, build_options, full_build, model_params  # noqa: F401  (fixture)
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one error line on stderr (progress lines before it are fine)."""
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def _listing(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir()} if directory.exists() else set()
+
+
+@pytest.mark.parametrize("model", model_params())
+def test_build_produces_a_complete_build(full_build, model: str) -> None:
+    result = full_build(model)
+    manifest = result.manifest
+    assert result.build_dir.name == manifest["build_id"] and result.build_dir.parent.name == model
+    assert (result.build_dir.parent / "latest").resolve() == result.build_dir.resolve()
+    names = [a["name"] for a in manifest["artifacts"]]
+    assert names[0] == "eager" and "inductor" in names and "aoti" in names
+    assert manifest["untrained"] is True and all(a["untrained"] for a in manifest["artifacts"])
+    assert manifest["num_classes"] == TEST_NUM_CLASSES
+    assert manifest["batch"] == {"dynamic": True, "static": None, "min": 1, "max": 16}
+    # every stage is accounted for: produced, skipped (with a reason) or failed
+    accounted = {s["backend"] for s in manifest["skipped"]} | {f["backend"] for f in manifest["failed"]}
+    assert set(STAGE_NAMES) - accounted <= set(manifest["timings"])
+    assert all(s["reason"] for s in manifest["skipped"])
+    assert manifest["failed"] == []
+    # quick parity: numbers for every artifact, and they pass
+    parity = manifest["parity"]
+    assert set(parity["artifacts"]) == set(names) and parity["images"] == 16
+    for name, entry in parity["artifacts"].items():
+        assert entry["ok"], (name, entry)
+        assert 0.0 <= entry["max_abs_err"] and 0.0 <= entry["top1_agreement"] <= 1.0
+    assert manifest["diagnostics"]["export"]["tracer"] == "dynamo (strict)"
+    assert manifest["diagnostics"]["inductor"]["graph_breaks"] == 0
+    assert manifest["diagnostics"]["aoti"]["compile_s"] > 0
+    assert manifest["versions"]["torch"] and manifest["timings"]["total"] > 0
+
+
+def test_manifest_hashes_match_every_file(full_build) -> None:
+    result = full_build(FAST_MODELS[0])
+    files = result.manifest["files"]
+    on_disk = {p.relative_to(result.build_dir).as_posix() for p in result.build_dir.rglob("*")
+               if p.is_file() and p.name != MANIFEST_NAME}
+    assert set(files) == on_disk
+    for rel, entry in files.items():
+        path = result.build_dir / rel
+        assert entry["size"] == path.stat().st_size and entry["sha256"] == sha256_file(path)
+    for artifact in result.manifest["artifacts"]:
+        assert artifact["files"] and all(f in files for f in artifact["files"])
+    assert load_build(result.build_dir).model == FAST_MODELS[0]
+
+
+def test_onnx_metadata_says_untrained(full_build) -> None:
+    result = full_build(FAST_MODELS[0])
+    if not any(a["name"] == "onnx-fp32" for a in result.manifest["artifacts"]):
+        pytest.skip("the onnx stage did not run here")
+    from exporter.backends.onnx import read_metadata
+
+    meta = read_metadata(result.build_dir / "model.onnx")
+    assert meta["weights"] == "untrained" and meta["model_name"] == FAST_MODELS[0]
+    assert json.loads(meta["class_names"]) == [str(i) for i in range(TEST_NUM_CLASSES)]
+    assert result.manifest["diagnostics"]["onnx"]["opset"] >= 18
+
+
+def test_static_batch_build(tmp_path: Path) -> None:
+    result = build(build_options("lenet", tmp_path, batch=4, backends=["onnx"], parity_samples=10))
+    manifest = result.manifest
+    assert manifest["batch"] == {"dynamic": False, "static": 4, "min": 4, "max": 4}
+    assert manifest["input"]["shape"] == [4, 1, 28, 28]
+    assert manifest["parity"]["images"] == 8  # whole static batches only
+    assert all(v["ok"] for v in manifest["parity"]["artifacts"].values())
+
+
+def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = build(build_options("lenet", tmp_path, backends=["onnx"]))
+    model_dir = good.build_dir.parent
+    before = _listing(model_dir)
+
+    import exporter.backends.onnx as onnx_backend
+
+    def broken(ctx):
+        (ctx.out_dir / "model.onnx").write_bytes(b"half")  # a stage that dies half-way through writing
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", broken)
+    with pytest.raises(BuildError, match="backend onnx failed: RuntimeError: disk on fire"):
+        build(build_options("lenet", tmp_path, backends=["onnx"]))
+    assert _listing(model_dir) == before
+    assert (model_dir / "latest").resolve() == good.build_dir.resolve()
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(build_options("lenet", tmp_path, backends=["onnx"]))
+    assert _listing(model_dir) == before
+
+
+def test_unnamed_failing_backend_is_recorded_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import exporter.backends.openvino as openvino_backend
+    import exporter.export as export_module
+
+    monkeypatch.setattr(openvino_backend, "export_openvino", lambda ctx: 1 / 0)
+    monkeypatch.setattr(export_module, "STAGES", tuple(s for s in export_module.STAGES if s[0] in ("onnx", "openvino")))
+    result = build(build_options("lenet", tmp_path))
+    assert result.manifest["failed"] == [{"backend": "openvino", "error": "ZeroDivisionError: division by zero"}]
+    with pytest.raises(BuildError, match="openvino failed"):
+        build(build_options("lenet", tmp_path, strict=True))
+
+
+def test_strict_turns_lint_warnings_into_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter import lint
+
+    monkeypatch.setattr(lint, "lint_model", lambda *a, **k: [lint.LintWarning("adaptive-pool", "uneven pool")])
+    result = build(build_options("lenet", tmp_path, backends=["onnx"]))
+    assert result.manifest["lint"] == [{"code": "adaptive-pool", "message": "uneven pool"}]
+    with pytest.raises(lint.LintError, match="uneven pool"):
+        build(build_options("lenet", tmp_path / "strict", backends=["onnx"], strict=True))
+    assert not (tmp_path / "strict" / "lenet" / "latest").exists()
+
+
+@pytest.fixture(scope="module")
+def lenet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny: 3 steps) lenet checkpoint written by `exporter.train.train`."""
+    from exporter.train import checkpoint_paths, train
+
+    root = tmp_path_factory.mktemp("ckpt")
+    train("lenet", epochs=1, max_steps=3, batch_size=32, artifacts_dir=root, progress=False, log=lambda *_: None)
+    return checkpoint_paths("lenet", root)[0]
+
+
+def test_build_from_checkpoint_records_it(tmp_path: Path, lenet_checkpoint: Path) -> None:
+    result = build(build_options("lenet", tmp_path, untrained=False, num_classes=None, input_size=None,
+                                 checkpoint=lenet_checkpoint, backends=["onnx"]))
+    weights = result.manifest["weights"]
+    assert result.manifest["untrained"] is False and weights["source"] == "checkpoint"
+    assert weights["sha256"] == sha256_file(lenet_checkpoint)
+    assert weights["sha256"] == result.manifest["files"]["weights.safetensors"]["sha256"]
+    assert weights["test_accuracy"] is not None and result.manifest["dataset"] is None
+
+
+def test_checkpoint_of_another_model_or_shape_is_one_line(tmp_path: Path, lenet_checkpoint: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    art = str(tmp_path)
+    assert main(["build", "lenet_bn", "--checkpoint", str(lenet_checkpoint), "--artifacts", art]) != 0
+    err = _error_line(capsys)
+    assert "'lenet'" in err and "lenet_bn" in err
+    assert main(["build", "lenet", "--checkpoint", str(lenet_checkpoint), "--input-size", "32",
+                 "--artifacts", art]) != 0
+    assert "1×28×28" in _error_line(capsys)
+    assert not any(tmp_path.rglob("manifest.json"))
+    assert not any((tmp_path / m / "latest").exists() for m in ("lenet", "lenet_bn"))
+
+
+@pytest.mark.parametrize("argv, needle, code", [
+    (["build", "lenet_bm", "--untrained"], "did you mean lenet_bn", 2),
+    (["build", "lenet", "--untrained", "--backends", "onnx,openvno"], "did you mean openvino", 2),
+    (["build", "lenet", "--untrained", "--backends", ","], "--backends is empty", 2),
+    (["build", "lenet", "--untrained", "--batch", "0"], "--batch must be a positive integer", 2),
+    (["build", "lenet", "--untrained", "--checkpoint", "x.safetensors"], "contradict", 2),
+    (["build", "lenet", "--untrained", "--input-size", "3"], "smallest valid size", 2),
+])
+def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str,
+                               code: int) -> None:
+    assert main([*argv, "--artifacts", str(tmp_path)]) == code
+    assert needle in _error_line(capsys)
+    assert not any(tmp_path.rglob("manifest.json"))
+
+
+def test_unwritable_output_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the artifacts directory should be")
+    assert main(["build", "lenet", "--untrained", "--backends", "onnx", "--artifacts", str(blocker)]) == 1
+    assert "cannot write to output directory" in _error_line(capsys)
+    if os.geteuid() != 0:  # root ignores permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert main(["build", "lenet", "--untrained", "--backends", "onnx", "--artifacts", str(locked)]) == 1
+
+
+def test_named_unavailable_backend_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter.backends import BACKENDS
+
+    reason = BACKENDS["tensorrt"].unavailable_reason("cuda") if "tensorrt" in BACKENDS else "not registered"
+    if reason is None:
+        pytest.skip("TensorRT is available here")
+    assert main(["build", "lenet", "--untrained", "--backends", "tensorrt", "--artifacts", str(tmp_path)]) == 1
+    assert "tensorrt was asked for but is unavailable" in _error_line(capsys)
+    assert not any(tmp_path.rglob("manifest.json"))
+
+
+def test_cli_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["build", "lenet", "--untrained", "--backends", "onnx", "--parity-samples", "8", "--json",
+                 "--artifacts", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert Path(out["manifest"]).is_file() and out["untrained"] is True and out["parity_ok"] is True
+    assert {a["name"] for a in out["artifacts"]} >= {"eager", "onnx-fp32"}
+    assert all(a["parity"]["ok"] for a in out["artifacts"])
+
+
+def test_parse_backends() -> None:
+    assert parse_backends("onnx, openvino,onnx") == ["onnx", "openvino"]
+    assert parse_backends(None) is None
+    with pytest.raises(UsageError):
+        parse_backends("onnx,trt")
+
+
+def test_int8_needs_real_calibration_images(tmp_path: Path) -> None:
+    result = build(build_options("lenet", tmp_path, int8=True, backends=["onnxruntime"], calibration_samples=32))
+    assert any(a["precision"] == "int8" for a in result.manifest["artifacts"])
+    assert result.manifest["diagnostics"]["onnxruntime"]["int8_calibration_images"] == 32
+
+
+@pytest.mark.slow
+def test_resnet50v2_fp16_end_to_end(tmp_path: Path) -> None:
+    """The issue's headline command (untrained weights, to keep it to minutes): every artifact, fp16 included."""
+    result = build(build_options("resnet50v2", tmp_path, num_classes=None, input_size=None, fp16=True,
+                                 parity_samples=8, max_batch=8))
+    manifest = result.manifest
+    precisions = {a["precision"] for a in manifest["artifacts"]}
+    assert "fp16" in precisions and manifest["input_shape"] == [3, 224, 224]
+    assert manifest["parity"]["ok"], manifest["parity"]
+    assert load_build(result.build_dir).model == "resnet50v2"
+    assert np.isfinite(manifest["timings"]["total"])
+
+
+def test_int8_without_training_images_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for label in ("a", "b"):  # a test split only: nothing to calibrate on
+        (data / "test" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(data / "test" / label / f"{i}.png")
+    out = tmp_path / "out"
+    assert main(["build", "lenet", "--untrained", "--int8", "--backends", "onnxruntime", "--data", str(data),
+                 "--artifacts", str(out)]) == 1
+    assert "train" in _error_line(capsys)
+    assert list(out.rglob("*")) == []  # not even an empty model directory
+
+
+def test_sigterm_mid_build_leaves_nothing(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", "build", "lenet", "--untrained", "--backends", "aoti",
+                             "--artifacts", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("lenet/.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert list(tmp_path.rglob("*")) == []

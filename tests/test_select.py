@@ -1,0 +1,109 @@
+"""`exporter select`: the fastest artifact within an accuracy budget, from synthetic and real results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exporter.cli import main
+from exporter.select import Budget, SelectError, describe_choice, parse_budget, select_artifact
+from tests.test_bench import TINY_MODEL, make_tiny_build
+
+
+def _cell(label: str, p50: float, parity: dict | None, *, batch: int = 1, status: str = "ok", **extra) -> dict:
+    return {"label": label, "artifact": label.split("+")[0], "backend": label.split("-")[0], "variant": "default",
+            "precision": "fp32", "executed_precision": extra.pop("precision", "fp32"), "batch": batch,
+            "status": status, "error": extra.pop("error", None), "p50_ms": p50 if status == "ok" else None,
+            "p99_ms": p50 * 1.2 if status == "ok" else None, "throughput_ips": batch * 1000 / p50,
+            "parity": parity or {"status": "unverified"}, **extra}
+
+
+def _verified(flips: int, samples: int = 1000, acc_drop: float = 0.0, status: str = "pass") -> dict:
+    return {"status": status, "flips": flips, "samples": samples, "flip_rate": flips / samples, "acc_drop": acc_drop}
+
+
+CELLS = [
+    _cell("openvino-bf16", 1.0, None, precision="bf16"),  # fastest but never verified
+    _cell("onnx-int8", 1.5, _verified(flips=20, acc_drop=0.6), precision="int8"),  # 2 % flips: over budget
+    _cell("trt-fp16", 1.7, None, status="failed", error="out of memory: CUDA OOM"),
+    _cell("onnx-fp16", 1.8, _verified(flips=30, status="fail"), precision="fp16"),  # failed its class
+    _cell("onnxruntime-fp32", 2.0, _verified(flips=3, acc_drop=0.1)),  # 0.3 %: the winner
+    _cell("openvino-fp32", 2.2, _verified(flips=0)),  # runner-up
+    _cell("eager", 4.0, {"status": "reference", "flips": 0, "samples": None, "flip_rate": 0.0, "acc_drop": 0.0}),
+    _cell("onnxruntime-fp32", 0.5, _verified(flips=0), batch=8),  # another batch: ignored at batch 1
+]
+
+
+def test_fastest_within_flip_budget_with_reasons() -> None:
+    choice = select_artifact(CELLS, parse_budget("0.5%"), batch=1)
+    assert choice["recommended"]["label"] == "onnxruntime-fp32" and choice["recommended"]["p50_ms"] == 2.0
+    assert choice["runner_up"]["label"] == "openvino-fp32"
+    reasons = {r["label"]: " ".join(r["reasons"]) for r in choice["rejected_faster"]}
+    assert list(reasons) == ["openvino-bf16", "onnx-int8", "onnx-fp16"]
+    assert "exporter verify" in reasons["openvino-bf16"]
+    assert "2.00% > 0.5%" in reasons["onnx-int8"]
+    assert "parity fail" in reasons["onnx-fp16"]
+    failed = next(r for r in choice["rejected"] if r["label"] == "trt-fp16")  # no timing: not "faster"
+    assert "out of memory" in failed["reasons"][0]
+    text = "\n".join(describe_choice(choice))
+    assert "rejected (faster, p50 1.000 ms): openvino-bf16" in text and "not timed: trt-fp16" in text
+    assert choice["candidates"] == 7
+
+
+def test_accuracy_drop_budget_and_combined_budget() -> None:
+    loose_flips = select_artifact(CELLS, parse_budget("5%"), batch=1)
+    assert loose_flips["recommended"]["label"] == "onnx-int8"
+    both = select_artifact(CELLS, parse_budget("5%", "0.2"), batch=1)
+    assert both["recommended"]["label"] == "onnxruntime-fp32"
+    assert "accuracy drop 0.60 points > 0.2" in both["rejected_faster"][1]["reasons"][0]
+    strict = select_artifact(CELLS, parse_budget("0%"), batch=1)
+    assert strict["recommended"]["label"] == "openvino-fp32" and strict["runner_up"]["label"] == "eager"
+
+
+def test_nothing_qualifies_or_no_results_at_batch() -> None:
+    unverified = [c for c in CELLS if c["parity"]["status"] == "unverified"]
+    with pytest.raises(SelectError, match="no artifact meets the budget.*openvino-bf16: no parity results"):
+        select_artifact(unverified, Budget(max_flip_rate=0.01), batch=1)
+    with pytest.raises(SelectError, match="no benchmark results at batch 32"):
+        select_artifact(CELLS, Budget(max_flip_rate=0.01), batch=32)
+
+
+@pytest.mark.parametrize(("flips", "drop", "expected"), [
+    ("0.5%", None, Budget(0.005, None)), ("0.005", None, Budget(0.005, None)), (None, "0.2", Budget(None, 0.2)),
+    ("1%", "0.5", Budget(0.01, 0.5)),
+])
+def test_parse_budget(flips, drop, expected) -> None:
+    assert parse_budget(flips, drop) == expected
+
+
+@pytest.mark.parametrize(("flips", "drop"), [(None, None), ("abc", None), ("150%", None), (None, "-1"),
+                                              (None, "x")])
+def test_parse_budget_rejects_bad_input(flips, drop) -> None:
+    from exporter.errors import UsageError
+
+    with pytest.raises(UsageError):
+        parse_budget(flips, drop)
+
+
+def test_select_on_a_build_writes_recommended(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter.bench import PARITY_FILE
+    from exporter.manifest import load_build
+
+    make_tiny_build(tmp_path)
+    assert main(["select", TINY_MODEL, "--artifacts", str(tmp_path), "--max-flips", "1%"]) == 1
+    assert "run `exporter bench" in capsys.readouterr().err
+    assert main(["bench", TINY_MODEL, "--artifacts", str(tmp_path), "--batch-sizes", "1", "--warmup", "1",
+                 "--min-runs", "3", "--budget", "0.01", "--gemm-size", "128", "--json"]) == 0
+    capsys.readouterr()
+    build = load_build(TINY_MODEL, tmp_path)
+    (build.dir / PARITY_FILE).write_text(json.dumps({"samples": 100, "reference": {"artifact": "eager"}, "results": [
+        {"artifact": "eager-bf16", "status": "pass",
+         "sets": [{"name": "real", "metrics": {"n": 100, "flipped": 0}}]}]}))
+    assert main(["select", TINY_MODEL, "--artifacts", str(tmp_path), "--max-flips", "1%", "--json"]) == 0
+    choice = json.loads(capsys.readouterr().out)
+    assert choice["recommended"]["label"] in ("eager", "eager-bf16") and choice["runner_up"] is not None
+    recommended = load_build(TINY_MODEL, tmp_path).manifest["recommended"]
+    assert recommended["recommended"]["label"] == choice["recommended"]["label"] and recommended["batch"] == 1
+    assert main(["select", TINY_MODEL, "--artifacts", str(tmp_path)]) == 2  # no budget given
