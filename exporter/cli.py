@@ -158,8 +158,8 @@ def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
         "was trained on, a batch sweep (1, 7 and the largest batch the build allows) and adversarial inputs (all "
         "zeros, unscaled 0–255 pixels), and compare each with eager PyTorch fp32: max/mean abs error, max "
         "relative error, cosine similarity, KL divergence, top-1 agreement (flipped images), top-5 overlap, "
-        "accuracy. Each artifact is judged by the tolerance class of the precision it runs in (fp32, tf32, "
-        "bf16, fp16, int8; see exporter/parity.py). A failing artifact gets a layer-by-layer comparison naming "
+        "accuracy. Each artifact is judged by the tolerance class of its precision as the manifest records it "
+        "(fp32, tf32, bf16, fp16, int8; see exporter/parity.py). A failing artifact gets a layer-by-layer comparison naming "
         "the first diverging layer. Writes BUILD/parity.json and links it in the manifest.",
         epilog="Exit status: 0 when every artifact that ran passes; 1 when one fails or errors, when an artifact "
         "named in --backends cannot run here, or when nothing could run. An artifact whose backend is missing "
@@ -513,10 +513,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # --- entry point ---------------------------------------------------------------------------------------------
 
-PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_list_parser, _add_build_parser,
-                                                                _add_verify_parser, _add_bench_parser,
-                                                                _add_select_parser, _add_report_parser,
-                                                                _add_train_parser]
+# In pipeline order: that is the order `exporter --help` lists them.
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_list_parser, _add_train_parser, _add_build_parser, _add_verify_parser, _add_bench_parser,
+    _add_select_parser, _add_report_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
