@@ -17,7 +17,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -25,18 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from exporter.fileio import atomic_write_text  # noqa: E402
 from exporter.models import get_spec, list_models  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def train_one(name: str, *, artifacts: Path, seed: int, threads: int | None, extra: list[str]) -> dict:
@@ -144,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = train_one(name, artifacts=Path(args.artifacts), seed=args.seed, threads=args.threads,
                                extra=extra)
         # Write after every model so an interrupted full run keeps what finished.
-        _atomic_write(store, json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-        _atomic_write(results / "training.md", render(rows, machine))
+        atomic_write_text(store, json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(results / "training.md", render(rows, machine))
         row = rows[name]
         outcome = row.get("error") or f"test acc {row['test_accuracy']:.3f}, {row['examples_per_s']:.1f} ex/s"
         print(f"[{i}/{len(names)}] {name}: {outcome} ({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)

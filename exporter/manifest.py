@@ -18,16 +18,15 @@ is a relative symlink to the newest good build (replaced atomically). The manife
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
 from exporter.backends.base import Artifact, Runner, runner_for
 from exporter.errors import ExporterError
+from exporter.fileio import atomic_write_json, sha256_file  # noqa: F401  (sha256_file is part of this API)
 
 MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "latest"
@@ -37,15 +36,6 @@ _ARTIFACT_FIELDS = {f.name for f in fields(Artifact)}
 
 class ManifestError(ExporterError):
     """A build that cannot be trusted: missing or unreadable manifest, or a file that does not match its hash."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_entries(build_dir: Path) -> dict[str, dict[str, Any]]:
@@ -71,23 +61,8 @@ def _json_default(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same directory, fsync it, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a manifest is as readable as its build
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=_json_default)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (temporary file, fsync, rename over `path`)."""
+    atomic_write_json(path, data, default=_json_default)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from exporter.errors import ExporterError, UsageError
+from exporter.fileio import atomic_write_json
 
 # --- tolerance classes --------------------------------------------------------------------------------------
 
@@ -547,10 +548,7 @@ class ParityReport:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:
-    text = json.dumps(data, indent=2, allow_nan=False)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(text + "\n")
-    os.replace(f.name, path)
+    atomic_write_json(path, data, allow_nan=False)
     return path
 
 

@@ -8,16 +8,14 @@ Nothing is measured here, so a report can be regenerated at any time.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from exporter.errors import ExporterError
+from exporter.fileio import atomic_write_bytes
 
 CSV_COLUMNS = ["model", "label", "artifact", "backend", "variant", "precision", "executed_precision", "device",
                "batch", "threads", "status", "error", "n", "min_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
@@ -277,17 +275,7 @@ def plot(reports: Sequence[dict[str, Any]], path: Path) -> Path | None:
 
 
 def _write_atomic(path: Path, data: bytes | str) -> None:
-    path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def summary_rows(reports: Sequence[dict[str, Any]]) -> list[list[str]]:

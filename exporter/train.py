@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +35,7 @@ from torch import nn
 
 from exporter.data import Dataset, load_split, to_model_tensor
 from exporter.errors import ExporterError, UsageError
+from exporter.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 CHECKPOINT_FORMAT = "exporter-checkpoint/1"
 STATE_FORMAT = "exporter-train-state/1"
@@ -48,15 +48,6 @@ EVAL_BATCH = 256
 RESUME_KEYS = ("lr", "batch_size", "max_steps", "resize", "test_images", "seed", "world_size")
 CPU_BUDGET_TEST_IMAGES = 128  # test images evaluated per epoch under a step-capped CPU budget
 TEST_SUBSET_SEED = 0  # which test images a --test-images subset holds (fixed, so runs compare)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
 
 
 class CheckpointError(ExporterError):
@@ -77,42 +68,14 @@ def default_artifacts_dir() -> Path:
     return Path(os.environ.get("EXPORTER_ARTIFACTS") or "artifacts")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """Write a safetensors file atomically; returns its sha256."""
     from safetensors.torch import save
 
     # safetensors refuses shared or non-contiguous storage: give it independent contiguous copies.
     blob = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
-    _atomic_write_bytes(path, blob)
+    atomic_write_bytes(path, blob)
     return hashlib.sha256(blob).hexdigest()
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def _read_sidecar(path: Path, kind: str) -> dict:
@@ -134,7 +97,7 @@ def _load_tensors(path: Path, expected_sha256: str | None) -> dict[str, torch.Te
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     if expected_sha256 is not None:
-        actual = _sha256_file(path)
+        actual = sha256_file(path)
         if actual != expected_sha256:
             raise CheckpointError(
                 f"{path}: sha256 {actual[:12]}… does not match its sidecar's {str(expected_sha256)[:12]}… "
@@ -363,7 +326,7 @@ def _save_state(model_dir: Path, net: nn.Module, optimizer: torch.optim.Optimize
     meta = dict(meta, format=STATE_FORMAT, optimizer_param_groups=opt["param_groups"],
                 optimizer_state_keys=opt_state_keys)
     meta["weights_sha256"] = _atomic_save_tensors(weights, tensors, {"format": STATE_FORMAT})
-    _atomic_write_json(sidecar, meta)
+    atomic_write_json(sidecar, meta)
 
 
 def _load_state(location: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -420,7 +383,7 @@ def plot_curve(history: list[dict], points: list[dict], path: Path, title: str) 
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
@@ -747,7 +710,7 @@ def _train_loop(*, model, spec, started, run_device, recipe, train_data, test_da
         # Weights first, then the sidecar that names their sha256: a crash in between leaves a pair that
         # load_checkpoint rejects, never stale weights passing as the new run.
         sidecar["weights_sha256"] = _atomic_save_tensors(weights_path, net.state_dict(), metadata)
-        _atomic_write_json(sidecar_path, sidecar)
+        atomic_write_json(sidecar_path, sidecar)
         say(f"{model}: test acc {last['test_accuracy']:.3f}, train acc {last['train_accuracy']:.3f} after "
             f"{last['epoch']} epoch(s) / {steps} steps, {summary['examples_per_s']:.1f} examples/s, "
             f"{summary['seconds']:.1f} s → {weights_path}")

@@ -12,19 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, Runner, RunnerError, register_backend
+from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, RunnerError, register_backend
+from exporter.backends.eager import TorchRunner
 from exporter.backends.inductor import _cpp_compiler_reason
 
 PACKAGE_FILE = "model.aoti.pt2"
 
 
 @register_backend
-class AOTIRunner(Runner):
+class AOTIRunner(TorchRunner):
     """Runs an AOTInductor package (`aoti_compile_and_package` output)."""
 
     backend = "aoti"
     description = "AOTInductor package (.pt2)"
-    devices = ("cpu", "cuda")
 
     def __init__(self, path, *, precision: str = "fp32", device: str = "cpu", min_batch: int = 1,
                  max_batch: int | None = None, **options: Any) -> None:
@@ -49,7 +49,7 @@ class AOTIRunner(Runner):
 
         self._torch = torch
         start = time.perf_counter()
-        self._package = torch._inductor.aoti_load_package(str(self.path))
+        self.model = torch._inductor.aoti_load_package(str(self.path))
         self.load_seconds = time.perf_counter() - start
 
     def prepare_impl(self, batch: np.ndarray) -> Any:
@@ -61,31 +61,6 @@ class AOTIRunner(Runner):
                               "(rebuild with a larger --max-batch or without --batch)")
         return self._torch.from_numpy(batch).to(self.device)
 
-    def run_impl(self, prepared: Any) -> Any:
-        with self._torch.inference_mode():
-            return self._package(prepared)
-
-    def finish_impl(self, raw: Any) -> np.ndarray:
-        if isinstance(raw, (list, tuple)):
-            raw = raw[0]
-        return raw.float().cpu().numpy()
-
-    def bare_call_impl(self, prepared: Any) -> Any:
-        """The loaded package called directly (benchmarks compare the runner's overhead against it)."""
-        fn, inference_mode = self._package, self._torch.inference_mode
-
-        def call() -> Any:
-            with inference_mode():
-                return fn(prepared)
-
-        return call
-
-    def sync(self) -> None:
-        if self.device == "cuda":
-            self._torch.cuda.synchronize()
-
-    def deactivate_impl(self) -> None:
-        del self._package
 
 
 def export_aoti(ctx: BuildContext) -> list[Artifact]:

@@ -21,12 +21,10 @@ def load_torch_model(path, *, model: str, in_channels: int, num_classes: int, de
     return net.eval().to(device)
 
 
-@register_backend
-class EagerRunner(Runner):
-    """Runs the model's Python code with the build's weights (`weights.safetensors`)."""
+class TorchRunner(Runner):
+    """Base of the runners that call a torch callable (`self.model`: a module, a compiled module or an AOTI
+    package) on torch tensors; subclasses load it in `activate_impl` and set `self._torch`."""
 
-    backend = "eager"
-    description = "PyTorch eager (reference)"
     devices = ("cpu", "cuda")
 
     @classmethod
@@ -36,6 +34,43 @@ class EagerRunner(Runner):
         if device == "cuda" and not torch.cuda.is_available():
             return "no CUDA device visible to torch"
         return None
+
+    def prepare_impl(self, batch: np.ndarray) -> Any:
+        return self._torch.from_numpy(batch).to(self.device)
+
+    def run_impl(self, prepared: Any) -> Any:
+        with self._torch.inference_mode():
+            return self.model(prepared)
+
+    def finish_impl(self, raw: Any) -> np.ndarray:
+        if isinstance(raw, (list, tuple)):  # an AOTI package returns its outputs as a list
+            raw = raw[0]
+        return raw.float().cpu().numpy()
+
+    def bare_call_impl(self, prepared: Any) -> Any:
+        """The loaded callable called directly (benchmarks compare the runner's overhead against it)."""
+        fn, inference_mode = self.model, self._torch.inference_mode
+
+        def call() -> Any:
+            with inference_mode():
+                return fn(prepared)
+
+        return call
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            self._torch.cuda.synchronize()
+
+    def deactivate_impl(self) -> None:
+        del self.model
+
+
+@register_backend
+class EagerRunner(TorchRunner):
+    """Runs the model's Python code with the build's weights (`weights.safetensors`)."""
+
+    backend = "eager"
+    description = "PyTorch eager (reference)"
 
     def activate_impl(self) -> None:
         import torch
@@ -51,17 +86,3 @@ class EagerRunner(Runner):
 
     def prepare_impl(self, batch: np.ndarray) -> Any:
         return self._torch.from_numpy(batch).to(self.device, self._dtype)
-
-    def run_impl(self, prepared: Any) -> Any:
-        with self._torch.inference_mode():
-            return self.model(prepared)
-
-    def finish_impl(self, raw: Any) -> np.ndarray:
-        return raw.float().cpu().numpy()
-
-    def sync(self) -> None:
-        if self.device == "cuda":
-            self._torch.cuda.synchronize()
-
-    def deactivate_impl(self) -> None:
-        del self.model

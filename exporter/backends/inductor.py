@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import Artifact, BuildContext, Runner, register_backend
+from exporter.backends.base import Artifact, BuildContext, register_backend
+from exporter.backends.eager import TorchRunner, load_torch_model
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -37,12 +38,11 @@ def _dynamo_counters() -> dict[str, int]:
 
 
 @register_backend
-class InductorRunner(Runner):
+class InductorRunner(TorchRunner):
     """torch.compile(backend="inductor") of the registered model loaded with the build's weights."""
 
     backend = "inductor"
     description = "torch.compile (inductor)"
-    devices = ("cpu", "cuda")
 
     def __init__(self, path, *, precision: str = "fp32", device: str = "cpu", dynamic_batch: bool = True,
                  input_shape: tuple[int, int, int] | list[int] | None = None, mode: str | None = None,
@@ -66,8 +66,6 @@ class InductorRunner(Runner):
 
     def activate_impl(self) -> None:
         import torch
-
-        from exporter.backends.eager import load_torch_model
 
         if self.precision != "fp32":
             raise ValueError(f"the inductor artifact runs fp32, not {self.precision}")
@@ -93,29 +91,6 @@ class InductorRunner(Runner):
             self._torch._dynamo.mark_dynamic(x, 0)
         return x
 
-    def run_impl(self, prepared: Any) -> Any:
-        with self._torch.inference_mode():
-            return self.model(prepared)
-
-    def finish_impl(self, raw: Any) -> np.ndarray:
-        return raw.float().cpu().numpy()
-
-    def bare_call_impl(self, prepared: Any) -> Any:
-        """The compiled module called directly (benchmarks compare the runner's overhead against it)."""
-        fn, inference_mode = self.model, self._torch.inference_mode
-
-        def call() -> Any:
-            with inference_mode():
-                return fn(prepared)
-
-        return call
-
-    def sync(self) -> None:
-        if self.device == "cuda":
-            self._torch.cuda.synchronize()
-
-    def deactivate_impl(self) -> None:
-        del self.model
 
 
 def compile_diagnostics(model: Any, sample: Any, *, dynamic_batch: bool, batch_sizes: tuple[int, ...]) -> dict:

@@ -17,10 +17,7 @@ first-diverging-layer bisection.
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import numpy as np
 
 from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, Runner, register_backend
 from exporter.errors import ExporterError
+from exporter.fileio import atomic_path
 
 ONNX_OPSET = 18  # the lowest opset the issue allows: the widest runtime support (TensorRT's parser included)
 INPUT_NAME = "input"
@@ -43,19 +41,6 @@ REFERENCE_MAX_MACS = 400_000_000
 
 class OnnxExportError(ExporterError):
     """The ONNX export or its checks failed."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; it is renamed onto `path` only if the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keep the suffix: some writers dispatch on it
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _require_onnx() -> Any:

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, Runner, register_backend
-from exporter.backends.onnx import INPUT_NAME, atomic_path, read_metadata, set_metadata
+from exporter.backends.onnx import INPUT_NAME, read_metadata, set_metadata
 from exporter.errors import ExporterError, UsageError
+from exporter.fileio import atomic_path
 
 OPTIMIZED_FILE = "model.ort-cpu.onnx"
 INT8_FILE = "model.int8.onnx"

@@ -18,7 +18,6 @@ current stream), so no pycuda / cuda-python dependency is needed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, Runner, RunnerError, register_backend
-from exporter.backends.onnx import atomic_path
+from exporter.fileio import atomic_path, sha256_file
 from exporter.errors import ExporterError
 
 ENGINE_DIR = "tensorrt"
@@ -62,15 +61,6 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device visible to torch"
     return None
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def current_environment() -> dict[str, str]:
