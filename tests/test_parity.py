@@ -431,3 +431,9 @@ def test_unknown_backend_name_is_a_usage_error(own_build) -> None:
     build = load_build(own_build)
     with pytest.raises(parity.UsageError, match="did you mean onnx-fp32"):
         parity.verify_build(build, backends=["onnx-fp23"], samples=SAMPLES, progress=False)
+
+
+def test_only_out_of_range_inputs_are_exempt_for_int8() -> None:
+    images = np.random.default_rng(0).random((9, 1, 28, 28), dtype=np.float32)
+    sets = parity.make_input_sets(images, None, max_batch=8)
+    assert [s.name for s in sets if s.beyond_calibration] == ["large"]
