@@ -91,7 +91,7 @@ def render(rows: list[dict], machine: dict) -> str:
         "the model's wall time in `training.md` for the whole train-then-build cost); the other modes build in a "
         "fresh artifacts directory. Compile stages reuse Inductor's on-disk kernel cache "
         "(`/tmp/torchinductor_<user>`), so a machine's first builds take longer; load from other jobs slows "
-        "them too (the *untrained*/*trained* rows ran on a shared machine, the *checkpoint* rows on an idle one). Times in seconds; sizes are the files "
+        "them too (the *trained* rows ran earlier, on a machine shared with other jobs). Times in seconds; sizes are the files "
         "each artifact needs (artifacts sharing a file, e.g. `eager` and `inductor`, count it each).",
         "",
         "| model | mode | input | build wall s | weights s | torch.export s | inductor s | aoti s | onnx s | "
