@@ -14,6 +14,7 @@ conversion, outside any timed region), `run_impl` (the runtime call alone, what 
 from __future__ import annotations
 
 import difflib
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -213,6 +214,14 @@ class Runner(ABC):
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def import_optional(module: str) -> Any:
+    """Import an optional library; a missing one raises BackendUnavailable naming it (never an ImportError)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"{module} is not installed ({exc})") from exc
 
 
 BACKENDS: dict[str, type[Runner]] = {}

@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, Runner, register_backend
+from exporter.backends.base import (
+    Artifact, BackendUnavailable, BuildContext, Runner, import_optional, register_backend,
+)
 from exporter.errors import ExporterError
 from exporter.fileio import atomic_path
 
@@ -41,14 +43,6 @@ REFERENCE_MAX_MACS = 400_000_000
 
 class OnnxExportError(ExporterError):
     """The ONNX export or its checks failed."""
-
-
-def _require_onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:
-        raise BackendUnavailable(f"onnx is not installed ({exc})") from exc
-    return onnx
 
 
 def _example_input(ctx: BuildContext) -> Any:
@@ -96,14 +90,14 @@ def set_metadata(model: Any, meta: dict[str, str]) -> None:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The `metadata_props` of an ONNX file, without loading its weights."""
-    onnx = _require_onnx()
+    onnx = import_optional("onnx")
     model = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
 
 
 def check_and_save(model: Any, path: Path) -> Any:
     """Run the full checker and strict shape inference, then save the inferred model atomically to `path`."""
-    onnx = _require_onnx()
+    onnx = import_optional("onnx")
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
         onnx.checker.check_model(inferred, full_check=True)
@@ -117,7 +111,7 @@ def check_and_save(model: Any, path: Path) -> Any:
 
 def export_onnx(ctx: BuildContext) -> list[Artifact]:
     """Export `ctx` to `model.onnx` (and `model.fp16.onnx` with `ctx.fp16`) and return the runnable artifacts."""
-    onnx = _require_onnx()
+    onnx = import_optional("onnx")
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as exc:
@@ -256,7 +250,7 @@ def add_intermediate_outputs(onnx_path: str | Path, out_path: str | Path) -> dic
     Returns {tensor name: PyTorch module path} in the graph's (topological) order, for the tensors whose node
     carries the exporter's scope metadata. Non-float tensors (shapes, indices) are not exposed.
     """
-    onnx = _require_onnx()
+    onnx = import_optional("onnx")
     model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
     known = {v.name: v for v in (*model.graph.value_info, *model.graph.output)}
     existing = {o.name for o in model.graph.output}

@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, Runner, register_backend
+from exporter.backends.base import (
+    Artifact, BackendUnavailable, BuildContext, Runner, import_optional, register_backend,
+)
 from exporter.backends.onnx import INPUT_NAME, read_metadata, set_metadata
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_path
@@ -38,14 +40,6 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 class CalibrationDataError(UsageError):
     """int8 quantization was asked for without usable calibration images."""
-
-
-def _import_ort() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise BackendUnavailable(f"onnxruntime is not installed ({exc})") from exc
-    return onnxruntime
 
 
 def session_options(ort: Any, options: dict[str, Any]) -> Any:
@@ -118,7 +112,7 @@ class OnnxRuntimeRunner(Runner):
         return {}
 
     def activate_impl(self) -> None:
-        ort = _import_ort()
+        ort = import_optional("onnxruntime")
         name = PROVIDERS[self.provider]
         available = ort.get_available_providers()
         if name not in available:
@@ -179,7 +173,7 @@ def _onnx_input(ctx: BuildContext) -> Path:
 
 def export_onnxruntime(ctx: BuildContext) -> list[Artifact]:
     """The ORT-optimized CPU copy of the ONNX model, and with `ctx.int8` the calibrated QDQ int8 model."""
-    ort = _import_ort()
+    ort = import_optional("onnxruntime")
     source = _onnx_input(ctx)
     if ctx.int8:  # fail on missing calibration data before spending time on anything else
         _check_calibration(ctx.calibration, ctx.input_shape)
@@ -215,7 +209,7 @@ def optimize_for_cpu(source: Path, target: Path, level: str = "extended") -> Art
     "extended" fusions are hardware-independent; "all" adds layout changes tuned to this CPU's vector width,
     which would make the file unportable.
     """
-    ort = _import_ort()
+    ort = import_optional("onnxruntime")
     with atomic_path(target) as tmp:
         so = session_options(ort, {"graph_optimization_level": level})
         so.optimized_model_filepath = str(tmp)
@@ -278,7 +272,7 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
     """Write a QDQ int8 copy of `source` calibrated (MinMax) on `calibration` images; return its artifact."""
     import tempfile
 
-    _import_ort()
+    import_optional("onnxruntime")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

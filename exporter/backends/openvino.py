@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, Runner, RunnerError, register_backend
+from exporter.backends.base import (
+    Artifact, BackendUnavailable, BuildContext, Runner, RunnerError, import_optional, register_backend,
+)
 from exporter.errors import UsageError
 
 IR_DIR = "openvino"
@@ -36,14 +38,6 @@ IR_FILE = "model.xml"
 OV_TO_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 PRECISION_TO_OV = {v: k for k, v in OV_TO_PRECISION.items()}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
-
-
-def _import_openvino() -> Any:
-    try:
-        import openvino
-    except ImportError as exc:
-        raise BackendUnavailable(f"openvino is not installed ({exc})") from exc
-    return openvino
 
 
 def ov_type_to_precision(value: Any) -> str:
@@ -58,7 +52,7 @@ def ov_type_to_precision(value: Any) -> str:
 
 def cpu_supports_bf16(core: Any = None) -> bool:
     """Whether OpenVINO's CPU plugin reports native bf16 (AVX-512 bf16 or AMX) on this machine."""
-    ov = _import_openvino()
+    ov = import_optional("openvino")
     core = core or ov.Core()
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
@@ -108,7 +102,7 @@ class OpenVinoRunner(Runner):
         return config
 
     def activate_impl(self) -> None:
-        ov = _import_openvino()
+        ov = import_optional("openvino")
         core = ov.Core()
         model = core.read_model(str(self.path))
         self.compiled = core.compile_model(model, self.options.get("device_name", "CPU"), self.compile_config())
@@ -141,7 +135,7 @@ class OpenVinoRunner(Runner):
 
 def _convert(ctx: BuildContext) -> Any:
     """An `openvino.Model` from the build's ONNX file when there is one, else from the ExportedProgram."""
-    ov = _import_openvino()
+    ov = import_optional("openvino")
     onnx_artifact = ctx.artifact("onnx-fp32")
     if onnx_artifact is not None:
         return ov.convert_model(str(ctx.out_dir / onnx_artifact.path)), "onnx"
@@ -175,7 +169,7 @@ def _save_ir(ov: Any, model: Any, target_dir: Path, *, compress_to_fp16: bool) -
 
 def export_openvino(ctx: BuildContext) -> list[Artifact]:
     """Convert the model to OpenVINO IR (fp32 weights; with `ctx.fp16` also fp16-compressed weights)."""
-    ov = _import_openvino()
+    ov = import_optional("openvino")
     reason = OpenVinoRunner.unavailable_reason("cpu")
     if reason:
         raise BackendUnavailable(reason)
