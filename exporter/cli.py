@@ -1,19 +1,28 @@
 """The `exporter` command line: one subcommand per pipeline stage.
 
 Every subcommand parses its arguments here and calls the stage's Python function; errors derived from
-`ExporterError` (and bad values) are printed as one line on stderr with a non-zero exit code.
+`ExporterError` (and bad values) are printed as one line on stderr with a non-zero exit code (`EXIT_CODES`).
+Stage modules are imported by the subcommand that needs them, so `exporter list` and `--help` stay fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
-from exporter.errors import ExporterError
+from exporter.errors import ExporterError, UsageError
+from exporter.paths import default_artifacts_dir
 
 Handler = Callable[[argparse.Namespace], int]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_CODES = ("exit status: 0 everything asked for was done; 1 it failed (a parity failure, nothing could run, a "
+              "broken build or file); 2 bad input (unknown names, invalid values); 3 partly done (some artifacts "
+              "or cells could not run: each failure is printed); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM)")
 
 
 def _human(n: float) -> str:
@@ -34,18 +43,82 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
 
 
+# --- shared options: one helper each ---------------------------------------------------------------------------
+
+COUNT_LIMIT = 10**7  # no count option means anything beyond this; bigger values are typos
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0 or value > COUNT_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a positive integer up to {COUNT_LIMIT:,}, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def _name_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one backend or artifact name")
+    return names
+
+
+def _batch_list(text: str) -> list[int]:
+    try:
+        sizes = [_positive_int(part) for part in text.split(",") if part.strip()]
+    except argparse.ArgumentTypeError:
+        sizes = []
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"batch sizes must be comma-separated positive integers, got {text!r}")
+    return sizes
+
+
+def _add_artifacts_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifacts", metavar="DIR", type=Path, default=None,
+                   help="where builds and checkpoints live (default: $EXPORTER_ARTIFACTS or ./artifacts)")
+
+
+def _add_json_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout (progress stays on stderr)")
+
+
+def _artifacts_dir(args: argparse.Namespace) -> Path:
+    return args.artifacts or default_artifacts_dir()
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, **kwargs: str) -> argparse.ArgumentParser:
+    epilog = kwargs.pop("epilog", "")
+    return sub.add_parser(name, epilog=(epilog + " " if epilog else "") + EXIT_CODES.capitalize() + ".", **kwargs)
+
+
 # --- exporter list -------------------------------------------------------------------------------------------
 
 
 def _add_list_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "list",
+    p = _parser(
+        sub, "list",
         help="show every registered model with its parameters and MACs",
         description="Show every registered model: family, seed, default input (C,H,W), parameter count and "
         "multiply-accumulates of one forward pass at the default input (batch 1), computed from the model.",
     )
     p.add_argument("models", nargs="*", metavar="MODEL", help="only these models (default: all)")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    _add_json_option(p, "a list")
     p.set_defaults(handler=_cmd_list)
 
 
@@ -56,28 +129,29 @@ def _cmd_list(args: argparse.Namespace) -> int:
     rows = [model_summary(name) for name in names]
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return EXIT_OK
     for row in rows:
         row["input"] = "×".join(map(str, row["input_shape"]))
         row["params_h"] = f"{row['params']:,}"
         row["macs_h"] = _human(row["macs"])
     print_table(rows, [("name", "model"), ("family", "family"), ("seed", "seed"), ("input", "input"),
                        ("num_classes", "classes"), ("params_h", "params"), ("macs_h", "MACs")])
-    return 0
+    return EXIT_OK
 
 
 # --- exporter build ------------------------------------------------------------------------------------------
 
 
 def _add_build_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "build",
+    p = _parser(
+        sub, "build",
         help="export a trained model to every artifact this machine can produce, check parity, write a manifest",
         description="Build every artifact of one model: weights (its checkpoint; trains it first if there is none) "
         "→ pre-export lint → torch.export (dynamic batch) → torch.compile/inductor, AOTInductor package, ONNX, "
         "ONNX Runtime, OpenVINO IR, TensorRT engine → quick parity of every artifact on real test images vs eager "
-        "fp32 → ARTIFACTS/MODEL/BUILD-ID/manifest.json (files with sha256, versions, timings, parity). "
-        "ARTIFACTS/MODEL/latest is a symlink to the newest good build; a failed build leaves nothing behind.",
+        "fp32 (the judge of `exporter verify` on fewer images; records in BUILD/parity.json) → "
+        "ARTIFACTS/MODEL/BUILD-ID/manifest.json (files with sha256, versions, timings). ARTIFACTS/MODEL/latest is a "
+        "symlink to the newest good build; a failed build leaves nothing behind.",
         epilog="Backends this machine cannot run are skipped with the reason, unless named in --backends.",
     )
     p.add_argument("model", metavar="MODEL", help="registered model name (see `exporter list`)")
@@ -89,90 +163,83 @@ def _add_build_parser(sub: argparse._SubParsersAction) -> None:
                    help="export randomly initialised weights without training; every artifact is marked untrained")
     p.add_argument("--data", metavar="DIR",
                    help="data set for training (if needed), parity and int8 calibration (default: digits5k)")
-    p.add_argument("--artifacts", metavar="DIR", default=None,
-                   help="output root (default: $EXPORTER_ARTIFACTS or ./artifacts)")
-    p.add_argument("--batch", type=int, metavar="N", help="static batch size N (default: dynamic batch)")
-    p.add_argument("--max-batch", type=int, default=64, metavar="N",
+    _add_artifacts_option(p)
+    p.add_argument("--batch", type=_positive_int, metavar="N", help="static batch size N (default: dynamic batch)")
+    p.add_argument("--max-batch", type=_positive_int, default=64, metavar="N",
                    help="largest batch the dynamic artifacts accept (default: 64)")
     p.add_argument("--fp16", action="store_true", help="also build fp16 artifacts (inputs/outputs stay fp32)")
     p.add_argument("--int8", action="store_true",
                    help="also build an int8 QDQ ONNX calibrated on real training images")
-    p.add_argument("--input-size", type=int, metavar="N",
+    p.add_argument("--input-size", type=_positive_int, metavar="N",
                    help="square input size for an untrained or newly trained model (a checkpoint fixes it)")
-    p.add_argument("--num-classes", type=int, metavar="N", help="class count of an --untrained model")
+    p.add_argument("--num-classes", type=_positive_int, metavar="N", help="class count of an --untrained model")
     p.add_argument("--strict", action="store_true",
                    help="lint warnings, failed backends and parity mismatches become errors")
-    p.add_argument("--parity-samples", type=int, default=32, metavar="N",
+    p.add_argument("--parity-samples", type=_positive_int, default=32, metavar="N",
                    help="real test images for the quick parity check (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for untrained weights and image sampling")
-    p.add_argument("--json", action="store_true", help="print the manifest path and a summary as JSON")
+    _add_json_option(p, "the manifest path and a summary")
     p.set_defaults(handler=_cmd_build)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from exporter.export import BuildOptions, build, parse_backends
-    from exporter.train import default_artifacts_dir
 
     opts = BuildOptions(
         model=args.model, backends=parse_backends(args.backends),
         checkpoint=Path(args.checkpoint) if args.checkpoint else None, untrained=args.untrained, data=args.data,
-        artifacts_dir=Path(args.artifacts) if args.artifacts else default_artifacts_dir(), batch=args.batch,
-        max_batch=args.max_batch, fp16=args.fp16, int8=args.int8, strict=args.strict, input_size=args.input_size,
-        num_classes=args.num_classes, parity_samples=args.parity_samples, seed=args.seed)
+        artifacts_dir=_artifacts_dir(args), batch=args.batch, max_batch=args.max_batch, fp16=args.fp16,
+        int8=args.int8, strict=args.strict, input_size=args.input_size, num_classes=args.num_classes,
+        parity_samples=args.parity_samples, seed=args.seed)
     result = build(opts)
+    summary = result.summary()
     if args.json:
-        print(json.dumps(result.summary(), indent=2))
+        print(json.dumps(summary, indent=2))
     else:
         rows = [{"name": a["name"], "backend": a["backend"], "precision": a["precision"],
-                 "size": _human(a["size"]) + "B", "max_abs": f"{p['max_abs_err']:.2e}" if "max_abs_err" in p else "-",
-                 "top1": f"{p['top1_agreement']:.3f}" if "top1_agreement" in p else "-",
-                 "ok": "ok" if p.get("ok") else "MISMATCH"}
-                for a in result.summary()["artifacts"] for p in [a["parity"] or {}]]
+                 "size": _human(a["size"]) + "B", "class": p.get("judged_as") or "-",
+                 "max_abs": f"{p['max_abs']:.2e}" if isinstance(p.get("max_abs"), float) else "-",
+                 "top1": f"{1 - p['flips'] / p['samples']:.3f}" if p.get("samples") else "-",
+                 "status": (p.get("status") or "-").upper()}
+                for a in summary["artifacts"] for p in [a["parity"] or {}]]
         print_table(rows, [("name", "artifact"), ("backend", "backend"), ("precision", "precision"),
-                           ("size", "size"), ("max_abs", "max|Δ| vs eager"), ("top1", "top-1 agree"), ("ok", "parity")])
+                           ("size", "size"), ("class", "judged as"), ("max_abs", "max|Δ| vs eager"),
+                           ("top1", "top-1 agree"), ("status", "parity")])
         for skip in result.manifest["skipped"]:
             print(f"skipped {skip['backend']}: {skip['reason']}")
         for fail in result.manifest["failed"]:
             print(f"FAILED {fail['backend']}: {fail['error']}")
         print(f"manifest: {result.manifest_path}")
-    return 0
+    return EXIT_PARTIAL if result.manifest["failed"] else EXIT_OK
 
 
 # --- exporter verify -----------------------------------------------------------------------------------------
 
 
-def _backend_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("give at least one backend or artifact name")
-    return names
-
-
 def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "verify",
+    p = _parser(
+        sub, "verify",
         help="check every artifact of a build against eager fp32 on real images; find the first diverging layer",
         description="Run every artifact of a build (or --backends) on real test images of the dataset the model "
         "was trained on, a batch sweep (1, 7 and the largest batch the build allows) and adversarial inputs (all "
         "zeros, unscaled 0–255 pixels), and compare each with eager PyTorch fp32: max/mean abs error, max "
         "relative error, cosine similarity, KL divergence, top-1 agreement (flipped images), top-5 overlap, "
-        "accuracy. Each artifact is judged by the tolerance class of its precision as the manifest records it "
-        "(fp32, tf32, bf16, fp16, int8; see exporter/parity.py). A failing artifact gets a layer-by-layer comparison naming "
-        "the first diverging layer. Writes BUILD/parity.json and links it in the manifest.",
-        epilog="Exit status: 0 when every artifact that ran passes; 1 when one fails or errors, when an artifact "
-        "named in --backends cannot run here, or when nothing could run. An artifact whose backend is missing "
-        "on this machine and that was not named is shown as 'not run' with the reason (never as a pass) and "
-        "does not change the exit status. Bad input (no manifest, a file that does not match its hash, "
-        "unknown names) is one error line.",
+        "accuracy. Each artifact is judged by the tolerance class of the lowest precision it really uses — what "
+        "its file stores or what its runtime executes (fp32, tf32, fp16, bf16, int8; see exporter/judge.py). A "
+        "failing artifact gets a layer-by-layer comparison naming the first diverging layer. Writes the records "
+        "into BUILD/parity.json (merged with earlier runs) and links them in the manifest.",
+        epilog="Exit status 1 when an artifact fails or errors, when an artifact named in --backends cannot run "
+        "here, or when nothing could run; an artifact whose backend is missing on this machine and that was not "
+        "named is shown as 'not run' with the reason (never as a pass). Every file the manifest lists is checked "
+        "against its sha256 before anything runs; an AOTInductor package is native code — only verify builds you "
+        "trust.",
     )
     p.add_argument("target", metavar="MODEL|BUILD_DIR",
                    help="a model name (its latest build under --artifacts) or a build directory")
-    p.add_argument("--backends", type=_backend_list, metavar="A,B",
+    p.add_argument("--backends", type=_name_list, metavar="A,B",
                    help="only these artifacts, by artifact name (onnx-fp32) or backend name (openvino); "
                    "default: every artifact of the build")
-    p.add_argument("--samples", type=int, default=None, metavar="N",
+    p.add_argument("--samples", type=_positive_int, default=None, metavar="N",
                    help="number of real test images (default 256)")
     p.add_argument("--data", metavar="DIR",
                    help="the dataset's directory, as in training (default: the one the build records, else "
@@ -180,31 +247,27 @@ def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="which test images are drawn (default 0)")
     p.add_argument("--bisect", action="store_true",
                    help="compare layer by layer for every artifact, not only the failing ones")
-    p.add_argument("--tolerance-class", choices=["fp32", "tf32", "bf16", "fp16", "int8"], metavar="CLASS",
-                   help="judge every artifact by this class instead of its own precision's "
-                   "(fp32, tf32, bf16, fp16, int8)")
+    p.add_argument("--tolerance-class", choices=["fp32", "tf32", "fp16", "bf16", "int8"], metavar="CLASS",
+                   help="judge every artifact by this class instead of its own (fp32, tf32, fp16, bf16, int8)")
     p.add_argument("--atol", type=float, help="override the absolute tolerance of every class")
     p.add_argument("--rtol", type=float, help="override the relative tolerance of every class")
     p.add_argument("--min-agreement", type=float, metavar="FRACTION",
                    help="override the minimum top-1 agreement (0–1) of every class")
-    p.add_argument("--artifacts", metavar="DIR",
-                   help="where builds live (default: $EXPORTER_ARTIFACTS or ./artifacts)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    _add_artifacts_option(p)
+    _add_json_option(p, "the report")
     p.set_defaults(handler=_cmd_verify)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from exporter import parity
+    from exporter.comparison import Overrides
     from exporter.manifest import load_build
-    from exporter.train import default_artifacts_dir
 
-    build = load_build(args.target, Path(args.artifacts) if args.artifacts else default_artifacts_dir())
+    overrides = Overrides(args.tolerance_class, atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
+    build = load_build(args.target, _artifacts_dir(args))
     report = parity.verify_build(
         build, backends=args.backends, samples=parity.DEFAULT_SAMPLES if args.samples is None else args.samples,
-        data=args.data, seed=args.seed, bisect=args.bisect,
-        tolerance_class=args.tolerance_class, atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement,
+        data=args.data, seed=args.seed, bisect=args.bisect, overrides=overrides,
         progress=not args.json and sys.stderr.isatty())
     path = parity.save_report(report, build)
     if args.json:
@@ -217,42 +280,27 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         for line in parity.report_details(report):
             print(line)
         print(f"report: {path}")
-    return 0 if report else parity.ParityError.exit_code
+    return EXIT_OK if report else EXIT_FAILED
 
 
 # --- exporter bench / select / report ------------------------------------------------------------------------
 
 
-def _batch_list(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"batch sizes must be comma-separated integers, got {text!r}") from None
-    if not sizes or any(s <= 0 for s in sizes):
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
-    return sizes
-
-
-def _name_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    from pathlib import Path
-
-    p = sub.add_parser(
-        "bench",
+    p = _parser(
+        sub, "bench",
         help="time every artifact of a build with one method (latency stats, GFLOP/s vs GEMM peak, overhead)",
         description="Time every artifact of a build (or --backends) at each batch size with one method for every "
         "backend: first call timed alone, warm-up calls, then interleaved timed calls (CPU: perf_counter_ns "
-        "around the runtime call only; CUDA: CUDA events). Reports min/p50/p90/p99/mean/stdev latency, "
-        "throughput, coefficient of variation (unstable cells flagged), GFLOP/s against the machine's fp32/bf16 "
-        "GEMM peak measured in the same run, peak memory, the runner's overhead vs a bare runtime call, and each "
-        "artifact's executed precision and parity status. Saves bench.json in the build and a `bench` section "
-        "in its manifest.",
+        "around the runtime call only; CUDA: CUDA events); a cell with cv > 10 %% is measured once more. Reports "
+        "min/p50/p90/p99/mean/stdev latency, throughput, GFLOP/s against the best GEMM peak any installed runtime "
+        "reaches in the same run (and an ISA estimate), peak memory, the runner's overhead vs a bare runtime call, "
+        "and each artifact's executed precision and parity record. Merges the cells into BUILD/bench.json (a "
+        "later run replaces only the cells it measured) and a `bench` section in the manifest.",
         epilog="Example: exporter bench resnet18 --batch-sizes 1,8 --threads 2 --budget 2. With --tune, runtime "
-        "settings (ORT optimisation level/threads, OpenVINO hints/streams, inductor max-autotune) are tried "
-        "first and the winners recorded in the manifest (`tuning`) and benchmarked as `+tuned` variants.",
+        "settings (ORT optimisation level/threads, OpenVINO hints/streams/bf16, inductor max-autotune/freezing) "
+        "are tried first; each artifact's winner is verified by the judge (in the class of the precision it "
+        "really computes in) and benchmarked as ARTIFACT+tuned. Exit status 3 when some cells could not run.",
     )
     p.add_argument("targets", nargs="*", metavar="MODEL|BUILD_DIR", help="model names (their latest build) or "
                    "build directories")
@@ -260,22 +308,24 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backends", type=_name_list, help="comma-separated backends or artifact names (default: all)")
     p.add_argument("--batch-sizes", type=_batch_list, default=[1, 8, 32], help="comma-separated (default 1,8,32)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
-    p.add_argument("--threads", type=int, help="CPU threads for every runtime (default: all usable cores)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls after the first call (default 3)")
-    p.add_argument("--min-runs", type=int, default=10, help="timed calls per cell, at least (default 10)")
-    p.add_argument("--max-runs", type=int, default=1000, help="timed calls per cell, at most (default 1000)")
-    p.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per cell (default 1.0)")
-    p.add_argument("--gemm-size", type=int, default=2048, help="n of the n³ matmul measuring the peak (default "
-                   "2048; below ~1024 the probe does not reach the peak)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for every runtime (default: all usable "
+                   "cores; at most 4 per core)")
+    p.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed calls after the first call "
+                   "(default 3)")
+    p.add_argument("--min-runs", type=_positive_int, default=10, help="timed calls per cell, at least (default 10)")
+    p.add_argument("--max-runs", type=_positive_int, default=1000, help="timed calls per cell, at most "
+                   "(default 1000)")
+    p.add_argument("--budget", type=_positive_float, default=1.0, help="seconds of timed calls per cell "
+                   "(default 1.0)")
+    p.add_argument("--gemm-size", type=_positive_int, default=2048, help="n of the n³ matmul measuring the peak "
+                   "(64–16384, default 2048; below ~1024 the probe does not reach the peak)")
     p.add_argument("--no-overhead", action="store_true", help="skip the bare-runtime-call overhead measurement")
-    p.add_argument("--tune", action="store_true", help="try runtime settings first and record the winners")
-    p.add_argument("--tune-batch", type=int, help="batch size the tuning is done at (default: smallest)")
-    p.add_argument("--allow-bf16", action="store_true", help="with --tune: also try bf16 inference where a bf16 "
-                   "artifact of the same backend passed parity (you accept reduced precision; implied for a "
-                   "build made with --fp16)")
-    p.add_argument("--artifacts", "--artifacts-dir", dest="artifacts_dir", metavar="DIR", type=Path,
-                   help="where builds live (default: $EXPORTER_ARTIFACTS or ./artifacts)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--tune", action="store_true", help="try runtime settings first, verify and record the winners")
+    p.add_argument("--tune-batch", type=_positive_int, help="batch size the tuning is done at (default: smallest)")
+    p.add_argument("--allow-bf16", action="store_true", help="with --tune: also try bf16 inference (you accept "
+                   "reduced precision; the candidate is judged in the bf16 class; implied for a --fp16 build)")
+    _add_artifacts_option(p)
+    _add_json_option(p, "the results")
     p.set_defaults(handler=_cmd_bench)
 
 
@@ -293,15 +343,16 @@ def _bench_rows(results: dict) -> list[dict]:
                        overhead=f"{c['overhead_us']:+.1f}µs {'ok' if c['overhead_ok'] else 'HIGH'}"
                        if c.get("overhead_us") is not None else "")
         else:
-            row["p50"] = (c.get("error") or "")[:70]
+            row["p50"] = c.get("error") or ""
         rows.append(row)
     return rows
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from exporter.bench import BenchSettings, bench_build, check_device, tune_build
-    from exporter.errors import UsageError
+    from exporter.bench import BenchSettings, bench_build, check_device
+    from exporter.manifest import load_build
     from exporter.report import models_with_builds
+    from exporter.tuning import tune_build
 
     if args.all == bool(args.targets):
         raise UsageError("give MODEL or BUILD_DIR arguments, or --all (not both)")
@@ -309,12 +360,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              warmup=args.warmup, min_runs=args.min_runs, max_runs=args.max_runs,
                              budget_s=args.budget, gemm_size=args.gemm_size, overhead=not args.no_overhead)
     check_device(args.device)
-    from exporter.manifest import load_build
-    from exporter.train import default_artifacts_dir
-
-    args.artifacts_dir = args.artifacts_dir or default_artifacts_dir()
-    targets = models_with_builds(args.artifacts_dir) if args.all else args.targets
-    builds = [load_build(t, args.artifacts_dir) for t in targets]  # hashes checked: never time a tampered file
+    targets = models_with_builds(_artifacts_dir(args)) if args.all else args.targets
+    builds = [load_build(t, _artifacts_dir(args)) for t in targets]  # hashes checked: never time a tampered file
+    for build in builds:  # before any timing: results that could not be saved would be lost
+        _check_writable(build.dir)
     everything = []
     for build in builds:
         if args.tune:
@@ -322,15 +371,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                 allow_bf16=args.allow_bf16, progress=not args.json)
             if not args.json:
                 for name, entry in tuning["artifacts"].items():
+                    verdict = (entry.get("parity") or {}).get("status")
                     print(f"tune {build.model}/{name}: {entry['variant']} {entry['options'] or ''} "
                           f"(default p50 {entry['default_p50_ms'] or float('nan'):.3f} ms → "
-                          f"{entry['p50_ms'] or float('nan'):.3f} ms)")
+                          f"{entry['p50_ms'] or float('nan'):.3f} ms)" + (f", parity {verdict}" if verdict else ""))
         results = bench_build(build, settings, backends=args.backends, progress=not args.json)
-        peaks = results["peaks_gflops"]
         everything.append(results)
         if not args.json:
+            peaks = results["peaks_gflops"]
             print(f"{build.model} ({build.dir}): {results['settings']['threads']} threads, GEMM peak fp32 "
-                  f"{peaks['fp32']:.0f} / bf16 {peaks['bf16']:.0f} GFLOP/s, {results['rounds']} rounds")
+                  f"{peaks['fp32']:.0f} ({peaks['best'].get('fp32')}) / bf16 {peaks['bf16']:.0f} "
+                  f"({peaks['best'].get('bf16')}) GFLOP/s, {results['rounds']} rounds")
             print_table(_bench_rows(results), [("label", "artifact"), ("batch", "batch"), ("prec", "runs in"),
                                                ("parity", "parity"), ("status", "status"), ("p50", "p50 ms"),
                                                ("p99", "p99 ms"), ("cv", "cv"), ("ips", "img/s"),
@@ -341,30 +392,38 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"saved {build.dir / 'bench.json'}")
     if args.json:
         print(json.dumps(everything if len(everything) > 1 else everything[0], indent=2, default=str))
-    failed = [c for r in everything for c in r["cells"] if c["status"] == "failed"]
-    return 1 if failed and len(failed) == sum(len(r["cells"]) for r in everything) else 0
+    cells = [c for r in everything for c in r["cells"]]
+    failed = [c for c in cells if c["status"] != "ok"]
+    for cell in failed:
+        print(f"exporter bench: {cell['label']} at batch {cell['batch']}: {cell['status']}: {cell.get('error')}",
+              file=sys.stderr)
+    return EXIT_OK if not failed else EXIT_FAILED if len(failed) == len(cells) else EXIT_PARTIAL
+
+
+def _check_writable(directory: Path) -> None:
+    from exporter.fileio import check_writable
+
+    check_writable(directory, "the results of `exporter bench`")
 
 
 def _add_select_parser(sub: argparse._SubParsersAction) -> None:
-    from pathlib import Path
-
-    p = sub.add_parser(
-        "select",
+    p = _parser(
+        sub, "select",
         help="name the fastest artifact that meets an accuracy budget (writes `recommended` to the manifest)",
-        description="From a build's parity results (`exporter verify`) and latency results (`exporter bench`), "
-        "name the fastest artifact × variant at --batch whose top-1 flips vs eager fp32 and/or accuracy drop stay "
-        "within the budget, the runner-up, and why every faster one was rejected (unverified, failed parity, "
-        "over budget, failed benchmark). Writes the choice into the manifest as `recommended`.",
-        epilog="Example: exporter select resnet18 --max-flips 0.5% --batch 1",
+        description="From a build's parity records (`exporter verify`, and the judge's verdict on tuned variants) "
+        "and latency results (`exporter bench`), name the fastest artifact × variant at --batch whose top-1 flips "
+        "vs eager fp32 and/or accuracy drop stay within the budget, the runner-up, and why every other one was "
+        "refused (no parity record for exactly its settings, failed parity, over budget, unstable timing, failed "
+        "benchmark). Writes the choice into the manifest as `recommended`.",
+        epilog="Example: exporter select resnet18 --max-flips 0.5%% --batch 1.",
     )
     p.add_argument("target", metavar="MODEL|BUILD_DIR")
     p.add_argument("--max-flips", help="largest share of test images whose top-1 class may change, e.g. 0.5%%")
     p.add_argument("--max-acc-drop", help="largest test-accuracy drop vs eager fp32, in points (e.g. 0.2)")
-    p.add_argument("--batch", type=int, default=1, help="the batch size you will run at (default 1)")
-    p.add_argument("--artifacts", "--artifacts-dir", dest="artifacts_dir", metavar="DIR", type=Path,
-                   help="where builds live (default: $EXPORTER_ARTIFACTS or ./artifacts)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="the batch size you will run at (default 1)")
+    _add_artifacts_option(p)
     p.add_argument("--dry-run", action="store_true", help="do not write `recommended` into the manifest")
-    p.add_argument("--json", action="store_true", help="print the choice as JSON")
+    _add_json_option(p, "the choice")
     p.set_defaults(handler=_cmd_select)
 
 
@@ -372,10 +431,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from exporter.manifest import load_build
     from exporter.select import describe_choice, parse_budget, select_build
 
-    from exporter.train import default_artifacts_dir
-
     budget = parse_budget(args.max_flips, args.max_acc_drop)
-    build = load_build(args.target, args.artifacts_dir or default_artifacts_dir())
+    build = load_build(args.target, _artifacts_dir(args), verify_hashes=False)
     choice = select_build(build, budget, args.batch, save=not args.dry_run)
     if args.json:
         print(json.dumps(choice, indent=2, default=str))
@@ -383,14 +440,12 @@ def _cmd_select(args: argparse.Namespace) -> int:
         print("\n".join(describe_choice(choice)))
         if not args.dry_run:
             print(f"written to {build.dir / 'manifest.json'} as `recommended`")
-    return 0
+    return EXIT_OK
 
 
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
-    from pathlib import Path
-
-    p = sub.add_parser(
-        "report",
+    p = _parser(
+        sub, "report",
         help="write Markdown/JSON/CSV/PNG reports: recommendation, accuracy, parity, latency, machine",
         description="Write one report per model and one across models from what the builds saved (manifest, "
         "parity.json, bench.json, the `recommended` choice): the recommendation first, the trained model's "
@@ -398,53 +453,30 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
         "bars), with machine info and library versions. Measures nothing.",
     )
     p.add_argument("models", nargs="*", metavar="MODEL", help="models (default: every model with a build)")
-    p.add_argument("--artifacts", "--artifacts-dir", dest="artifacts_dir", metavar="DIR", type=Path,
-                   help="where builds live (default: $EXPORTER_ARTIFACTS or ./artifacts)")
+    _add_artifacts_option(p)
     p.add_argument("--out", type=Path, help="output directory (default: the artifacts directory's reports/)")
-    p.add_argument("--json", action="store_true", help="print the written paths as JSON")
+    _add_json_option(p, "the written paths")
     p.set_defaults(handler=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from exporter.report import report
 
-    from exporter.train import default_artifacts_dir
-
-    written = report(args.models, artifacts_dir=args.artifacts_dir or default_artifacts_dir(), out_dir=args.out)
+    written = report(args.models, artifacts_dir=_artifacts_dir(args), out_dir=args.out)
     if args.json:
         print(json.dumps({k: {kind: str(p) for kind, p in v.items()} for k, v in written.items()}, indent=2))
     else:
         for name, paths in written.items():
             print(f"{name}: " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return EXIT_OK
 
 
 # --- exporter train ------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
+    p = _parser(
+        sub, "train",
         help="train a model on real images with the seed's recipe and write its checkpoint",
         description="Train MODEL with the seed's d2l recipe (Xavier-normal init, SGD without momentum, "
         "cross-entropy; the seed's lr, batch size, epochs and resize from `exporter list`'s spec), every value "
@@ -457,7 +489,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         epilog="Multi-process: `torchrun --nproc_per_node=N -m exporter train MODEL` trains with "
         "DistributedDataParallel (gloo on CPU, nccl on CUDA); --batch-size stays the global batch and only "
         "rank 0 writes. Bad input (unknown model, missing or corrupt data, a --resume state from another model "
-        "or input shape) is one error line and overwrites nothing.",
+        "or input shape) is one error line and overwrites nothing; so are values past what the machine allows "
+        "(--threads, --resize, --epochs, --max-steps). A checkpoint with a better test accuracy than this run's "
+        "is kept unless --force. SIGTERM stops the run with one line naming the last saved epoch (exit code 143).",
     )
     p.add_argument("model", metavar="MODEL", help="registered model name (see `exporter list`)")
     p.add_argument("--data", metavar="DIR", help="IDX or image-folder data set (default: the embedded digits5k)")
@@ -482,23 +516,24 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
                    help="continue from the last completed epoch of ARTIFACTS/MODEL/train_state (or of DIR); "
                    "same seed and recipe give the same result as an uninterrupted run")
-    p.add_argument("--artifacts", metavar="DIR", default=None,
-                   help="output root (default: $EXPORTER_ARTIFACTS or ./artifacts)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the model's checkpoint even when it has a better test accuracy than this run's "
+                   "(without it, this run's pair is kept as checkpoint.rejected.*); the replaced one is kept as "
+                   "checkpoint.prev.*")
+    _add_artifacts_option(p)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.set_defaults(handler=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from exporter.train import default_artifacts_dir, train
+    from exporter.train import train
 
     summary = train(
         args.model, data=args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, resize=args.resize,
         max_steps=args.max_steps, seed=args.seed, threads=args.threads, resume=args.resume,
-        artifacts_dir=Path(args.artifacts) if args.artifacts else default_artifacts_dir(),
+        artifacts_dir=_artifacts_dir(args),
         progress=sys.stderr.isatty() and not args.json, cpu_budget=not args.no_cpu_budget,
-        in_channels=args.in_channels, device=args.device, test_images=args.test_images)
+        in_channels=args.in_channels, device=args.device, test_images=args.test_images, force=args.force)
     if summary.get("rank", 0) != 0:
         return 0
     if args.json:
@@ -507,7 +542,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"{summary['model']} on {summary['dataset']}: test acc {summary['test_accuracy']:.4f}, train acc "
               f"{summary['train_accuracy']:.4f} after {summary['epochs']} epoch(s) / {summary['steps']} steps at "
               f"{'×'.join(map(str, summary['input_shape']))}, {summary['examples_per_s']:.1f} examples/s, "
-              f"{summary['seconds']:.1f} s; checkpoint {summary['checkpoint']}")
+              f"{summary['seconds']:.1f} s; "
+              + ("kept the better existing checkpoint, this run's is " if summary.get("checkpoint_action") == "kept"
+                 else "checkpoint ") + summary["checkpoint"])
     return 0
 
 
@@ -527,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the classic CNNs, compile and export them (torch.compile, ONNX, OpenVINO, TensorRT, "
         "AOTInductor) and prove that every exported artifact computes the same function, and how fast.",
         epilog="Typical run: `exporter build resnet50v2 --fp16` (trains on the embedded digits if no checkpoint "
-        "exists, exports, checks parity). `exporter SUBCOMMAND --help` explains each step.",
+        "exists, exports, checks parity). `exporter SUBCOMMAND --help` explains each step. " + EXIT_CODES + ".",
     )
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     for add in PARSERS:

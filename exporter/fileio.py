@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from exporter.errors import ExporterError
+
 
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
@@ -19,6 +21,17 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """`$EXPORTER_CACHE_DIR`, else `$XDG_CACHE_HOME/exporter`, else `~/.cache/exporter`, joined with `parts`.
+
+    For caches that outlive one build (TensorRT tactic timings, ONNX Runtime's TensorRT engines); not created here.
+    """
+    root = os.environ.get("EXPORTER_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exporter")
+    return Path(root).joinpath(*parts)
 
 
 def _umask() -> int:
@@ -68,3 +81,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_writable(directory: str | Path, what: str) -> None:
+    """Prove `directory` can take new files before long work whose output would otherwise be lost."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ExporterError(f"cannot write to {directory} ({exc.strerror or exc}), so {what} would be lost; fix "
+                            "its permissions or choose another --artifacts directory") from None

@@ -11,8 +11,10 @@ is a relative symlink to the newest good build (replaced atomically). The manife
 - `files`: {relative path: {size, sha256}} of every file in the build except the manifest itself;
 - `artifacts`: one entry per runnable artifact (`exporter.backends.base.Artifact` fields, plus `files`,
   `opset`, … where known); `skipped`: [{backend, reason}];
-- `lint`, `diagnostics`, `timings` (seconds per stage), `versions`, `parity` (quick parity of the build);
-  later stages add their own sections (`verify`, `bench`, `recommended`) with `update_manifest`.
+- `lint`, `diagnostics`, `timings` (seconds per stage), `versions`, `parity` (where the parity records are —
+  `parity.json`, written by the build's quick check, `exporter verify` and tuning — and each label's status);
+  later stages update `parity` and add their own sections (`bench`, `tuning`, `recommended`) with
+  `update_manifest`. The result files (`parity.json`, `bench.json`) are read through `exporter.results`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from exporter.fileio import atomic_write_json, sha256_file  # noqa: F401  (sha25
 
 MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one parity record format (`parity.json`) for the build's check, verify and tuning
+PARITY_FILE = "parity.json"
+BENCH_FILE = "bench.json"
+REFERENCE_CACHE_FILE = "parity_reference.npz"
+# Written into a build by later stages (verify, bench): results, not artifacts, so not in the hash list.
+RESULT_FILES = (MANIFEST_NAME, PARITY_FILE, BENCH_FILE, REFERENCE_CACHE_FILE)
 _ARTIFACT_FIELDS = {f.name for f in fields(Artifact)}
 
 
@@ -39,16 +46,17 @@ class ManifestError(ExporterError):
 
 
 def file_entries(build_dir: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {size, sha256}} of every regular file under `build_dir` except the manifest."""
+    """{relative path: {size, sha256}} of every regular file under `build_dir` except the result files."""
     entries = {}
     for path in sorted(Path(build_dir).rglob("*")):
-        if path.is_file() and not path.is_symlink() and path.name != MANIFEST_NAME:
+        if path.is_file() and not path.is_symlink() and path.relative_to(build_dir).as_posix() not in RESULT_FILES:
             rel = path.relative_to(build_dir).as_posix()
             entries[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     return entries
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """`json.dumps` default for the values results hold: paths, numpy scalars/arrays, records with `to_dict`."""
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "tolist"):  # numpy scalars and arrays
@@ -62,7 +70,7 @@ def _json_default(value: Any) -> Any:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file, fsync, rename over `path`)."""
-    atomic_write_json(path, data, default=_json_default)
+    atomic_write_json(path, data, default=json_default)
 
 
 @contextlib.contextmanager
@@ -187,9 +195,13 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
         raise ManifestError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict) or "model" not in data or "files" not in data:
         raise ManifestError(f"{path} is not an exporter build manifest")
-    if int(data.get("format", 0)) > FORMAT_VERSION:
-        raise ManifestError(f"{path} has format {data['format']}, newer than this exporter reads "
-                            f"({FORMAT_VERSION}); upgrade exporter")
+    version = data.get("format")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ManifestError(f"{path} has format {version!r}, which this exporter does not read ({FORMAT_VERSION}); "
+                            "upgrade exporter")
+    if version < FORMAT_VERSION:
+        raise ManifestError(f"{path} was written by an older exporter (format {version}, this one reads "
+                            f"{FORMAT_VERSION}); rebuild with `exporter build {data.get('model', 'MODEL')}`")
     return data
 
 

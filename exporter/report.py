@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from exporter.errors import ExporterError
 from exporter.fileio import atomic_write_bytes
+from exporter.manifest import LATEST_NAME, Build, json_default, load_build
+from exporter.results import UNVERIFIED, parity_records, read_bench
+from exporter.select import describe_choice
 
 CSV_COLUMNS = ["model", "label", "artifact", "backend", "variant", "precision", "executed_precision", "device",
                "batch", "threads", "status", "error", "n", "min_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
@@ -43,31 +47,30 @@ def _training_accuracy(manifest: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def parity_rows(build: Any) -> list[dict[str, Any]]:
-    """One row per artifact: parity status, flips, accuracy, max abs error (verify's results, else the build's)."""
-    from exporter.bench import REFERENCE_PARITY, parity_status
-
+def parity_rows(build: Build) -> list[dict[str, Any]]:
+    """One row per artifact and per judged tuned variant: its parity record (the eager reference included)."""
+    records = parity_records(build)
+    labels = [a.name for a in build.artifacts]
+    labels += [label for label in records if label not in labels]
+    by_name = {a.name: a for a in build.artifacts}
     rows = []
-    for artifact in build.artifacts:
-        parity = parity_status(build.manifest, build.dir, artifact.name)
-        if artifact.backend == "eager" and artifact.precision == "fp32" and parity["status"] == "unverified":
-            parity = REFERENCE_PARITY
-        rows.append({"artifact": artifact.name, "backend": artifact.backend, "precision": artifact.precision,
-                     **parity})
+    for label in labels:
+        artifact = by_name.get(label.split("+")[0])
+        record = records.get(label, UNVERIFIED)
+        rows.append({"artifact": label, "backend": artifact.backend if artifact else "-",
+                     "precision": artifact.precision if artifact else "-", **record.to_dict()})
     return rows
 
 
-def collect(build: Any) -> dict[str, Any]:
+def collect(build: Build) -> dict[str, Any]:
     """Everything a report shows for one build, from its saved files."""
-    from exporter.bench import load_results
-
-    bench = load_results(build.dir)
-    verify = build.manifest.get("verify") or {}
+    bench = read_bench(build.dir)
+    parity = build.manifest.get("parity") or {}
     return {
         "model": build.model, "build_id": build.build_id, "build_dir": str(build.dir),
         "input_shape": list(build.input_shape), "dataset": build.manifest.get("dataset") or "digits5k",
         "accuracy": _training_accuracy(build.manifest),
-        "verify": {k: verify.get(k) for k in ("passed", "created", "samples", "dataset")} if verify else None,
+        "verify": {k: parity.get(k) for k in ("passed", "created", "samples", "dataset", "source")} if parity else None,
         "recommended": build.manifest.get("recommended"),
         "tuning": build.manifest.get("tuning"),
         "parity": parity_rows(build),
@@ -80,18 +83,14 @@ def collect(build: Any) -> dict[str, Any]:
 
 def models_with_builds(artifacts_dir: Path) -> list[str]:
     """Names of the models that have a `latest` build in `artifacts_dir` (ReportError when none has)."""
-    from exporter.manifest import LATEST_NAME
-
     models = sorted(p.name for p in Path(artifacts_dir).glob("*") if (p / LATEST_NAME).exists())
     if not models:
         raise ReportError(f"no builds in {artifacts_dir} (run `exporter build MODEL` first)")
     return models
 
 
-def builds_for(models: Sequence[str], artifacts_dir: Path) -> list[Any]:
+def builds_for(models: Sequence[str], artifacts_dir: Path) -> list[Build]:
     """The latest build of each model (every model with a build when `models` is empty)."""
-    from exporter.manifest import load_build
-
     models = list(models) or models_with_builds(artifacts_dir)
     # reports only read the saved JSON files, so the artifacts' hashes are not re-checked here
     return [load_build(model, Path(artifacts_dir), verify_hashes=False) for model in models]
@@ -150,17 +149,15 @@ def latency_table(cells: list[dict[str, Any]]) -> list[str]:
 def parity_table(rows: list[dict[str, Any]]) -> list[str]:
     body = [[r["artifact"], r["backend"], r["precision"], _parity_mark(r),
              f"{r['flips']}/{r['samples']}" if r.get("flips") is not None and r.get("samples") else "–",
-             _f(r.get("accuracy"), ".4f"), _f(r.get("acc_drop"), "+.2f"), _f(r.get("max_abs_error"), ".2e"),
-             r.get("source") or "–"] for r in rows]
+             _f(r.get("accuracy"), ".4f"), _f(r.get("acc_drop"), "+.2f"), _f(r.get("max_abs"), ".2e"),
+             r.get("judged_as") or "–", r.get("source") or "–"] for r in rows]
     return _table(["artifact", "backend", "precision", "parity", "top-1 flips", "accuracy", "drop (points)",
-                   "max abs err", "source"], body)
+                   "max abs err", "judged as", "source"], body)
 
 
 def _recommendation_lines(rec: dict[str, Any] | None) -> list[str]:
     if not rec:
         return ["No recommendation yet: run `exporter select MODEL --max-flips 0.5%` after `verify` and `bench`."]
-    from exporter.select import describe_choice
-
     return [f"- {line}" for line in describe_choice(rec)]
 
 
@@ -168,11 +165,18 @@ def machine_lines(bench: dict[str, Any] | None) -> list[str]:
     if not bench:
         return []
     m, s, peaks = bench["machine"], bench["settings"], bench.get("peaks_gflops") or {}
+    isa = peaks.get("isa_estimate") or {}
     gpu = f"{m['gpu']} (driver {m.get('gpu_driver') or '?'}, CUDA {m.get('cuda') or '?'})" if m.get("gpu") else "none"
     return [f"- machine: {m['cpu']}, {m['usable_cores']} usable cores of {m['logical_cpus']}, "
             f"{m.get('memory_gb', '?')} GB; GPU: {gpu}",
-            f"- GEMM peak measured in the same run: fp32 {_f(peaks.get('fp32'), '.0f')} GFLOP/s, "
-            f"bf16 {_f(peaks.get('bf16'), '.0f')} GFLOP/s ({s.get('gemm_size')}³ matmul through torch)",
+            f"- GEMM peak measured in the same run (best library's {s.get('gemm_size')}³ matmul): "
+            + "; ".join(f"{p} {_f(peaks.get(p), '.0f')} GFLOP/s ({(peaks.get('best') or {}).get(p) or '?'})"
+                        for p in ("fp32", "bf16"))
+            + " — probes: " + "; ".join(f"{p}: " + ", ".join(f"{lib} {_f(v, '.0f')}" for lib, v in
+                                                       ((peaks.get('sources') or {}).get(p) or {}).items())
+                                        for p in ("fp32", "bf16"))
+            + (f"; ISA estimate fp32 {_f(isa.get('fp32'), '.0f')} / bf16 {_f(isa.get('bf16'), '.0f')} GFLOP/s "
+               f"({isa.get('formula')})" if isa else ""),
             f"- method: {s['clock']}, device {s['device']}, {s['threads']} threads, first call timed alone, "
             f"{s['warmup']} warm-up calls, then ≥ {s['min_runs']} timed calls and ≥ {s['budget_s']} s per cell, "
             f"interleaved round by round; cv > {s.get('unstable_cv', 0.1):.0%} flagged unstable",
@@ -302,10 +306,6 @@ def summary_rows(reports: Sequence[dict[str, Any]]) -> list[list[str]]:
 def write_reports(reports: Sequence[dict[str, Any]], out_dir: Path, stem: str, *, title: str | None = None,
                   notes: Sequence[str] = ()) -> dict[str, Path]:
     """Write `<stem>.md`, `.json`, `.csv` and `.png` into `out_dir` (each atomically); returns their paths."""
-    import json
-
-    from exporter.manifest import _json_default
-
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -329,7 +329,7 @@ def write_reports(reports: Sequence[dict[str, Any]], out_dir: Path, stem: str, *
     document = {"title": title, "machine": first_bench["machine"] if first_bench else None,
                 "versions": first_bench["versions"] if first_bench else None, "notes": list(notes),
                 "models": list(reports)}
-    _write_atomic(paths["json"], json.dumps(document, indent=2, default=_json_default, allow_nan=True) + "\n")
+    _write_atomic(paths["json"], json.dumps(document, indent=2, default=json_default, allow_nan=True) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()

@@ -1,10 +1,13 @@
 """`exporter select`: the fastest artifact of a build that meets an accuracy budget, from parity + latency.
 
-Inputs are the build's saved results: `parity.json` (from `exporter verify`: top-1 flips vs eager fp32 and
-each artifact's test accuracy) and `bench.json` (from `exporter bench`: p50 latency per artifact, variant and
-batch). Every artifact × variant benchmarked at the requested batch is a candidate; candidates are taken in
-order of p50 latency and the first that meets the budget wins. Rejections carry their reason, so the user
-sees why each faster one lost. The choice is written into the manifest as `recommended`.
+Inputs are the build's saved results, read through `exporter.results`: the parity records (`parity.json`: top-1
+flips vs eager fp32 and each variant's test accuracy, judged in its tolerance class) and the latency cells
+(`bench.json`: p50 latency per artifact, variant and batch). Every artifact × variant benchmarked at the
+requested batch is a candidate; candidates are taken in order of p50 latency and the first that meets the budget
+wins. A candidate is refused when its parity record is missing, failing, or was judged with other runner options
+(a tuned variant is judged as itself, never by its artifact's record), and when its timing stayed unstable.
+Rejections carry their reason, so the user sees why each faster one lost. The choice is written into the
+manifest as `recommended`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from exporter.errors import ExporterError, UsageError
-
-PASSING = ("pass", "reference")
+from exporter.manifest import Build, update_manifest
+from exporter.results import PASSING, parity_of, parity_records, read_bench
 
 
 class SelectError(ExporterError):
@@ -72,10 +75,13 @@ def rejection_reasons(cell: dict[str, Any], budget: Budget) -> list[str]:
     """Why a benchmarked cell cannot be recommended under `budget` (empty: it qualifies)."""
     if cell.get("status") != "ok" or cell.get("p50_ms") is None:
         return [f"benchmark {cell.get('status', 'missing')}: {cell.get('error') or 'no timing'}"]
+    if cell.get("unstable"):
+        return [f"timing unstable (cv {cell.get('cv', 0):.0%}, also when measured again): re-run `exporter bench` "
+                "on a quiet machine"]
     parity = cell.get("parity") or {}
     status = parity.get("status", "unverified")
     if status == "unverified":
-        return ["no parity results (run `exporter verify` on the build)"]
+        return [parity.get("reason") or "no parity results (run `exporter verify` on the build)"]
     if status not in PASSING:
         reason = parity.get("reason")
         return [f"parity {status}" + (f": {reason}" if reason else " (outside its precision's tolerance class)")]
@@ -134,22 +140,14 @@ def select_artifact(cells: Sequence[dict[str, Any]], budget: Budget, batch: int)
             "rejected": rejected, "candidates": len(ordered), "budget": budget.to_dict(), "batch": batch}
 
 
-def select_build(build: Any, budget: Budget, batch: int = 1, *, save: bool = True) -> dict[str, Any]:
+def select_build(build: Build, budget: Budget, batch: int = 1, *, save: bool = True) -> dict[str, Any]:
     """Select on a loaded build's saved bench results (parity re-read now); writes `recommended` to the manifest."""
-    from exporter.bench import REFERENCE_PARITY, load_results, parity_status
-    from exporter.manifest import update_manifest
-
-    results = load_results(build.dir)
+    results = read_bench(build.dir)
     if results is None:
         raise SelectError(f"build {build.dir} has no benchmark results; run `exporter bench {build.model}` first")
-    cells = []
-    for cell in results["cells"]:
-        parity = parity_status(build.manifest, build.dir, cell["artifact"])
-        if cell.get("parity", {}).get("status") == "reference" and parity["status"] == "unverified":
-            parity = REFERENCE_PARITY
-        if cell.get("variant") == "tuned" and (cell.get("options") or {}).get("inference_precision") == "bf16":
-            parity = cell.get("parity") or parity  # a bf16-tuned variant carries its bf16 artifact's parity
-        cells.append({**cell, "parity": parity})
+    records = parity_records(build)
+    cells = [{**cell, "parity": parity_of(build, cell["label"], cell.get("options") or {}, records=records).to_dict()}
+             for cell in results["cells"]]
     choice = select_artifact(cells, budget, batch)
     choice.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   bench_created=results.get("created"), machine=(build.manifest.get("bench") or {}).get("machine"),
@@ -181,4 +179,6 @@ def describe_choice(choice: dict[str, Any]) -> list[str]:
     for r in choice["rejected"]:
         if r["p50_ms"] is None:
             lines.append(f"not timed: {r['label']}: {'; '.join(r['reasons'])}")
+        elif r not in choice["rejected_faster"]:
+            lines.append(f"refused (slower, p50 {r['p50_ms']:.3f} ms): {r['label']}: {'; '.join(r['reasons'])}")
     return lines

@@ -9,15 +9,20 @@ from exporter.backends import openvino  # noqa: F401  (registration)
 from exporter.backends import tensorrt  # noqa: F401  (registration)
 from exporter.backends.base import (
     BACKENDS,
+    STAGES,
     Artifact,
     BackendUnavailable,
+    BisectionUnsupported,
     BuildContext,
     Runner,
     RunnerError,
+    Stage,
+    Variant,
     get_backend,
     register_backend,
+    register_stage,
     runner_for,
 )
 
-__all__ = ["BACKENDS", "Artifact", "BackendUnavailable", "BuildContext", "Runner", "RunnerError", "get_backend",
-           "register_backend", "runner_for"]
+__all__ = ["BACKENDS", "STAGES", "Artifact", "BackendUnavailable", "BisectionUnsupported", "BuildContext", "Runner",
+           "RunnerError", "Stage", "Variant", "get_backend", "register_backend", "register_stage", "runner_for"]

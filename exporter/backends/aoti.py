@@ -3,20 +3,30 @@
 The package loads with `torch._inductor.aoti_load_package` alone — no model code, no `exporter` import — so it is
 what a C++ or Python server without this repository runs. The batch range it was compiled for is recorded in the
 artifact options; the runner refuses a batch outside it with a one-line error instead of a runtime crash.
+
+A package holds kernels for one device: the build compiles `model.aoti.pt2` for the CPU and, where torch sees a
+CUDA device, `model.aoti.cuda.pt2` from the model moved there (TF32 off: fp32 means fp32); without one the CUDA
+package is skipped with the reason in the diagnostics.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, RunnerError, register_backend
-from exporter.backends.eager import TorchRunner
+from exporter.backends.base import (
+    Artifact, BackendUnavailable, BuildContext, RunnerError, register_backend, register_stage,
+)
+from exporter.backends.eager import TorchRunner, strict_fp32
 from exporter.backends.inductor import _cpp_compiler_reason
 
 PACKAGE_FILE = "model.aoti.pt2"
+CUDA_PACKAGE_FILE = "model.aoti.cuda.pt2"
 
 
 @register_backend
@@ -47,6 +57,7 @@ class AOTIRunner(TorchRunner):
         import torch
         import torch._inductor
 
+        self.use_strict_fp32()
         self._torch = torch
         start = time.perf_counter()
         self.model = torch._inductor.aoti_load_package(str(self.path))
@@ -63,21 +74,74 @@ class AOTIRunner(TorchRunner):
 
 
 
+def compile_package(model: Any, input_shape: tuple[int, int, int], path: Path, *, device: str,
+                    static_batch: int | None, max_batch: int) -> float:
+    """Export `model` on `device` (batch 1..`max_batch`, or exactly `static_batch`) and compile it with AOTInductor
+    into `path`; returns the seconds it took. Off the CPU a copy of the model is moved to `device`."""
+    import torch
+    import torch._inductor
+
+    if device != "cpu":
+        model = copy.deepcopy(model).to(device)
+    example_batch = static_batch or 2  # torch.export specialises a batch of 1
+    example = torch.rand((example_batch, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    dynamic = None if static_batch else ({0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))},)
+    start = time.perf_counter()
+    with strict_fp32() if device == "cuda" else contextlib.nullcontext():  # the kernels bake the TF32 choice in
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic, strict=False)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return time.perf_counter() - start
+
+
+def _package_artifact(ctx: BuildContext, name: str, path: str, device: str) -> Artifact:
+    import torch
+
+    min_batch, max_batch = (ctx.static_batch, ctx.static_batch) if ctx.static_batch else (1, ctx.max_batch)
+    return Artifact(name=name, backend="aoti", path=path, precision="fp32", device=device,
+                    options={"min_batch": min_batch, "max_batch": max_batch},
+                    notes=[f"AOTInductor {device} package for torch {torch.__version__}; loads without the model "
+                           "code"])
+
+
+@register_stage("aoti")
 def export_aoti(ctx: BuildContext) -> list[Artifact]:
-    """Compile the build's ExportedProgram with AOTInductor into `model.aoti.pt2` (compile time in diagnostics)."""
+    """Compile the build's ExportedProgram with AOTInductor into `model.aoti.pt2`, and where a CUDA device is
+    present a CUDA package `model.aoti.cuda.pt2` (compile times, or why CUDA was skipped, in diagnostics)."""
     import torch
     import torch._inductor
 
     reason = AOTIRunner.unavailable_reason(ctx.device) or (ctx.device == "cpu" and _cpp_compiler_reason())
     if reason:
         raise BackendUnavailable(reason)
-    if ctx.exported_program is None:
-        raise RuntimeError("export_aoti needs the build's ExportedProgram")
-    start = time.perf_counter()
-    torch._inductor.aoti_compile_and_package(ctx.exported_program, package_path=str(ctx.out_dir / PACKAGE_FILE))
-    seconds = time.perf_counter() - start
-    ctx.diagnostics["aoti"] = {"compile_s": round(seconds, 3), "torch": torch.__version__}
-    min_batch, max_batch = (ctx.static_batch, ctx.static_batch) if ctx.static_batch else (1, ctx.max_batch)
-    return [Artifact(name="aoti", backend="aoti", path=PACKAGE_FILE, precision="fp32", device=ctx.device,
-                     options={"min_batch": min_batch, "max_batch": max_batch},
-                     notes=[f"AOTInductor package for torch {torch.__version__}; loads without the model code"])]
+    ctx.diagnostics["aoti"] = {"torch": torch.__version__}
+    artifacts = []
+    if ctx.device == "cpu":
+        if ctx.exported_program is None:
+            raise RuntimeError("export_aoti needs the build's ExportedProgram")
+        start = time.perf_counter()
+        torch._inductor.aoti_compile_and_package(ctx.exported_program, package_path=str(ctx.out_dir / PACKAGE_FILE))
+        ctx.diagnostics["aoti"]["compile_s"] = round(time.perf_counter() - start, 3)
+        artifacts.append(_package_artifact(ctx, "aoti", PACKAGE_FILE, "cpu"))
+    return artifacts + export_aoti_cuda(ctx)
+
+
+def export_aoti_cuda(ctx: BuildContext) -> list[Artifact]:
+    """The CUDA package `model.aoti.cuda.pt2`, compiled from the model moved to the GPU; none (the reason in
+    `ctx.diagnostics["aoti"]["cuda"]`) without a CUDA device or when compiling fails (also a warning)."""
+    import torch
+
+    info = ctx.diagnostics.setdefault("aoti", {"torch": torch.__version__})
+    reason = AOTIRunner.unavailable_reason("cuda")
+    if reason:
+        info["cuda"] = {"skipped": reason}
+        return []
+    try:
+        seconds = compile_package(ctx.model, ctx.input_shape, ctx.out_dir / CUDA_PACKAGE_FILE, device="cuda",
+                                  static_batch=ctx.static_batch, max_batch=ctx.max_batch)
+    except Exception as exc:  # noqa: BLE001  (the CPU package stays; the failure is reported, not raised)
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        info["cuda"] = {"error": f"{type(exc).__name__}: {text}"}
+        ctx.warnings.append(f"aoti: no CUDA package: {type(exc).__name__}: {text}")
+        return []
+    info["cuda"] = {"compile_s": round(seconds, 3), "gpu": torch.cuda.get_device_name()}
+    return [_package_artifact(ctx, "aoti-cuda", CUDA_PACKAGE_FILE, "cuda")]

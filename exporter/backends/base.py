@@ -18,11 +18,11 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from exporter.errors import ExporterError, UsageError
+from exporter.errors import ExporterError, UsageError, one_line
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8")
 DEVICES = ("cpu", "cuda")
@@ -36,6 +36,10 @@ class RunnerError(ExporterError):
     """A runner was misused or its runtime failed (bad input, artifact that does not load, …)."""
 
 
+class BisectionUnsupported(ExporterError):
+    """The artifact's runtime exposes no intermediate outputs to compare."""
+
+
 @dataclass
 class Artifact:
     """One runnable product of a build, as recorded in `manifest.json`.
@@ -47,7 +51,7 @@ class Artifact:
     name: str  # unique within a build, e.g. "onnx-fp32", "openvino-bf16", "aoti"
     backend: str  # the runner's registry name
     path: str
-    precision: str  # the precision it executes in
+    precision: str  # what the file stores / is made for (fp16 weights, int8 QDQ); the runner says what it executes
     device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -58,6 +62,29 @@ class Artifact:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Variant:
+    """An artifact run with extra runner options on top of its own (a tuning candidate); "default" runs it as built."""
+
+    artifact: Artifact
+    name: str = "default"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """`onnx-fp32` for the default variant, `onnx-fp32+opt=basic` for a candidate."""
+        return self.artifact.name if self.name == "default" else f"{self.artifact.name}+{self.name}"
+
+    def runner(self, build_dir: str | Path, *, device: str | None = None, threads: int | None = None) -> Runner:
+        """An inactive runner; on the CPU the runtime's own thread option is set to `threads` unless given."""
+        cls = get_backend(self.artifact.backend)
+        options = {**self.artifact.options, **self.options}
+        device = device or self.artifact.device
+        if device == "cpu" and threads and cls.thread_option and options.get(cls.thread_option) is None:
+            options[cls.thread_option] = threads
+        return cls(Path(build_dir) / self.artifact.path, precision=self.artifact.precision, device=device, **options)
 
 
 @dataclass
@@ -91,6 +118,8 @@ class Runner(ABC):
     backend: ClassVar[str]  # registry name
     description: ClassVar[str] = ""
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    library: ClassVar[str | None] = None  # the optional distribution it needs (its version goes in every report)
+    thread_option: ClassVar[str | None] = None  # the option taking a CPU thread count (torch runners: process-wide)
 
     def __init__(self, path: str | Path, *, precision: str = "fp32", device: str = "cpu", **options: Any) -> None:
         if precision not in PRECISIONS:
@@ -124,7 +153,7 @@ class Runner(ABC):
         except ExporterError:
             raise
         except Exception as exc:  # a runtime that cannot load the file: say which and why, in one line
-            raise RunnerError(f"{self.backend}: cannot load {self.path.name}: {_one_line(exc)}") from exc
+            raise RunnerError(f"{self.backend}: cannot load {self.path.name}: {one_line(exc)}") from exc
         self.is_active = True
         return self
 
@@ -156,7 +185,7 @@ class Runner(ABC):
         except ExporterError:
             raise
         except Exception as exc:
-            raise RunnerError(f"{self.backend}: inference failed on {tuple(batch.shape)}: {_one_line(exc)}") from exc
+            raise RunnerError(f"{self.backend}: inference failed on {tuple(batch.shape)}: {one_line(exc)}") from exc
 
     def deactivate(self) -> None:
         """Release the runtime's resources."""
@@ -202,18 +231,39 @@ class Runner(ABC):
     def deactivate_impl(self) -> None:
         pass
 
-    def bare_call_impl(self, prepared: Any) -> Any:
-        """Optional: a zero-argument callable running the runtime on `prepared` with nothing of ours around it.
+    def bare_call_impl(self, prepared: Any) -> Callable[[], Any] | None:
+        """A zero-argument call of the runtime on `prepared` with nothing of ours around it, or None.
 
-        `exporter bench` times it beside `run` to measure the runner's overhead. None (the default) lets bench
-        find the runtime object on the runner by type (ONNX Runtime session, OpenVINO request, torch module).
+        `exporter bench` times it beside `run` to measure the runner's overhead; None means the backend has no
+        separate runtime call to compare with (the benchmark says so).
         """
         return None
 
+    @classmethod
+    def gemm_peak_gflops(cls, precision: str, *, size: int, device: str, threads: int | None) -> float | None:
+        """This runtime's n×n×n matmul rate in GFLOP/s at `precision` (a probe of the machine's peak), or None
+        when the backend brings no matmul of its own or cannot run `precision` natively here."""
+        return None
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    @classmethod
+    def tuning_candidates(cls, artifact: Artifact, *, device: str, threads: int, allow_bf16: bool
+                          ) -> list[tuple[str, dict[str, Any]]]:
+        """Option sets a skilled user would try by hand for `artifact`, as (label, options); none by default.
+
+        `allow_bf16`: the user accepts a candidate that computes in bf16 (it is judged in the bf16 class).
+        """
+        return []
+
+    def layer_outputs(self, batch: np.ndarray, *, onnx_source: Path | None, scope_source: Path | None,
+                      reference_model: Any) -> tuple[dict[str, list[np.ndarray]], str]:
+        """PyTorch module name → its output per call on `batch`, as this runtime computes them, and how.
+
+        What bisection compares layer by layer with eager; raises BisectionUnsupported where the runtime exposes
+        no intermediate tensors.
+        """
+        raise BisectionUnsupported(f"{self.backend} exposes no intermediate outputs (bisection covers eager and "
+                                   "ONNX-based artifacts: bisect this build's onnx-fp32 to locate a model-level "
+                                   "divergence)")
 
 
 def import_optional(module: str) -> Any:
@@ -246,7 +296,32 @@ def get_backend(name: str) -> type[Runner]:
 
 
 def runner_for(artifact: Artifact, build_dir: str | Path) -> Runner:
-    """An (inactive) runner for a manifest artifact inside `build_dir`."""
-    cls = get_backend(artifact.backend)
-    return cls(Path(build_dir) / artifact.path, precision=artifact.precision, device=artifact.device,
-               **artifact.options)
+    """An (inactive) runner for a manifest artifact inside `build_dir`, with the artifact's own options."""
+    return Variant(artifact).runner(build_dir)
+
+
+# --- export stages -------------------------------------------------------------------------------------------
+
+ExportFunction = Callable[[BuildContext], list[Artifact]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of `exporter build`: a backend module's `export_*` function, under the name `--backends` takes."""
+
+    name: str
+    export: ExportFunction
+    needs_onnx: bool = False  # converts the onnx stage's file: `--backends NAME` adds onnx
+
+
+STAGES: dict[str, Stage] = {}  # in build order (registration order: later stages read earlier artifacts)
+
+
+def register_stage(name: str, *, needs_onnx: bool = False) -> Callable[[ExportFunction], ExportFunction]:
+    """Decorator registering a backend module's export function as a build stage named `name`."""
+    def wrap(function: ExportFunction) -> ExportFunction:
+        if name in STAGES:
+            raise ValueError(f"build stage {name!r} is registered twice")
+        STAGES[name] = Stage(name, function, needs_onnx)
+        return function
+    return wrap

@@ -8,13 +8,15 @@ extra graph), and the runner counts the graphs it compiled.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import Artifact, BuildContext, register_backend
-from exporter.backends.eager import TorchRunner, load_torch_model
+from exporter.backends.base import Artifact, BuildContext, register_backend, register_stage
+from exporter.backends.eager import TorchRunner, load_torch_model, strict_fp32
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -28,6 +30,24 @@ def _cpp_compiler_reason() -> str | None:
     except Exception as exc:  # noqa: BLE001  (any failure means inductor cannot build CPU kernels)
         return f"inductor needs a C++ compiler for CPU code: {str(exc).splitlines()[0][:150] if str(exc) else exc!r}"
     return None
+
+
+RECOMPILE_LIMIT = 64
+
+
+def allow_compiled_graphs(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise Dynamo's per-function graph limit (default 8) for this process.
+
+    Every inductor runner in one process compiles the same `forward` (one graph per batch-size range, per runner
+    and per mode, e.g. a benchmark's tuning candidates); past the limit Dynamo silently runs eager code, which would
+    be timed and judged under inductor's name.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if isinstance(getattr(config, name, None), int) and getattr(config, name) < limit:
+            setattr(config, name, limit)
 
 
 def _dynamo_counters() -> dict[str, int]:
@@ -69,7 +89,9 @@ class InductorRunner(TorchRunner):
 
         if self.precision != "fp32":
             raise ValueError(f"the inductor artifact runs fp32, not {self.precision}")
+        self.use_strict_fp32()
         self._torch = torch
+        allow_compiled_graphs()
         model = load_torch_model(self.path, device=self.device, **self.model_options)
         if self.freezing:  # torch.compile takes a mode or options, not both: spell the mode out as options
             import torch._inductor
@@ -85,6 +107,15 @@ class InductorRunner(TorchRunner):
             self.compile_seconds = time.perf_counter() - start
             self.graphs_compiled += _dynamo_counters()["graphs"] - before
 
+    @classmethod
+    def tuning_candidates(cls, artifact: Artifact, *, device: str, threads: int, allow_bf16: bool
+                          ) -> list[tuple[str, dict[str, Any]]]:
+        """max-autotune and freezing (weights folded in as constants); CUDA graphs on CUDA."""
+        if device == "cuda":
+            return [("cudagraphs", {"mode": "reduce-overhead"}), ("max-autotune", {"mode": "max-autotune"})]
+        return [("max-autotune", {"mode": "max-autotune-no-cudagraphs"}), ("freezing", {"freezing": True}),
+                ("freezing+max-autotune", {"freezing": True, "mode": "max-autotune-no-cudagraphs"})]
+
     def prepare_impl(self, batch: np.ndarray) -> Any:
         x = self._torch.from_numpy(batch).to(self.device)
         if self.dynamic_batch and x.shape[0] >= 2:  # Dynamo always specialises a size-1 dimension
@@ -93,12 +124,22 @@ class InductorRunner(TorchRunner):
 
 
 
-def compile_diagnostics(model: Any, sample: Any, *, dynamic_batch: bool, batch_sizes: tuple[int, ...]) -> dict:
-    """Compile `model` with inductor from a clean Dynamo state and report what happened.
+def compile_diagnostics(model: Any, sample: Any, *, dynamic_batch: bool, batch_sizes: tuple[int, ...],
+                        device: str = "cpu") -> dict:
+    """Compile `model` with inductor for `device` from a clean Dynamo state and report what happened.
 
     Returns compile seconds (first call), graph count, graph breaks with their reasons (`torch._dynamo.explain`)
-    and recompilations while running each of `batch_sizes` once.
+    and recompilations while running each of `batch_sizes` once. For "cuda" a copy of the model is moved there
+    and compiled with TF32 off (fp32 means fp32); `model` itself stays where it is.
     """
+    if device != "cpu":
+        model, sample = copy.deepcopy(model).to(device), sample.to(device)
+    with strict_fp32() if device == "cuda" else contextlib.nullcontext():
+        result = _compile_diagnostics(model, sample, dynamic_batch=dynamic_batch, batch_sizes=batch_sizes)
+    return {**result, "device": device}
+
+
+def _compile_diagnostics(model: Any, sample: Any, *, dynamic_batch: bool, batch_sizes: tuple[int, ...]) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
@@ -134,6 +175,7 @@ def compile_diagnostics(model: Any, sample: Any, *, dynamic_batch: bool, batch_s
     return result
 
 
+@register_stage("inductor")
 def export_inductor(ctx: BuildContext) -> list[Artifact]:
     """Compile the eval model with inductor (time, graph breaks, recompilations) and describe its artifact.
 
@@ -156,7 +198,12 @@ def export_inductor(ctx: BuildContext) -> list[Artifact]:
     else:
         batch_sizes = tuple(dict.fromkeys((2, 7, 1, min(ctx.max_batch, 32))))
     diagnostics = compile_diagnostics(ctx.model, sample, dynamic_batch=ctx.static_batch is None,
-                                      batch_sizes=batch_sizes)
+                                      batch_sizes=batch_sizes, device=ctx.device)
+    if ctx.device != "cuda":  # CUDA kernels, graphs and breaks differ from the CPU's: report them where a GPU is
+        cuda_reason = InductorRunner.unavailable_reason("cuda")
+        diagnostics["cuda"] = ({"skipped": cuda_reason} if cuda_reason else
+                               compile_diagnostics(ctx.model, sample, dynamic_batch=ctx.static_batch is None,
+                                                   batch_sizes=batch_sizes, device="cuda"))
     ctx.diagnostics["inductor"] = diagnostics
     if diagnostics["graph_breaks"]:
         ctx.warnings.append(f"torch.compile: {diagnostics['graph_breaks']} graph break(s): "

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import ast
 import json
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from exporter.backends.base import (
-    Artifact, BackendUnavailable, BuildContext, Runner, import_optional, register_backend,
+    Artifact, BackendUnavailable, BuildContext, Runner, import_optional, register_backend, register_stage,
 )
 from exporter.errors import ExporterError
 from exporter.fileio import atomic_path
@@ -109,6 +110,7 @@ def check_and_save(model: Any, path: Path) -> Any:
     return inferred
 
 
+@register_stage("onnx")
 def export_onnx(ctx: BuildContext) -> list[Artifact]:
     """Export `ctx` to `model.onnx` (and `model.fp16.onnx` with `ctx.fp16`) and return the runnable artifacts."""
     onnx = import_optional("onnx")
@@ -287,6 +289,34 @@ def module_output_tensors(mapping: dict[str, str]) -> dict[str, str]:
     return outputs
 
 
+def module_outputs(onnx_path: Path, run_outputs: Callable[[Path, set[str]], dict[str, np.ndarray]], *,
+                   scope_source: Path | None = None) -> dict[str, list[np.ndarray]]:
+    """PyTorch module name → its output per call, from `onnx_path` with every node output exposed.
+
+    `run_outputs(instrumented_path, tensor_names)` is the runtime's part: run the instrumented file (or its own
+    equivalent) and return tensor name → value. Consecutive tensors of one module are one call of it (a BatchNorm
+    may be several nodes) and the call's output is the last of them. A file whose nodes lost the module scopes
+    (an optimizer's rewrite) borrows the tensor → module map of `scope_source` for the tensor names it kept.
+    """
+    with tempfile.TemporaryDirectory(prefix="exporter-bisect-") as tmp:
+        instrumented = Path(tmp) / "instrumented.onnx"
+        mapping = add_intermediate_outputs(onnx_path, instrumented)
+        if not mapping and scope_source is not None and Path(scope_source) != Path(onnx_path):
+            mapping = add_intermediate_outputs(scope_source, Path(tmp) / "scopes.onnx")
+        values = run_outputs(instrumented, set(mapping))
+    by_module: dict[str, list[np.ndarray]] = {}
+    previous = None
+    for tensor, module in mapping.items():  # graph (topological) order
+        if tensor not in values:
+            continue
+        if module and module == previous:
+            by_module[module][-1] = np.asarray(values[tensor], np.float32)  # same call, a later node
+        elif module:
+            by_module.setdefault(module, []).append(np.asarray(values[tensor], np.float32))
+        previous = module
+    return by_module
+
+
 # --- runner --------------------------------------------------------------------------------------------------
 
 
@@ -321,3 +351,17 @@ class OnnxReferenceRunner(Runner):
 
     def deactivate_impl(self) -> None:
         del self._session
+
+    def layer_outputs(self, batch: np.ndarray, *, onnx_source: Path | None, scope_source: Path | None,
+                      reference_model: Any) -> tuple[dict[str, list[np.ndarray]], str]:
+        """Every node output of the ONNX file, computed by the reference evaluator."""
+        from onnx.reference import ReferenceEvaluator
+
+        def run_outputs(path: Path, names: set[str]) -> dict[str, np.ndarray]:
+            evaluator = ReferenceEvaluator(str(path))
+            with np.errstate(all="ignore"):
+                return dict(zip(evaluator.output_names, evaluator.run(None, {evaluator.input_names[0]: batch})))
+
+        source = onnx_source or self.path
+        return (module_outputs(source, run_outputs, scope_source=scope_source),
+                f"{source.name} with every node output exposed, run in onnx_reference")

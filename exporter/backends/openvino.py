@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from exporter.backends.base import (
-    Artifact, BackendUnavailable, BuildContext, Runner, RunnerError, import_optional, register_backend,
+    Artifact, BackendUnavailable, BisectionUnsupported, BuildContext, Runner, RunnerError, import_optional,
+    register_backend, register_stage,
 )
+from exporter.backends.onnx import module_outputs
 from exporter.errors import UsageError
 
 IR_DIR = "openvino"
@@ -64,6 +66,8 @@ class OpenVinoRunner(Runner):
     backend = "openvino"
     description = "OpenVINO CPU plugin (explicit f32 / bf16 / f16 inference precision)"
     devices = ("cpu",)
+    library = "openvino"
+    thread_option = "inference_num_threads"
 
     @classmethod
     def available_impl(cls, device: str) -> str | None:
@@ -129,6 +133,83 @@ class OpenVinoRunner(Runner):
         self.request = None
         self.compiled = None
 
+    @classmethod
+    def gemm_peak_gflops(cls, precision: str, *, size: int, device: str, threads: int | None) -> float | None:
+        """A one-MatMul OpenVINO model on the CPU plugin at an explicit inference precision."""
+        if device != "cpu" or precision not in PRECISION_TO_OV or cls.unavailable_reason("cpu"):
+            return None
+        import openvino as ov
+        import openvino.opset13 as ops
+
+        from exporter.machine import best_gemm_gflops
+
+        rng = np.random.default_rng(0)
+        a = ops.parameter([size, size], ov.Type.f32)
+        b = ops.constant(rng.random((size, size), dtype=np.float32))
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_TO_OV[precision],
+                                  "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        compiled = ov.Core().compile_model(ov.Model([ops.matmul(a, b, False, False)], [a]), "CPU", config)
+        if ov_type_to_precision(compiled.get_property("INFERENCE_PRECISION_HINT")) != precision:
+            return None  # this CPU would run another precision: no peak for this one
+        request, x = compiled.create_infer_request(), rng.random((size, size), dtype=np.float32)
+        return best_gemm_gflops(lambda: request.infer({0: x}), size)
+
+    def bare_call_impl(self, prepared: Any) -> Any:
+        """`InferRequest.infer` on the prepared input."""
+        request, feeds = self.request, {0: prepared}
+        return lambda: request.infer(feeds)
+
+    @classmethod
+    def tuning_candidates(cls, artifact: Artifact, *, device: str, threads: int, allow_bf16: bool
+                          ) -> list[tuple[str, dict[str, Any]]]:
+        """CPU: performance hint, streams, CPU pinning, and bf16 inference when the user accepts it."""
+        if device != "cpu":
+            return []
+        candidates: list[tuple[str, dict[str, Any]]] = [
+            ("hint=LATENCY", {"performance_hint": "LATENCY"}),
+            ("hint=THROUGHPUT", {"performance_hint": "THROUGHPUT"}),
+            ("streams=1", {"num_streams": 1}),
+            ("hint=LATENCY,pinning", {"performance_hint": "LATENCY", "enable_cpu_pinning": True}),
+        ]
+        if threads > 1:
+            candidates.append(("hint=THROUGHPUT,streams=2", {"performance_hint": "THROUGHPUT", "num_streams": 2}))
+        if allow_bf16 and artifact.options.get("inference_precision") != "bf16" and cpu_supports_bf16():
+            candidates.append(("bf16", {"inference_precision": "bf16", "performance_hint": "LATENCY"}))
+        return candidates
+
+    def layer_outputs(self, batch: np.ndarray, *, onnx_source: Path | None, scope_source: Path | None,
+                      reference_model: Any) -> tuple[dict[str, list[np.ndarray]], str]:
+        """The IR itself with the ONNX tensors it kept made extra outputs (so compressed weights and the IR's own
+        graph are compared); an IR that kept none runs the instrumented ONNX in OpenVINO instead."""
+        ov = import_optional("openvino")
+        if onnx_source is None:
+            raise BisectionUnsupported("openvino: the build has no ONNX file whose tensors map to PyTorch modules")
+        core, config = ov.Core(), {"INFERENCE_PRECISION_HINT": self.inference_precision}
+        used_ir = False
+
+        def outputs_of(compiled: Any) -> dict[str, np.ndarray]:
+            result = compiled({0: batch})
+            return {name: np.asarray(result[port]) for port in compiled.outputs for name in port.get_names()}
+
+        def run_outputs(path: Path, names: set[str]) -> dict[str, np.ndarray]:
+            nonlocal used_ir
+            model = core.read_model(str(self.path))
+            extra = [out for op in model.get_ordered_ops() for out in op.outputs() if out.get_names() & names]
+            if extra:
+                model.add_outputs(extra)
+                used_ir = True
+                return outputs_of(core.compile_model(model, "CPU", config))
+            return outputs_of(core.compile_model(str(path), "CPU", config))
+
+        found = module_outputs(onnx_source, run_outputs, scope_source=scope_source)
+        precision = OV_TO_PRECISION[self.inference_precision]
+        if used_ir:
+            return found, (f"{self.path.name} with the tensors of {onnx_source.name} exposed, run in openvino at "
+                           f"{precision}")
+        return found, f"{onnx_source.name} with every node output exposed, run in openvino at {precision}"
+
 
 # --- export --------------------------------------------------------------------------------------------------
 
@@ -167,6 +248,7 @@ def _save_ir(ov: Any, model: Any, target_dir: Path, *, compress_to_fp16: bool) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@register_stage("openvino")
 def export_openvino(ctx: BuildContext) -> list[Artifact]:
     """Convert the model to OpenVINO IR (fp32 weights; with `ctx.fp16` also fp16-compressed weights)."""
     ov = import_optional("openvino")

@@ -1,37 +1,51 @@
 """TensorRT: engines built from the build's ONNX files with the TensorRT Python API, and their runner.
 
+Written against the TensorRT 11 API, which removed weak typing (no `BuilderFlag.FP16` / `INT8`, no calibrators),
+and kept working on 10.8+: every network is created STRONGLY_TYPED (required for this on 10.x, implied on 11.x),
+so each layer runs in the type its ONNX file gives it and no precision builder flag is ever set.
+
 `export_tensorrt(ctx)` (needs `tensorrt` and a CUDA device) builds, into `tensorrt/`:
-- `model.fp32.engine` from `model.onnx` (TF32 disabled: fp32 means fp32),
-- with `ctx.fp16`, `model.fp16.engine` (FP16 builder flag; TensorRT may keep layers in fp32, which the
-  diagnostics list),
-- with `ctx.int8`, `model.int8.engine` from the QDQ `model.int8.onnx` (explicit quantization, INT8 flag),
-each with an optimization profile over the batch dimension (1 … opt … `ctx.max_batch`), a shared timing cache
-(`tensorrt/timing.cache`, reused by later builds on the same GPU), and a sidecar `model.<precision>.json`.
+- `model.fp32.engine` from `model.onnx` (TF32 cleared: fp32 means fp32),
+- with `ctx.fp16`, `model.fp16.engine` from the fp16 ONNX `model.fp16.onnx` (onnx stage),
+- with `ctx.int8`, `model.int8.engine` from `model.int8-tensorrt.onnx`, a QDQ file written here for TensorRT alone
+  (symmetric int8 activations and per-channel weights, float biases — TensorRT's parser rejects the int32 bias
+  behind a DequantizeLinear that ONNX Runtime writes by default) and calibrated on `ctx.calibration`,
+each with an optimization profile over the batch dimension (1 … opt … `ctx.max_batch`) and a sidecar
+`model.<precision>.json`. A precision that fails is recorded (warning + diagnostics) and the others are kept. The
+timing cache `tensorrt/timing.cache` starts from, and is saved back to, a per-GPU / TensorRT-version cache in the
+user cache dir (`exporter.fileio.user_cache_dir`), so each build reuses the tactic timings of the ones before.
 
 Engines are not portable across GPUs or TensorRT versions, so the sidecar records the ONNX file's sha256, the
 TensorRT version, the GPU name and compute capability and the build flags; the runner compares them with the
 machine it runs on and refuses to load on a mismatch, with the rebuild command in the message.
 
-The runner uses torch CUDA tensors as I/O buffers (`set_tensor_address` + `execute_async_v3` on torch's
-current stream), so no pycuda / cuda-python dependency is needed.
+The runner uses torch CUDA tensors as I/O buffers (`set_tensor_address` + `execute_async_v3`) and a CUDA stream
+of its own for copies, enqueue and sync (never the legacy default stream, which serialises with everything), so no
+pycuda / cuda-python dependency is needed.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import Artifact, BackendUnavailable, BuildContext, Runner, RunnerError, register_backend
-from exporter.fileio import atomic_path, sha256_file
+from exporter.backends.base import (
+    Artifact, BackendUnavailable, BuildContext, Runner, RunnerError, register_backend, register_stage,
+)
+from exporter.fileio import atomic_path, sha256_file, user_cache_dir
 from exporter.errors import ExporterError
 
 ENGINE_DIR = "tensorrt"
 TIMING_CACHE = "timing.cache"
-SIDECAR_FORMAT = 1
+TRT_QDQ_FILE = "model.int8-tensorrt.onnx"  # the int8 engine's source; not an artifact (ORT's CPU file is faster)
+SIDECAR_FORMAT = 2  # 2: strongly typed engines (fp16 from the fp16 ONNX, int8 from TensorRT's own QDQ file)
+SUPPORTED_VERSIONS = ((10, 8), (12, 0))  # [low, high): the gpu extra's `tensorrt>=10.8,<12`
 WORKSPACE_BYTES = 4 << 30
 OPT_BATCH_LIMIT = 16  # the batch TensorRT tunes kernels for: typical serving batches, not the largest one
 # The sidecar facts that must match the running machine for an engine to load.
@@ -51,9 +65,14 @@ class TensorRTBuildError(ExporterError):
 def unavailable_reason() -> str | None:
     """None when TensorRT engines can be built and run here, else why not (one line)."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError as exc:
         return f"tensorrt is not installed ({exc}); install the gpu extra on a CUDA machine: pip install -e '.[gpu]'"
+    version = tuple(int(p) for p in re.findall(r"\d+", str(getattr(tensorrt, "__version__", "")))[:2])
+    low, high = SUPPORTED_VERSIONS
+    if len(version) < 2 or not low <= version < high:
+        return (f"tensorrt {getattr(tensorrt, '__version__', '?')} is outside the supported range "
+                f">={low[0]}.{low[1]},<{high[0]} (strongly typed networks, the TensorRT 11 API)")
     try:
         import torch
     except ImportError as exc:
@@ -76,9 +95,8 @@ def current_environment() -> dict[str, str]:
 def rebuild_command(sidecar: dict[str, Any]) -> str:
     """The `exporter build` command that rebuilds the engine a sidecar describes."""
     flags = sidecar.get("build_flags", {})
-    # The int8 engine is built from the QDQ model that the onnxruntime stage writes.
-    backends = "onnxruntime,tensorrt" if flags.get("int8") else "tensorrt"
-    parts = ["exporter", "build", str(sidecar.get("model_name") or "MODEL"), "--backends", backends]
+    # The tensorrt stage writes the int8 engine's QDQ file itself; `--backends tensorrt` adds the onnx stage.
+    parts = ["exporter", "build", str(sidecar.get("model_name") or "MODEL"), "--backends", "tensorrt"]
     if flags.get("fp16"):
         parts.append("--fp16")
     if flags.get("int8"):
@@ -191,7 +209,9 @@ def _layer_precisions(trt: Any, engine: Any) -> dict[str, Any]:
     for layer in info.get("Layers", []):
         if not isinstance(layer, dict):
             continue
-        formats = " ".join(str(o.get("Format/Datatype", "")) for o in layer.get("Outputs", []))
+        # TensorRT 10 writes "Format/Datatype"; 11 split it into "Format" and "DataType".
+        formats = " ".join(str(o.get("DataType") or o.get("Format/Datatype") or o.get("Format") or "")
+                           for o in layer.get("Outputs", []) if isinstance(o, dict))
         kind = ("int8" if "Int8" in formats or "INT8" in formats else
                 "fp16" if "FP16" in formats or "Half" in formats else
                 "fp32" if "FP32" in formats or "Float" in formats else "other")
@@ -201,17 +221,60 @@ def _layer_precisions(trt: Any, engine: Any) -> dict[str, Any]:
     return {"layer_precisions": counts, "fp32_layers": fp32_layers[:50]}
 
 
+def _network_flags(trt: Any) -> int:
+    """STRONGLY_TYPED: on 10.x the switch that makes the ONNX types decide; on 11.x accepted and always on."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def _attach_timing_cache(config: Any, timing_cache: Path) -> str:
+    """Give the builder the timing cache saved in `timing_cache` (a fresh one when there is none or TensorRT
+    rejects it); returns what happened, for the diagnostics."""
+    blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    if blob:
+        try:
+            cache = config.create_timing_cache(blob)
+            if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+                return f"reused ({len(blob)} bytes)"
+        except Exception:  # noqa: BLE001  (a cache from another GPU / TensorRT only costs the build time)
+            pass
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return "rejected (another GPU or TensorRT version); started afresh" if blob else "fresh"
+
+
+def shared_timing_cache(env: dict[str, str]) -> Path:
+    """The user-level timing cache for this GPU and TensorRT version (tactic timings do not depend on weights)."""
+    key = f"{env['gpu_name']}-sm{env['compute_capability']}-trt{env['tensorrt_version']}"
+    return user_cache_dir("tensorrt") / f"{re.sub(r'[^A-Za-z0-9.]+', '-', key).strip('-')}.timing.cache"
+
+
+def write_tensorrt_qdq(source: Path, target: Path, calibration: np.ndarray | None, *,
+                       progress: bool = True) -> list[str]:
+    """Write TensorRT's own int8 QDQ copy of `source`: symmetric int8 activations (zero point 0), per-channel
+    symmetric int8 weights and float biases, MinMax-calibrated on `calibration`; returns notes.
+
+    TensorRT takes only symmetric int8 scales and its ONNX parser rejects the int32 biases behind a
+    DequantizeLinear that ONNX Runtime's quantizer writes by default (`QuantizeBias`), so the CPU file
+    (`model.int8.onnx`, uint8 activations) cannot serve. ONNX Runtime's quantizer writes it (lazily imported).
+    """
+    from exporter.backends.onnxruntime import write_qdq
+
+    return write_qdq(source, target, calibration, activation_type="int8",
+                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+                     layout="TensorRT: per-channel symmetric int8 weights, symmetric int8 activations, float biases",
+                     progress=progress)
+
+
 def build_engine(onnx_path: Path, engine_path: Path, *, precision: str, input_shape: tuple[int, int, int],
                  max_batch: int, static_batch: int | None, timing_cache: Path,
                  workspace_bytes: int = WORKSPACE_BYTES) -> dict[str, Any]:
-    """Build and serialize one engine from an ONNX file; return the build facts (for sidecar and manifest)."""
+    """Build and serialize one strongly typed engine from an ONNX file whose types are `precision`'s; return the
+    build facts (for sidecar and manifest). The timing cache in `timing_cache` is used and written back."""
     import tensorrt as trt
 
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # implicit in TensorRT 10, required before
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    flags = _network_flags(trt)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from the file: resolves external weights beside it
@@ -228,11 +291,8 @@ def build_engine(onnx_path: Path, engine_path: Path, *, precision: str, input_sh
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    config.clear_flag(trt.BuilderFlag.TF32)  # TensorRT enables TF32 by default: fp32 must stay fp32
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)  # scales come from the QDQ nodes: no calibrator
+    if hasattr(trt.BuilderFlag, "TF32"):  # on by default; fp32 layers of a strongly typed network stay IEEE fp32
+        config.clear_flag(trt.BuilderFlag.TF32)
 
     inp = network.get_input(0)
     if static_batch:
@@ -243,8 +303,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, precision: str, input_sh
         profile.set_shape(inp.name, *((shapes[k], *input_shape) for k in ("min", "opt", "max")))
         config.add_optimization_profile(profile)
 
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_status = _attach_timing_cache(config, timing_cache)
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
@@ -257,76 +316,107 @@ def build_engine(onnx_path: Path, engine_path: Path, *, precision: str, input_sh
         tmp.write_bytes(memoryview(serialized))
 
     engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
-    facts: dict[str, Any] = {"build_seconds": round(seconds, 3), "batch_profile": shapes,
-                             "input_name": inp.name, "output_name": network.get_output(0).name,
-                             "builder_warnings": logger.warnings[:20]}
+    facts: dict[str, Any] = {"build_seconds": round(seconds, 3), "batch_profile": shapes, "strongly_typed": True,
+                             "timing_cache": cache_status, "input_name": inp.name,
+                             "output_name": network.get_output(0).name, "builder_warnings": logger.warnings[:20]}
     if engine is not None:
         facts.update(_layer_precisions(trt, engine))
     return facts
 
 
+def _engine_source(ctx: BuildContext, precision: str, onnx_fp32: Artifact) -> str:
+    """The ONNX file (relative to the build) whose types make `precision`'s engine; writes the int8 QDQ file."""
+    if precision == "fp32":
+        return onnx_fp32.path
+    if precision == "fp16":
+        fp16 = ctx.artifact("onnx-fp16")
+        if fp16 is None:
+            raise TensorRTBuildError("no fp16 ONNX (model.fp16.onnx): the onnx stage did not write it")
+        return fp16.path
+    write_tensorrt_qdq(ctx.out_dir / onnx_fp32.path, ctx.out_dir / TRT_QDQ_FILE, ctx.calibration)
+    return TRT_QDQ_FILE
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+@register_stage("tensorrt", needs_onnx=True)
 def export_tensorrt(ctx: BuildContext) -> list[Artifact]:
-    """Build the TensorRT engines (fp32; fp16 / int8 when asked) with sidecars; unavailable without CUDA."""
+    """Build the strongly typed TensorRT engines (fp32; fp16 / int8 when asked) with sidecars; unavailable
+    without CUDA. A precision that fails is recorded and skipped; only when none builds is it an error."""
     reason = unavailable_reason()
     if reason:
         raise BackendUnavailable(reason)
     onnx_fp32 = ctx.artifact("onnx-fp32")
     if onnx_fp32 is None:
         raise BackendUnavailable("needs the fp32 ONNX model, which this build did not produce")
-    plans = [("fp32", onnx_fp32)]
-    if ctx.fp16:
-        plans.append(("fp16", onnx_fp32))
-    if ctx.int8:
-        onnx_int8 = ctx.artifact("onnx-int8")
-        if onnx_int8 is None:
-            ctx.warnings.append("tensorrt: no int8 engine: the QDQ ONNX (onnxruntime stage) was not produced")
-        else:
-            plans.append(("int8", onnx_int8))
+    precisions = ["fp32"] + ["fp16"] * ctx.fp16 + ["int8"] * ctx.int8
 
     engine_dir = ctx.out_dir / ENGINE_DIR
     engine_dir.mkdir(parents=True, exist_ok=True)
     env = current_environment()
-    diagnostics: dict[str, Any] = {**env, "engines": {}}
+    timing_cache, shared = engine_dir / TIMING_CACHE, shared_timing_cache(env)
+    if not timing_cache.is_file() and shared.is_file():
+        shutil.copyfile(shared, timing_cache)  # the tactic timings measured by earlier builds on this GPU
+    diagnostics: dict[str, Any] = {**env, "strongly_typed": True, "shared_timing_cache": str(shared), "engines": {}}
+    ctx.diagnostics["tensorrt"] = diagnostics
     artifacts = []
-    for precision, source in plans:
-        onnx_path = ctx.out_dir / source.path
+    for precision in precisions:
         engine_path = engine_dir / f"model.{precision}.engine"
         try:
-            facts = build_engine(onnx_path, engine_path, precision=precision, input_shape=ctx.input_shape,
-                                 max_batch=ctx.max_batch, static_batch=ctx.static_batch,
-                                 timing_cache=engine_dir / TIMING_CACHE)
-        except TensorRTBuildError as exc:  # the manifest keeps what TensorRT rejected, not only the message
-            diagnostics["engines"][precision] = {"error": str(exc), "parser_errors": exc.errors[:20],
-                                                 "unsupported_nodes": exc.unsupported_nodes}
-            ctx.diagnostics["tensorrt"] = diagnostics
-            raise
-        sidecar = {
-            "format": SIDECAR_FORMAT, **env, "model_name": ctx.model_name,
-            "onnx_file": f"../{source.path}", "onnx_sha256": sha256_file(onnx_path),
-            "build_flags": {"precision": precision, "fp16": precision == "fp16", "int8": precision == "int8",
-                            "tf32": False, "static_batch": ctx.static_batch, "max_batch": ctx.max_batch,
-                            "workspace_bytes": WORKSPACE_BYTES},
-            "input_name": facts["input_name"], "output_name": facts["output_name"],
-            "input_shape": list(ctx.input_shape), "batch_profile": facts["batch_profile"],
-        }
-        sidecar["rebuild_command"] = rebuild_command(sidecar)
-        with atomic_path(sidecar_path(engine_path)) as tmp:
-            tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+            source = _engine_source(ctx, precision, onnx_fp32)
+            facts = build_engine(ctx.out_dir / source, engine_path, precision=precision,
+                                 input_shape=ctx.input_shape, max_batch=ctx.max_batch,
+                                 static_batch=ctx.static_batch, timing_cache=timing_cache)
+        except Exception as exc:  # noqa: BLE001  (the engines already built stay; the manifest says what failed)
+            diagnostics["engines"][precision] = {"error": f"{type(exc).__name__}: {_first_line(exc)}",
+                                                 "parser_errors": getattr(exc, "errors", [])[:20],
+                                                 "unsupported_nodes": getattr(exc, "unsupported_nodes", [])}
+            ctx.warnings.append(f"tensorrt: no {precision} engine: {_first_line(exc)}")
+            continue
         diagnostics["engines"][precision] = facts
-        notes = [f"TensorRT {env['tensorrt_version']} on {env['gpu_name']} (sm {env['compute_capability']}), "
-                 f"batch profile {facts['batch_profile']}"]
-        if precision != "fp32" and facts.get("fp32_layers"):
-            notes.append(f"{len(facts['fp32_layers'])} layers kept in fp32 by TensorRT")
-        artifacts.append(Artifact(name=f"tensorrt-{precision}", backend="tensorrt",
-                                  path=f"{ENGINE_DIR}/{engine_path.name}", precision=precision, device="cuda",
-                                  notes=notes))
-    ctx.diagnostics["tensorrt"] = diagnostics
+        artifacts.append(_write_sidecar(ctx, env, precision, source, engine_path, facts))
+    if timing_cache.is_file():
+        try:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(shared) as tmp:
+                shutil.copyfile(timing_cache, tmp)
+        except OSError as exc:  # a read-only home only costs the next build its tactic timings
+            diagnostics["shared_timing_cache_error"] = _first_line(exc)
+    if not artifacts:
+        failures = "; ".join(f"{p}: {diagnostics['engines'][p]['error']}" for p in precisions)
+        raise TensorRTBuildError(f"no TensorRT engine could be built ({failures})")
     return artifacts
+
+
+def _write_sidecar(ctx: BuildContext, env: dict[str, str], precision: str, source: str, engine_path: Path,
+                   facts: dict[str, Any]) -> Artifact:
+    """Write the engine's sidecar (what it was built from and for) and return its artifact."""
+    sidecar = {
+        "format": SIDECAR_FORMAT, **env, "model_name": ctx.model_name,
+        "onnx_file": f"../{source}", "onnx_sha256": sha256_file(ctx.out_dir / source),
+        "build_flags": {"precision": precision, "fp16": precision == "fp16", "int8": precision == "int8",
+                        "strongly_typed": True, "tf32": False, "static_batch": ctx.static_batch,
+                        "max_batch": ctx.max_batch, "workspace_bytes": WORKSPACE_BYTES},
+        "input_name": facts["input_name"], "output_name": facts["output_name"],
+        "input_shape": list(ctx.input_shape), "batch_profile": facts["batch_profile"],
+    }
+    sidecar["rebuild_command"] = rebuild_command(sidecar)
+    with atomic_path(sidecar_path(engine_path)) as tmp:
+        tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    notes = [f"TensorRT {env['tensorrt_version']} on {env['gpu_name']} (sm {env['compute_capability']}), strongly "
+             f"typed from {source}, batch profile {facts['batch_profile']}"]
+    if precision != "fp32" and facts.get("fp32_layers"):
+        notes.append(f"{len(facts['fp32_layers'])} layers in fp32 (the ONNX file types them so)")
+    return Artifact(name=f"tensorrt-{precision}", backend="tensorrt", path=f"{ENGINE_DIR}/{engine_path.name}",
+                    precision=precision, device="cuda", notes=notes)
 
 
 @register_backend
 class TensorRTRunner(Runner):
-    """Runs a serialized TensorRT engine with torch CUDA tensors as I/O buffers."""
+    """Runs a serialized TensorRT engine with torch CUDA tensors as I/O buffers, on a CUDA stream of its own."""
 
     backend = "tensorrt"
     description = "TensorRT engine (CUDA; refuses engines built for another GPU / TensorRT / ONNX)"
@@ -356,41 +446,50 @@ class TensorRTRunner(Runner):
         if len(inputs) != 1 or not outputs:
             raise RunnerError(f"tensorrt: expected one input and an output, engine has {inputs} → {outputs}")
         self._input, self._output = inputs[0], outputs[0]
-        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
-        self._input_dtype = dtypes[self.engine.get_tensor_dtype(self._input)]
-        self._output_dtype = dtypes[self.engine.get_tensor_dtype(self._output)]
+        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+        io_types = [self.engine.get_tensor_dtype(self._input), self.engine.get_tensor_dtype(self._output)]
+        if any(t not in dtypes for t in io_types):
+            raise RunnerError(f"tensorrt: engine I/O types {io_types} are not float32/float16")
+        self._input_dtype, self._output_dtype = (dtypes[t] for t in io_types)
         profile = self.sidecar.get("batch_profile", {})
         self._batch_range = (int(profile.get("min", 1)), int(profile.get("max", 1 << 30)))
+        # Copies, enqueue and sync on our own stream: torch's current stream is the legacy default stream, which
+        # implicitly synchronises with every other stream of the process.
+        self._stream = torch.cuda.Stream()
 
     def prepare_impl(self, batch: np.ndarray) -> Any:
         low, high = self._batch_range
         if not low <= batch.shape[0] <= high:
             raise RunnerError(f"tensorrt: batch {batch.shape[0]} is outside the engine's profile {low}…{high}")
         torch = self._torch
-        inp = torch.from_numpy(batch).to("cuda", self._input_dtype).contiguous()
-        if not self.context.set_input_shape(self._input, tuple(inp.shape)):
-            raise RunnerError(f"tensorrt: the engine rejects input shape {tuple(inp.shape)}")
-        out = torch.empty(tuple(self.context.get_tensor_shape(self._output)), dtype=self._output_dtype,
-                          device="cuda")
+        with torch.cuda.stream(self._stream):  # the buffers belong to our stream (allocator and copy)
+            inp = torch.from_numpy(batch).to("cuda", self._input_dtype).contiguous()
+            if not self.context.set_input_shape(self._input, tuple(inp.shape)):
+                raise RunnerError(f"tensorrt: the engine rejects input shape {tuple(inp.shape)}")
+            out = torch.empty(tuple(self.context.get_tensor_shape(self._output)), dtype=self._output_dtype,
+                              device="cuda")
         self.context.set_tensor_address(self._input, inp.data_ptr())
         self.context.set_tensor_address(self._output, out.data_ptr())
         return inp, out
 
     def run_impl(self, prepared: Any) -> Any:
-        _, out = prepared
-        if not self.context.execute_async_v3(self._torch.cuda.current_stream().cuda_stream):
+        if not self.context.execute_async_v3(self._stream.cuda_stream):
             raise RunnerError("tensorrt: execute_async_v3 failed: "
                               f"{'; '.join(self._logger.errors[-2:]) or 'no error message'}")
         return prepared  # keep the input alive until the stream is done with it
 
     def finish_impl(self, raw: Any) -> np.ndarray:
         _, out = raw
-        return out.float().cpu().numpy()  # .cpu() waits for the stream
+        with self._torch.cuda.stream(self._stream):  # after the engine on our stream; .cpu() waits for it
+            return out.float().cpu().numpy()
 
     def sync(self) -> None:
-        self._torch.cuda.synchronize()
+        self._stream.synchronize()
 
     def deactivate_impl(self) -> None:
+        if getattr(self, "_stream", None) is not None:
+            self._stream.synchronize()
+        self._stream = None
         self.context = None
         self.engine = None
         self._runtime = None

@@ -1,0 +1,68 @@
+"""Where every stage finds a model's files: `<artifacts>/<model>/` with its checkpoint and training state.
+
+One module below the stages (train, export, parity, report, bench) so they agree on names without importing
+each other.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from exporter.errors import ExporterError
+
+CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+CHECKPOINT_SIDECAR = "checkpoint.json"
+STATE_DIR = "train_state"
+STATE_WEIGHTS = "state.safetensors"
+STATE_SIDECAR = "state.json"
+
+
+class OutputDirError(ExporterError):
+    """An output directory that cannot be created or written."""
+
+
+def default_artifacts_dir() -> Path:
+    """`$EXPORTER_ARTIFACTS` if set, else `artifacts` (relative to the working directory)."""
+    return Path(os.environ.get("EXPORTER_ARTIFACTS") or "artifacts")
+
+
+def model_dir(model: str, artifacts_dir: str | Path = Path("artifacts")) -> Path:
+    """`<artifacts>/<model>/`: the directory holding everything written for one model."""
+    return Path(artifacts_dir) / model
+
+
+def checkpoint_paths(model: str, artifacts_dir: str | Path = Path("artifacts")) -> tuple[Path, Path]:
+    """(weights, sidecar) paths of a model's checkpoint: `<artifacts>/<model>/checkpoint.{safetensors,json}`."""
+    directory = model_dir(model, artifacts_dir)
+    return directory / CHECKPOINT_WEIGHTS, directory / CHECKPOINT_SIDECAR
+
+
+def state_dir(model: str, artifacts_dir: str | Path = Path("artifacts")) -> Path:
+    """`<artifacts>/<model>/train_state/`: the per-epoch training state that `train --resume` continues from."""
+    return model_dir(model, artifacts_dir) / STATE_DIR
+
+
+def state_paths(directory: str | Path) -> tuple[Path, Path]:
+    """(weights, sidecar) of the training state inside a train-state directory."""
+    directory = Path(directory)
+    return directory / STATE_WEIGHTS, directory / STATE_SIDECAR
+
+
+def ensure_writable_dir(directory: str | Path) -> Path:
+    """Create `directory` if needed and prove it writable with a probe file; OutputDirError in one line if not.
+
+    Checked before a long run starts, so a read-only destination fails in seconds rather than after an epoch.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputDirError(f"{directory}: cannot write there ({reason}); pick another --artifacts directory "
+                             f"or make it writable") from None
+    return directory
