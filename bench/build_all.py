@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -131,25 +129,22 @@ def render(rows: list[dict], machine: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_info() -> dict:
+def machine_facts() -> dict:
+    """The machine description every report uses, plus this run's date and the registry's model order."""
     import torch
 
+    from exporter.machine import machine_info
     from exporter.models import list_models
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+    info = machine_info()
+    return {"cpu": info["cpu"], "cores": info["usable_cores"], "python": info["python"], "torch": torch.__version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model_order": list_models()}
 
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from exporter.models import get_spec, list_models
-    from exporter.train import default_artifacts_dir
+    from exporter.paths import default_artifacts_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help="comma-separated models (default: every registered model)")
@@ -182,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 status = f"{row['wall_s']:.1f}s" if row["status"] == "ok" else f"ERROR {row['error']}"
                 print(f"[build_all] {model} ({mode}): {status}", file=sys.stderr, flush=True)
                 atomic_write_text(store, json.dumps(list(rows.values()), indent=2) + "\n")
-                atomic_write_text(out, render(list(rows.values()), machine_info()))
+                atomic_write_text(out, render(list(rows.values()), machine_facts()))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -77,12 +77,14 @@ def _exporter(*args: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from exporter.bench import BenchSettings, bench_build, check_device, machine_slug, tune_build
+    from exporter.bench import BenchSettings, bench_build, check_device
     from exporter.errors import ExporterError
-    from exporter.manifest import load_build
+    from exporter.machine import machine_slug
+    from exporter.manifest import load_build, update_manifest
     from exporter.models import get_spec
     from exporter.report import collect, write_reports
     from exporter.select import describe_choice, parse_budget, select_build
+    from exporter.tuning import tune_build
 
     check_device(args.device)
     models = [get_spec(m).name for m in (args.models or DEFAULT_MODELS)]
@@ -129,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
             except ExporterError as exc:
                 notes.append(f"{model}: no recommendation: {exc}")
                 if "recommended" in build.manifest:  # a stale choice from an earlier run must not be shown
-                    from exporter.manifest import update_manifest
-
                     update_manifest(build, "recommended", None)
         except ExporterError as exc:
             notes.append(f"{model}: benchmark failed: {exc}")

@@ -4,8 +4,9 @@
     .venv/bin/python bench/train_all.py --models lenet,lenet_bn # only these; merged into the existing results
 
 Each model runs as `python -m exporter train MODEL --json` in its own process (the real command, fresh memory),
-writing its checkpoint under --artifacts. Results are merged into `bench/results/training.json` (one row per
-model, newest run wins) and rendered to `bench/results/training.md` next to the seeds' Fashion-MNIST numbers.
+writing its checkpoint under --artifacts; other options (--force, --max-steps, …) go to every run. Results are
+merged into `bench/results/training.json` (one row per model, newest run wins) and rendered to
+`bench/results/training.md` next to the seeds' Fashion-MNIST numbers.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def train_one(name: str, *, artifacts: Path, seed: int, threads: int | None, ext
         "dataset", "epochs", "steps", "batch_size", "lr", "max_steps", "budget", "input_shape", "train_accuracy",
         "test_accuracy", "test_examples", "examples_per_s", "train_seconds", "seconds", "threads", "device",
         "checkpoint")})
+    row["checkpoint_action"] = summary.get("checkpoint_action")
     return row
 
 
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(results / "training.md", render(rows, machine))
         row = rows[name]
         outcome = row.get("error") or f"test acc {row['test_accuracy']:.3f}, {row['examples_per_s']:.1f} ex/s"
+        if row.get("checkpoint_action") == "kept":  # `exporter train` kept a better checkpoint already there
+            outcome += "; kept the better existing checkpoint (pass --force to replace it)"
         print(f"[{i}/{len(names)}] {name}: {outcome} ({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
     print(f"{len(names)} model(s) in {(time.perf_counter() - started) / 60:.1f} min → {results / 'training.md'}",
           file=sys.stderr)

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from exporter.errors import ExporterError, UsageError
 from exporter.paths import default_artifacts_dir
@@ -23,6 +23,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_CODES = ("exit status: 0 everything asked for was done; 1 it failed (a parity failure, nothing could run, a "
               "broken build or file); 2 bad input (unknown names, invalid values); 3 partly done (some artifacts "
               "or cells could not run: each failure is printed); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad-input errors on one line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _human(n: float) -> str:
@@ -559,7 +566,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="exporter",
         description="Train the classic CNNs, compile and export them (torch.compile, ONNX, OpenVINO, TensorRT, "
         "AOTInductor) and prove that every exported artifact computes the same function, and how fast.",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 # Always reported; each backend adds the optional library it needs (`Runner.library`).
-CORE_LIBRARIES = ("torch", "torchvision", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "openvino",
+CORE_LIBRARIES = ("exporter", "torch", "torchvision", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "openvino",
                   "nncf", "tensorrt", "safetensors", "matplotlib")
 PEAK_PRECISIONS = ("fp32", "bf16")
 

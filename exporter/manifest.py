@@ -202,14 +202,72 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
     if version < FORMAT_VERSION:
         raise ManifestError(f"{path} was written by an older exporter (format {version}, this one reads "
                             f"{FORMAT_VERSION}); rebuild with `exporter build {data.get('model', 'MODEL')}`")
+    problem = _schema_problem(data)
+    if problem:
+        raise ManifestError(f"{path} is damaged: {problem} (rebuild with `exporter build {data.get('model', 'MODEL')}`)")
     return data
+
+
+def _positive_ints(value: Any, count: int | None = None) -> bool:
+    return isinstance(value, list) and (count is None or len(value) == count) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+
+
+def _schema_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a manifest's fields that later stages rely on (None: nothing)."""
+    if not isinstance(data.get("model"), str):
+        return "`model` is not a name"
+    if not _positive_ints(data.get("input_shape"), 3):
+        return f"`input_shape` must be three positive integers (C, H, W), got {data.get('input_shape')!r}"
+    if not _positive_ints([data.get("num_classes")]):
+        return f"`num_classes` must be a positive integer, got {data.get('num_classes')!r}"
+    files = data.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("size"), int)
+            and isinstance(v.get("sha256"), str) for k, v in files.items()):
+        return "`files` must map each relative path to its size and sha256"
+    artifacts = data.get("artifacts")
+    if not isinstance(artifacts, list) or not all(
+            isinstance(a, dict) and all(isinstance(a.get(k), str) for k in ("name", "backend", "path", "precision"))
+            and isinstance(a.get("options", {}), dict) for a in artifacts):
+        return "`artifacts` must be a list of entries with name, backend, path and precision"
+    batch = data.get("batch")
+    if not isinstance(batch, dict) or not _positive_ints([batch.get("max")]):
+        return "`batch` must give the largest batch (`max`)"
+    return None
+
+
+def inside_build(build_dir: Path, rel: str) -> Path:
+    """The file `rel` names inside `build_dir`; ManifestError when it is absolute, climbs out (`..`) or is reached
+    through a symbolic link — a manifest must never make a stage read or run a file outside its build."""
+    build_dir = Path(build_dir).resolve()
+    candidate = Path(rel)
+    if not rel or candidate.is_absolute() or ".." in candidate.parts:
+        raise ManifestError(f"{build_dir / MANIFEST_NAME} names {rel!r}, a path outside the build directory; "
+                            "refusing to use it (rebuild the model)")
+    path = build_dir / candidate
+    if path.resolve() != path:  # a link anywhere below the build directory
+        raise ManifestError(f"{path} is reached through a symbolic link; refusing to use it (rebuild the model)")
+    return path
+
+
+def check_artifact_paths(build_dir: Path, manifest: dict[str, Any]) -> None:
+    """Every path the manifest names stays inside the build, and every artifact's file is in the hash list."""
+    for rel in manifest["files"]:
+        inside_build(build_dir, rel)
+    for entry in manifest["artifacts"]:
+        inside_build(build_dir, entry["path"])
+        if entry["path"] not in manifest["files"]:
+            raise ManifestError(f"artifact {entry['name']!r} names {entry['path']!r}, which is not in the manifest's "
+                                "sha256 list; refusing to load it (rebuild the model)")
 
 
 def verify_files(build_dir: Path, manifest: dict[str, Any]) -> None:
     """Check every file the manifest lists: present, same size, same sha256 (ManifestError on the first miss)."""
     build_dir = Path(build_dir)
+    check_artifact_paths(build_dir, manifest)
     for rel, entry in manifest["files"].items():
-        path = build_dir / rel
+        path = inside_build(build_dir, rel)
         if not path.is_file():
             raise ManifestError(f"{path} is listed in the manifest but missing (rebuild the model)")
         size = path.stat().st_size
@@ -218,6 +276,10 @@ def verify_files(build_dir: Path, manifest: dict[str, Any]) -> None:
                                 f"(truncated or modified; rebuild the model)")
         if sha256_file(path) != entry["sha256"]:
             raise ManifestError(f"{path} does not match its sha256 in the manifest (modified; rebuild the model)")
+        if path.suffix == ".onnx":
+            from exporter.backends.onnx import check_external_data
+
+            check_external_data(path, build_dir, set(manifest["files"]))
 
 
 def load_build(target: str | Path, artifacts_dir: Path = Path("artifacts"), *, verify_hashes: bool = True) -> Build:

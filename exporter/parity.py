@@ -25,15 +25,28 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from exporter.backends import BACKENDS, Artifact, Variant, runner_for
 from exporter.backends.base import BisectionUnsupported, Runner
 from exporter.bisect import bisect_variant
 from exporter.comparison import (
-    ERROR, FAIL, NOT_RUN, ComparisonResult, InputSet, Overrides, ParityReport, chunks,
-    compare_variant, make_input_sets, not_run, reference_outputs, run_batches,
+    ERROR,
+    FAIL,
+    NOT_RUN,
+    ComparisonResult,
+    InputSet,
+    Overrides,
+    ParityReport,
+    chunks,
+    compare_variant,
+    make_input_sets,
+    not_run,
+    reference_outputs,
+    run_batches,
 )
+from exporter.data import sample_images
 from exporter.errors import ExporterError, UsageError, one_line
 from exporter.fileio import sha256_file
 from exporter.judge import ParityError
@@ -106,8 +119,6 @@ class ReferenceCache:
 def _reference_outputs(runner: Runner, eager: Artifact, sets: list[InputSet], labels: np.ndarray | None,
                        max_batch: int, cache: ReferenceCache) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Eager fp32 logits of every input set (cached), and what the report says about the reference."""
-    import torch
-
     weights_digest = sha256_file(runner.path)
     # what the reference depends on besides the input: weights, model options, torch (kernels, model code)
     reference_id = hashlib.sha256(f"{weights_digest} {json.dumps(eager.options, sort_keys=True)} "
@@ -177,8 +188,6 @@ def verify_build(build: Build, *, backends: Iterable[str] | None = None, variant
     input_shape = build.input_shape
     check_input_shape(build.model, input_shape)  # a manifest shape the model cannot take: one line, valid sizes
     if images is None:
-        from exporter.data import sample_images
-
         images, labels, ds = sample_images(build.dataset if data is None else data, "test", input_shape, samples,
                                            seed=seed)
         dataset = dataset or getattr(ds, "name", str(ds))

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from exporter.errors import UsageError
+from exporter.machine import usable_cores
 
 CPU_BUDGET_TEST_IMAGES = 128  # test images evaluated per epoch under a step-capped CPU budget
 MAX_EPOCHS = 10_000
@@ -88,12 +88,10 @@ def _check_recipe_values(values: dict[str, Any]) -> None:
         raise UsageError(f"lr must be a positive number, got {values['lr']!r}")
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def check_seed(seed: int) -> None:
+    """`seed` must be a non-negative integer."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
 
 
 def check_threads(threads: int | None) -> None:

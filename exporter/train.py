@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib.metadata
 import io
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,7 +52,13 @@ from exporter.checkpoint import (
 from exporter.data import Dataset, check_channels, load_split, to_model_tensor
 from exporter.errors import UsageError
 from exporter.fileio import atomic_write_bytes
-from exporter.recipe import check_batch_memory, check_threads, resolve_recipe
+from exporter.machine import library_versions
+from exporter.recipe import (
+    check_batch_memory,
+    check_seed,
+    check_threads,
+    resolve_recipe,
+)
 from exporter.training_runtime import Dist, SigtermGuard, pick_device, thread_count
 
 CURVE_NAME = "training_curve.png"
@@ -71,14 +75,6 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.xavier_normal_(module.weight)
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for package in ("torchvision", "safetensors", "exporter"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[package] = importlib.metadata.version(package)
-    return out
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -88,7 +84,9 @@ def _now() -> str:
 
 def plot_curve(history: list[dict], points: list[dict], path: Path, title: str) -> None:
     """Loss, train accuracy (intra-epoch points) and test accuracy (per epoch) like d2l's Animator."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg; pyplot's global state is untouched
+    from matplotlib.figure import (
+        Figure,  # a bare Figure renders with Agg; pyplot's global state is untouched
+    )
 
     fig = Figure(figsize=(5.5, 3.8), dpi=110)
     ax = fig.add_subplot(1, 1, 1)
@@ -164,10 +162,12 @@ class Trainer:
 
     @property
     def world(self) -> int:
+        """Processes training together (1 outside torchrun)."""
         return self.dist.world_size
 
     @property
     def dataset_info(self) -> dict[str, Any]:
+        """The data set as the checkpoint and the training state record it."""
         return {"name": self.train_data.name, "digest": self.train_data.digest, "source": self.train_data.source,
                 "train_examples": len(self.train_data), "test_examples": len(self.test_data),
                 "test_examples_evaluated": len(self.test_index)}
@@ -248,6 +248,7 @@ class Trainer:
         self.say(f"resuming {self.model} from epoch {saved_epoch} ({location})")
 
     def wrap_for_ddp(self) -> None:
+        """Under torchrun, train through DistributedDataParallel (gradients averaged over the ranks)."""
         if self.dist.enabled:
             self.ddp_net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -382,12 +383,13 @@ class Trainer:
             "train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"],
             "test_accuracy": last["test_accuracy"], "examples_per_s": self.examples_per_s,
             "train_seconds": self.train_seconds, "history": self.history, "device": str(self.device),
-            "world_size": self.world, "threads": torch.get_num_threads(), "versions": _versions(),
+            "world_size": self.world, "threads": torch.get_num_threads(), "versions": library_versions(),
             "created": _now(),
         }
 
     @property
     def examples_per_s(self) -> float:
+        """Training throughput over every epoch so far (resumed ones included)."""
         return self.examples_seen / max(self.train_seconds, 1e-9)
 
     def summary(self) -> dict[str, Any]:
@@ -470,29 +472,39 @@ def train(
 
     get_spec(model)
     started = time.perf_counter()
-    run_device = pick_device(device)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
-    check_threads(threads)
-    recipe = resolve_recipe(model, device=run_device, epochs=epochs, lr=lr, batch_size=batch_size, resize=resize,
-                            max_steps=max_steps, cpu_budget=cpu_budget, test_images=test_images)
-    train_data, test_data = load_split(data, "train"), load_split(data, "test")
-    input_shape = _input_shape(model, train_data, test_data, in_channels, recipe["resize"])
-    check_batch_memory(input_shape, recipe["batch_size"])
-    model_dir = paths.ensure_writable_dir(paths.model_dir(model, artifacts_dir))
-    state_dir = paths.ensure_writable_dir(paths.state_dir(model, artifacts_dir))
+    with SigtermGuard(paths.state_dir(model, artifacts_dir)) as guard:
+        run_device = pick_device(device)
+        check_seed(seed)
+        check_threads(threads)
+        recipe = resolve_recipe(model, device=run_device, epochs=epochs, lr=lr, batch_size=batch_size,
+                                resize=resize, max_steps=max_steps, cpu_budget=cpu_budget, test_images=test_images)
+        train_data, test_data = load_split(data, "train"), load_split(data, "test")
+        input_shape = _input_shape(model, train_data, test_data, in_channels, recipe["resize"])
+        check_batch_memory(input_shape, recipe["batch_size"])
+        model_dir = paths.ensure_writable_dir(paths.model_dir(model, artifacts_dir))
+        paths.ensure_writable_dir(guard.state_dir)
+        with thread_count(threads), _device_rng(run_device):
+            dist = Dist(run_device)
+            try:
+                trainer = Trainer(model=model, recipe=recipe, train_data=train_data, test_data=test_data,
+                                  input_shape=input_shape, device=run_device, dist=dist, seed=seed,
+                                  model_dir=model_dir, data_arg=data, say=_logger(log, dist), guard=guard,
+                                  progress=progress, force=force, started=started)
+                return trainer.run(resume)
+            finally:
+                dist.close()
 
-    cuda_devices = [run_device.index or 0] if run_device.type == "cuda" else []
-    if run_device.type == "cuda":
-        torch.cuda.set_device(run_device)  # NCCL collectives (all_gather_object) use the current device
-    with SigtermGuard(state_dir) as guard, thread_count(threads), torch.random.fork_rng(devices=cuda_devices):
-        dist = Dist(run_device)
-        say = log if log is not None else (lambda line: print(line, file=sys.stderr, flush=True))
-        try:
-            trainer = Trainer(model=model, recipe=recipe, train_data=train_data, test_data=test_data,
-                              input_shape=input_shape, device=run_device, dist=dist, seed=seed, model_dir=model_dir,
-                              data_arg=data, say=say if dist.is_main else (lambda line: None), guard=guard,
-                              progress=progress, force=force, started=started)
-            return trainer.run(resume)
-        finally:
-            dist.close()
+
+def _device_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """The RNG fork a run trains under (CUDA's too on a GPU), so the caller's generators are left as they were."""
+    if device.type != "cuda":
+        return torch.random.fork_rng(devices=[])
+    torch.cuda.set_device(device)  # NCCL collectives (all_gather_object) use the current device
+    return torch.random.fork_rng(devices=[device.index or 0])
+
+
+def _logger(log: Callable[[str], None] | None, dist: Dist) -> Callable[[str], None]:
+    """Where the run's lines go: `log`, else stderr; nowhere on ranks other than 0."""
+    if not dist.is_main:
+        return lambda line: None
+    return log if log is not None else (lambda line: print(line, file=sys.stderr, flush=True))

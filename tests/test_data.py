@@ -140,6 +140,36 @@ def test_idx_count_mismatch(tmp_path: Path) -> None:
         load_split(tmp_path / "d", "train")
 
 
+def test_idx_with_zero_images_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """0 images used to load and then divide by zero in train."""
+    write_idx_dir(tmp_path / "d", n_train=0, n_test=4, classes=2)
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: holds 0 images; each split needs at least one"):
+        load_split(tmp_path / "d", "train")
+    write_idx_dir(tmp_path / "e", n_train=4, n_test=0, classes=2)
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: holds 0 images"):
+        load_split(tmp_path / "e", "test")
+
+
+def test_idx_labels_with_gaps_are_refused(tmp_path: Path) -> None:
+    """A stray label 200 among 0..9 used to make a 201-class model without a word."""
+    write_idx_dir(tmp_path / "d", classes=10, n_train=20, n_test=10)
+    labels = (np.arange(20) % 10).astype(np.uint8)
+    labels[3] = 200
+    (tmp_path / "d" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels, IDX_LABELS_MAGIC)))
+    for split in ("train", "test"):  # the class count spans both splits, so both refuse
+        with pytest.raises(DataError, match=r"labels must be 0..N-1 without gaps; found 11 distinct labels up to "
+                                            r"200, missing 10..199$") as info:
+            load_split(tmp_path / "d", split)
+        assert "\n" not in str(info.value)
+    # Labels 0..3 with 2 missing from both splits: a gap too.
+    write_idx_dir(tmp_path / "e", classes=4, n_train=8, n_test=4)
+    for stem, n in (("train-labels-idx1-ubyte", 8), ("t10k-labels-idx1-ubyte", 4)):
+        (tmp_path / "e" / f"{stem}.gz").write_bytes(gzip.compress(idx_bytes(
+            np.array([0, 1, 3, 0, 1, 3, 0, 1][:n], np.uint8), IDX_LABELS_MAGIC)))
+    with pytest.raises(DataError, match="missing 2$"):
+        load_split(tmp_path / "e", "train")
+
+
 def _seed_001_load_data(data_folder: Path, data_name: str, label_name: str) -> tuple[np.ndarray, np.ndarray]:
     """Seed 001's reader, verbatim: no magic, size or count check, and a hard-coded 28×28 reshape."""
     with gzip.open(data_folder / label_name, "rb") as labpath:

@@ -143,7 +143,8 @@ def test_strict_turns_lint_warnings_into_errors(tmp_path: Path, monkeypatch: pyt
 @pytest.fixture(scope="module")
 def lenet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (tiny: 3 steps) lenet checkpoint written by `exporter.train.train`."""
-    from exporter.train import checkpoint_paths, train
+    from exporter.paths import checkpoint_paths
+    from exporter.train import train
 
     root = tmp_path_factory.mktemp("ckpt")
     train("lenet", epochs=1, max_steps=3, batch_size=32, artifacts_dir=root, progress=False, log=lambda *_: None)

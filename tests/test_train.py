@@ -17,17 +17,12 @@ import torch
 
 from exporter import cli
 from exporter.data import IDX_IMAGES_MAGIC, load_split, to_model_input
-from exporter.errors import UsageError
+from exporter.errors import ExporterError, UsageError
 from exporter.models import get_spec, list_models
-from exporter.train import (
-    CPU_BUDGET_TEST_IMAGES,
-    CheckpointError,
-    checkpoint_paths,
-    load_checkpoint,
-    load_trained_model,
-    resolve_recipe,
-    train,
-)
+from exporter.checkpoint import CheckpointError, load_checkpoint, load_trained_model
+from exporter.paths import checkpoint_paths
+from exporter.recipe import CPU_BUDGET_TEST_IMAGES, resolve_recipe
+from exporter.train import train
 from tests.test_data import idx_bytes, write_idx_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,3 +337,224 @@ def test_bench_train_all_merges_runs(tmp_path: Path) -> None:
     assert "| 0.824 |" in table  # the seed's Fashion-MNIST accuracy next to ours
     with pytest.raises(UnknownModelError):
         train_all.main(["--models", "lenett", *common])
+
+
+# --- reliability: checkpoints, bounds, signals ---------------------------------------------------------------------
+
+
+def _tiny_data(root: Path) -> Path:
+    """16 train / 8 test 28×28 images in 3 classes: a non-default class count, one epoch in milliseconds."""
+    write_idx_dir(root, n_train=16, n_test=8, size=28, classes=3)
+    return root
+
+
+def _tiny(tmp_path: Path, **overrides) -> dict:
+    return {"data": _tiny_data(tmp_path / "data"), "epochs": 1, "batch_size": 8, "lr": 0.1, **QUIET, **overrides}
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_before_the_sidecar_keeps_the_previous_checkpoint(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights written, sidecar not yet: the previous pair must still load (it used to fail its sha256 check)."""
+    common = _tiny(tmp_path)
+    first = train("lenet_bn", artifacts_dir=tmp_path / "a", **common)
+    before = json.loads(Path(first["sidecar"]).read_text())["weights_sha256"]
+    real_dumps = json.dumps
+
+    def crash_on_checkpoint_sidecar(data, *args, **kwargs):
+        if isinstance(data, dict) and data.get("format") == "exporter-checkpoint/1":
+            raise _Crash("power cut between the weights and the sidecar")
+        return real_dumps(data, *args, **kwargs)
+
+    monkeypatch.setattr(json, "dumps", crash_on_checkpoint_sidecar)
+    with pytest.raises(_Crash):
+        train("lenet_bn", artifacts_dir=tmp_path / "a", **{**common, "seed": 1})
+    monkeypatch.setattr(json, "dumps", real_dumps)
+    state, sidecar = load_checkpoint(tmp_path / "a" / "lenet_bn", expect_model="lenet_bn")
+    assert sidecar["weights_sha256"] == before and sidecar["seed"] == 0 and sidecar["num_classes"] == 3
+
+
+def test_interrupted_switch_falls_back_to_a_complete_pair(tmp_path: Path) -> None:
+    """Each step of the switch leaves a complete pair that load_checkpoint finds: new, new weights + new sidecar."""
+    import shutil
+
+    common = _tiny(tmp_path)
+    old = train("lenet_bn", artifacts_dir=tmp_path / "old", **common)
+    new = train("lenet_bn", artifacts_dir=tmp_path / "new", **{**common, "seed": 1})
+    directory = tmp_path / "switch"
+    shutil.copytree(Path(old["checkpoint"]).parent, directory)
+    shutil.copy(new["checkpoint"], directory / "checkpoint.new.safetensors")
+    shutil.copy(new["sidecar"], directory / "checkpoint.new.json")
+    new_sha = json.loads(Path(new["sidecar"]).read_text())["weights_sha256"]
+    (directory / "checkpoint.json").unlink()  # step 3: the old sidecar is gone
+    assert load_checkpoint(directory)[1]["weights_sha256"] == new_sha
+    os.replace(directory / "checkpoint.new.safetensors", directory / "checkpoint.safetensors")  # step 4
+    assert load_checkpoint(directory / "checkpoint.safetensors")[1]["weights_sha256"] == new_sha
+
+
+def test_a_worse_run_keeps_the_better_checkpoint_unless_forced(tmp_path: Path) -> None:
+    common = _tiny(tmp_path)
+    train("lenet_bn", artifacts_dir=tmp_path / "a", **common)
+    weights, sidecar_path = checkpoint_paths("lenet_bn", tmp_path / "a")
+    better = json.loads(sidecar_path.read_text())
+    better["test_accuracy"] = 1.0  # the checkpoint already there scores better than this recipe can
+    sidecar_path.write_text(json.dumps(better))
+    kept_bytes = weights.read_bytes(), sidecar_path.read_bytes()
+
+    lines: list[str] = []
+    again = train("lenet_bn", artifacts_dir=tmp_path / "a", **{**common, "log": lines.append})
+    assert again["test_accuracy"] < 1.0 and again["checkpoint_action"] == "kept"
+    assert (weights.read_bytes(), sidecar_path.read_bytes()) == kept_bytes
+    assert [line for line in lines if "checkpoint" in line] == [lines[-1]]
+    assert "kept the existing checkpoint (test acc 1.000 is better)" in lines[-1] and "--force" in lines[-1]
+    rejected, _ = load_checkpoint(Path(again["checkpoint"]), expect_model="lenet_bn")
+    assert Path(again["checkpoint"]).name == "checkpoint.rejected.safetensors"
+
+    code, out, err = _cli("train", "lenet_bn", "--data", str(common["data"]), "--epochs", "1", "--batch-size", "8",
+                          "--lr", "0.1", "--threads", "1", "--device", "cpu", "--artifacts", str(tmp_path / "a"),
+                          "--force", "--json")
+    assert code == 0, err
+    assert json.loads(out)["checkpoint_action"] == "replaced"
+    assert "replaced a checkpoint with test acc 1.000, kept as checkpoint.prev.*" in err
+    assert (weights.with_name("checkpoint.prev.safetensors").read_bytes(),
+            sidecar_path.with_name("checkpoint.prev.json").read_bytes()) == kept_bytes
+    state, sidecar = load_checkpoint(weights, expect_model="lenet_bn")
+    assert sidecar["test_accuracy"] == again["test_accuracy"]
+    assert all(torch.equal(state[k], rejected[k]) for k in state)
+
+
+def test_checkpoint_bytes_are_deterministic(tmp_path: Path) -> None:
+    """Same seed, same weights → same sha256: sorted safetensors metadata, timestamps only in the sidecar."""
+    from exporter.checkpoint import save_tensors
+
+    common = _tiny(tmp_path, max_steps=2)
+    a = train("lenet_bn", artifacts_dir=tmp_path / "a", **common)
+    b = train("lenet_bn", artifacts_dir=tmp_path / "b", **common)
+    assert Path(a["checkpoint"]).read_bytes() == Path(b["checkpoint"]).read_bytes()
+    blob = Path(a["checkpoint"]).read_bytes()
+    header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+    metadata = header["__metadata__"]
+    assert list(metadata) == sorted(metadata) and "created" not in metadata
+    assert list(header) == sorted(header)
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    many = {"format": "x", "model": "m", "input_shape": "[1, 28, 28]", "num_classes": "3", "z": "1", "a": "2"}
+    digests = {save_tensors(tmp_path / f"t{i}.safetensors", tensors, dict(reversed(many.items()) if i % 2
+                                                                          else many.items())) for i in range(6)}
+    assert len(digests) == 1
+
+
+def test_resume_refuses_an_epoch_count_below_the_saved_state(tmp_path: Path) -> None:
+    common = _tiny(tmp_path, epochs=2)
+    train("lenet_bn", artifacts_dir=tmp_path / "a", **common)
+    weights = checkpoint_paths("lenet_bn", tmp_path / "a")[0]
+    before = weights.read_bytes()
+    with pytest.raises(UsageError, match=r"training state in .* is at epoch 2, past --epochs 1; pass --epochs 2 or "
+                                         r"more to continue, or drop --resume to start over"):
+        train("lenet_bn", artifacts_dir=tmp_path / "a", resume=True, **{**common, "epochs": 1})
+    assert weights.read_bytes() == before
+
+
+def test_sidecar_fields_are_validated(lenet_checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    original = json.loads((lenet_checkpoint / "lenet" / "checkpoint.json").read_text())
+    for field, value, message in (
+        ("input_shape", [1, -5, 28], r"'input_shape' must be \[C, H, W\] of positive integers, got \[1, -5, 28\]"),
+        ("input_shape", [3, 28, 28], r"'input_shape' must be \[C, H, W\] with C = in_channels \(1\)"),
+        ("in_channels", "1", "'in_channels' must be a positive integer, got '1'"),
+        ("num_classes", 0, "'num_classes' must be a positive integer, got 0"),
+        ("class_names", ["0", "1"], "'class_names' must be a list of 10 strings"),
+        ("test_accuracy", 7.5, r"'test_accuracy' must be a number in \[0, 1\]"),
+        ("weights_sha256", None, "'weights_sha256' must be a sha256 hex digest"),
+    ):
+        copy = tmp_path / f"{field}-{value}"
+        shutil.copytree(lenet_checkpoint / "lenet", copy)
+        (copy / "checkpoint.json").write_text(json.dumps({**original, field: value}))
+        with pytest.raises(CheckpointError, match=message) as info:
+            load_checkpoint(copy)
+        assert "\n" not in str(info.value)
+
+
+def test_unwritable_output_is_refused_before_training(tmp_path: Path) -> None:
+    lines: list[str] = []
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the artifacts directory should be")
+    with pytest.raises(ExporterError, match=r"not-a-dir/lenet_bn: cannot write there") as info:
+        train("lenet_bn", artifacts_dir=blocker, **_tiny(tmp_path, log=lines.append))
+    assert lines == [] and "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_is_refused_before_training(tmp_path: Path) -> None:
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        with pytest.raises(ExporterError, match="cannot write there"):
+            train("lenet_bn", artifacts_dir=tmp_path / "ro", **_tiny(tmp_path))
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+
+
+def test_values_past_the_machine_are_refused_with_the_limit(tmp_path: Path) -> None:
+    from exporter.recipe import usable_cores
+
+    common = _tiny(tmp_path, max_steps=1)
+    limit = 4 * usable_cores()
+    with pytest.raises(UsageError, match=rf"threads must be at most {limit} \(4 × the {usable_cores()} usable"):
+        train("lenet_bn", artifacts_dir=tmp_path / "a", **{**common, "threads": limit + 1})
+    with pytest.raises(UsageError, match=r"resize must be at most 1024 pixels"):
+        train("lenet_bn", artifacts_dir=tmp_path / "a", **{**common, "resize": 100000})
+    with pytest.raises(UsageError, match="epochs must be at most 10000, got 100000000000000000000"):
+        train("lenet_bn", artifacts_dir=tmp_path / "a", **{**common, "epochs": 10**20})
+    with pytest.raises(UsageError, match="max_steps must be at most 10000000"):
+        train("lenet_bn", artifacts_dir=tmp_path / "a", **{**common, "max_steps": 10**7 + 1})
+    with pytest.raises(UsageError, match=r"one batch of 1000000000 images at 1×28×28 needs 2920.6 GiB as input"):
+        train("lenet_bn", artifacts_dir=tmp_path / "a", **{**common, "batch_size": 10**9})
+    assert not (tmp_path / "a").exists()
+    for argv in (("--threads", "100000"), ("--resize", "100000"), ("--epochs", "20000")):
+        code, out, err = _cli("train", "lenet_bn", *argv, "--artifacts", str(tmp_path / "a"))
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "at most" in err, (argv, err)
+
+
+def test_colour_data_into_one_channel_is_the_first_and_only_message(tmp_path: Path) -> None:
+    from tests.test_data import write_image_folder
+
+    write_image_folder(tmp_path / "pets", colour=True, size=28)
+    code, out, err = _cli("train", "lenet", "--data", str(tmp_path / "pets"), "--in-channels", "1",
+                          "--max-steps", "1", "--artifacts", str(tmp_path / "a"))
+    assert code == 1 and out == ""
+    assert err.strip().splitlines() == [
+        "exporter train: error: imagefolder:pets (train split) is colour (3 channels) but the model takes 1 "
+        "channel(s); train a model with --in-channels 3 or use grayscale data"]
+    assert not (tmp_path / "a").exists()
+
+
+def test_sigterm_ends_training_with_one_line_and_exit_143(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    data = _tiny_data(tmp_path / "data")
+    state = tmp_path / "a" / "lenet_bn" / "train_state" / "state.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "exporter", "train", "lenet_bn", "--data", str(data), "--epochs", "10000",
+           "--batch-size", "8", "--threads", "1", "--device", "cpu", "--artifacts", str(tmp_path / "a")]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("exporter train: error: interrupted by SIGTERM; last completed epoch (")
+    assert f"saved in {state.parent} (continue with --resume)" in last
+    assert "Traceback" not in err and out == ""
+    saved = json.loads(state.read_text())["epoch"]
+    assert f"last completed epoch ({saved})" in last

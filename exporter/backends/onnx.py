@@ -17,7 +17,9 @@ first-diverging-layer bisection.
 from __future__ import annotations
 
 import ast
+import copy
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -96,6 +98,25 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def check_external_data(path: Path, build_dir: Path, listed: set[str]) -> None:
+    """Refuse an ONNX file whose external-data locations leave the build directory, go through a symbolic link or
+    name a file the manifest does not hash — checked here, before any runtime opens the file."""
+    onnx = import_optional("onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    build_dir = Path(build_dir).resolve()
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (path.parent / location)
+        rel = target.resolve().relative_to(build_dir).as_posix() if build_dir in target.resolve().parents else None
+        if (not location or Path(location).is_absolute() or ".." in Path(location).parts or target.is_symlink()
+                or rel is None or rel not in listed):
+            raise ExporterError(f"{path.name}: tensor {tensor.name!r} keeps its data in {location!r}, outside the "
+                                "build's hashed files; refusing to load it (rebuild the model)")
+
+
 def check_and_save(model: Any, path: Path) -> Any:
     """Run the full checker and strict shape inference, then save the inferred model atomically to `path`."""
     onnx = import_optional("onnx")
@@ -164,7 +185,6 @@ def export_onnx(ctx: BuildContext) -> list[Artifact]:
 def _root_cause(exc: BaseException) -> str:
     """The innermost exception of a chain as one line: the exporter wraps the useful message (which op, which
     guard) in generic "step 1/3" text with terminal colours."""
-    import re
 
     while (exc.__cause__ or exc.__context__) is not None:
         exc = exc.__cause__ or exc.__context__
@@ -187,7 +207,6 @@ def export_onnx_fp16(ctx: BuildContext, fp32_model: Any) -> Artifact:
         from onnxruntime.transformers.float16 import convert_float_to_float16
     except ImportError as exc:
         raise BackendUnavailable(f"the fp16 ONNX needs onnxruntime's float16 converter ({exc})") from exc
-    import copy
 
     model = convert_float_to_float16(copy.deepcopy(fp32_model), keep_io_types=True, disable_shape_infer=False)
     topological_sort(model.graph)  # the converter appends its input casts after their consumers
@@ -217,8 +236,8 @@ def topological_sort(graph: Any) -> None:
             raise OnnxExportError(f"ONNX graph has a cycle or undefined inputs: {', '.join(missing[:5])}")
         pending = remaining
     copies = [type(node)() for node in ordered]
-    for copy, node in zip(copies, ordered):
-        copy.CopyFrom(node)
+    for clone, node in zip(copies, ordered):
+        clone.CopyFrom(node)
     del graph.node[:]
     graph.node.extend(copies)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -15,6 +17,7 @@ from exporter.backends.onnxruntime import (
     CalibrationDataError,
     OnnxRuntimeRunner,
     export_onnxruntime,
+    quantize_int8,
 )
 from exporter.errors import UsageError
 from tests.backends.onnx_builds import (  # noqa: F401  (onnx_build is a fixture)
@@ -94,10 +97,7 @@ def test_int8_qdq_runs_and_keeps_top1_on_real_images(int8_build) -> None:
     model = onnx.load(str(ctx.out_dir / artifact.path))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    zero_points = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
-                   if t.name.endswith("zero_point")}
-    assert zero_points and all((z == 0).all() for z in zero_points.values())  # symmetric, as TensorRT needs
-    assert {z.dtype for name, z in zero_points.items() if "bias" not in name} == {np.dtype(np.int8)}
+    _assert_cpu_int8_layout(model)
     assert read_metadata(ctx.out_dir / artifact.path)["precision"] == "int8"
 
     with OnnxRuntimeRunner(ctx.out_dir / ctx.artifact("onnx-fp32").path) as fp32, \
@@ -111,6 +111,54 @@ def test_int8_qdq_runs_and_keeps_top1_on_real_images(int8_build) -> None:
     assert agreement >= 0.95, f"int8 top-1 agreement {agreement:.3f}"
     assert int8_acc >= fp32_acc - 0.03
     assert ctx.diagnostics["onnxruntime"]["int8_calibration_images"] == 256
+
+
+def _assert_cpu_int8_layout(model) -> None:
+    """uint8 activations (any zero point), per-channel int8 weights with zero point 0: ORT's fast x86 layout."""
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    activations = [initializers[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert activations and {z.dtype for z in activations} == {np.dtype(np.uint8)}
+    weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers
+               and initializers[n.input[0]].dtype == np.int8]
+    assert weights and not any(initializers[n.input[2]].any() for n in weights)
+    assert any(initializers[n.input[2]].size > 1 for n in weights)  # per-channel
+
+
+def test_cpu_int8_file_has_uint8_activations_and_int8_weights(tmp_path) -> None:
+    ctx = make_context("lenet_bn", tmp_path, trace=False)
+    fp32 = export_onnx(ctx)[0]
+    calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    artifact = quantize_int8(tmp_path / fp32.path, tmp_path / INT8_FILE, calibration, progress=False)
+    assert artifact.name == "onnx-int8" and "asymmetric uint8 activations" in artifact.notes[0]
+    _assert_cpu_int8_layout(onnx.load(str(tmp_path / INT8_FILE)))
+
+
+def _tiny_onnx(path, offset: float) -> None:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, 28, 28])
+    bias = helper.make_tensor("bias", TensorProto.FLOAT, [1], [offset])
+    graph = helper.make_graph([helper.make_node("Add", ["input", "bias"], ["logits"])], "tiny", [x], [y], [bias])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def test_tensorrt_provider_caches_engines_per_onnx_file_with_a_batch_profile(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EXPORTER_CACHE_DIR", str(tmp_path / "cache"))
+    _tiny_onnx(tmp_path / "a.onnx", 1.0)
+    _tiny_onnx(tmp_path / "b.onnx", 2.0)  # same graph, other weights: ORT's engine cache key would not tell
+    options = OnnxRuntimeRunner(tmp_path / "a.onnx", device="cuda", provider="tensorrt", precision="tf32",
+                                min_batch=1, max_batch=64)._provider_options()
+    assert options["trt_engine_cache_enable"] == options["trt_timing_cache_enable"] == "1"
+    folder = Path(options["trt_engine_cache_path"])
+    assert options["trt_timing_cache_path"] == str(folder) and folder.parent == tmp_path / "cache" / "ort-tensorrt"
+    assert (options["trt_profile_min_shapes"], options["trt_profile_opt_shapes"], options["trt_profile_max_shapes"]) \
+        == ("input:1x1x28x28", "input:16x1x28x28", "input:64x1x28x28")
+    other = OnnxRuntimeRunner(tmp_path / "b.onnx", device="cuda", provider="tensorrt", max_batch=64)
+    assert other._provider_options()["trt_engine_cache_path"] != str(folder)
+    chosen = OnnxRuntimeRunner(tmp_path / "a.onnx", device="cuda", provider="tensorrt",
+                               trt_cache_dir=str(tmp_path / "mine"))._provider_options()
+    assert chosen["trt_engine_cache_path"] == str(tmp_path / "mine") and "trt_profile_min_shapes" not in chosen
 
 
 def test_int8_without_calibration_is_one_clear_error_and_writes_nothing(tmp_path) -> None:

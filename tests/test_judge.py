@@ -1,0 +1,142 @@
+"""The one judge (`exporter/judge.py`): tolerance classes, metrics, the verdict, and which class judges a variant."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from exporter.backends.base import PRECISIONS
+from exporter.errors import UsageError
+from exporter.judge import (
+    PRECISION_ORDER, TOLERANCES, compute_metrics, judge, judged_class, tolerance_for,
+)
+
+
+def test_every_precision_has_a_tolerance_class_and_fp32_is_strictest() -> None:
+    assert set(TOLERANCES) == set(PRECISIONS) == set(PRECISION_ORDER)
+    fp32 = TOLERANCES["fp32"]
+    for tol in TOLERANCES.values():
+        assert tol.atol >= fp32.atol and tol.rtol >= fp32.rtol and tol.min_agreement <= fp32.min_agreement
+        assert tol.min_cosine <= fp32.min_cosine and tol.layer_tol >= fp32.layer_tol and tol.why
+
+
+def test_classes_loosen_in_precision_order() -> None:
+    """The lower a precision in PRECISION_ORDER, the looser (never tighter) its class."""
+    for higher, lower in zip(PRECISION_ORDER, PRECISION_ORDER[1:]):
+        a, b = TOLERANCES[higher], TOLERANCES[lower]
+        assert b.atol >= a.atol and b.rtol >= a.rtol and b.min_cosine <= a.min_cosine, (higher, lower)
+        assert b.min_agreement <= a.min_agreement and b.layer_tol >= a.layer_tol, (higher, lower)
+
+
+def test_tolerance_overrides_and_bad_values() -> None:
+    tol = tolerance_for("bf16", atol=1e-3, min_agreement=0.5)
+    assert (tol.atol, tol.rtol, tol.min_agreement) == (1e-3, TOLERANCES["bf16"].rtol, 0.5)
+    assert "overridden" in tol.why and "overridden" not in tolerance_for("bf16").why
+    with pytest.raises(UsageError, match="min-agreement"):
+        tolerance_for("fp32", min_agreement=1.5)
+    with pytest.raises(UsageError, match="atol"):
+        tolerance_for("fp32", atol=-1.0)
+    with pytest.raises(UsageError, match="rtol"):
+        tolerance_for("fp32", rtol=float("nan"))
+    with pytest.raises(UsageError, match="tolerance class"):
+        tolerance_for("fp64")
+
+
+def test_metrics_on_known_values() -> None:
+    ref = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]], np.float32)
+    same = compute_metrics(ref, ref.copy(), labels=np.array([0, 1]))
+    assert same.max_abs == 0 and same.min_cosine == pytest.approx(1.0) and same.kl == pytest.approx(0, abs=1e-12)
+    assert same.agreement == 1 and same.flipped == 0 and same.top5_overlap == 1
+    assert same.accuracy == same.reference_accuracy == 0.5
+    assert judge(ref, ref.copy(), same, TOLERANCES["fp32"]) == []
+    flipped = ref.copy()
+    flipped[1] = [3.0, 1.0, 0.0]  # image 1 now predicts class 0
+    m = compute_metrics(ref, flipped, rel_floor=1.0)
+    assert m.flipped == 1 and m.flipped_indices == [1] and m.agreement == 0.5
+    assert m.max_abs == 3.0 and m.max_rel == 3.0  # |3 − 0| / max(|0|, floor 1)
+    assert m.kl > 0 and m.min_cosine < 0.5
+    failures = judge(ref, flipped, m, TOLERANCES["int8"])  # fails even the loosest class
+    assert any("max abs error" in f for f in failures) and any("top-1 agreement" in f for f in failures)
+    assert not any("top-1" in f for f in judge(ref, flipped, m, TOLERANCES["int8"], check_agreement=False))
+
+
+def test_judge_allclose_rule_and_atol_scale() -> None:
+    """|out − ref| ≤ atol + rtol·|ref|: an error just inside passes, just outside fails; atol_scale widens atol."""
+    tol = TOLERANCES["fp32"]
+    ref = np.full((2, 4), 10.0, np.float32)
+    allowed = tol.atol + tol.rtol * 10.0
+    inside, outside = ref + np.float32(allowed * 0.9), ref + np.float32(allowed * 1.5)
+    assert judge(ref, inside, compute_metrics(ref, inside), tol) == []
+    failures = judge(ref, outside, compute_metrics(ref, outside), tol)
+    assert len(failures) == 1 and "8/8 values" in failures[0]
+    assert judge(ref, outside, compute_metrics(ref, outside), tol, atol_scale=10.0) == []
+
+
+def test_cosine_catches_a_direction_change_within_atol() -> None:
+    tol = tolerance_for("fp32", atol=10.0)  # absolute error allowed, direction still judged
+    ref = np.array([[1.0, 0.0, 0.0]], np.float32)
+    out = np.array([[1.0, 0.5, 0.0]], np.float32)
+    failures = judge(ref, out, compute_metrics(ref, out), tol)
+    assert len(failures) == 1 and "cosine" in failures[0]
+
+
+def test_nan_or_inf_is_a_failure_in_every_class() -> None:
+    ref = np.ones((4, 3), np.float32)
+    out = ref.copy()
+    out[2, 1] = np.nan
+    out[3, 0] = np.inf
+    m = compute_metrics(ref, out)
+    assert m.nonfinite == 2 and m.max_abs == float("inf")
+    for tol in TOLERANCES.values():
+        assert "non-finite" in judge(ref, out, m, tol)[0]
+    assert json.loads(json.dumps(m.to_dict()))["max_abs"] == "inf"  # valid JSON
+
+
+def test_shape_mismatch_is_a_parity_error() -> None:
+    from exporter.judge import ParityError
+
+    with pytest.raises(ParityError, match="does not match the reference"):
+        compute_metrics(np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32))
+
+
+# --- which class judges a variant -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stored, executed, expected, by", [
+    ("fp32", "fp32", "fp32", "stored weights and compute"),
+    ("fp32", None, "fp32", "stored weights and compute"),  # the runtime does not say: what the file stores
+    ("fp32", "bf16", "bf16", "compute"),  # OpenVINO asked for bf16 inference on an fp32 IR
+    ("fp32", "tf32", "tf32", "compute"),
+    ("fp16", "fp32", "fp16", "stored weights"),  # fp16 weights decompressed, f32 arithmetic
+    ("int8", "fp32", "int8", "stored weights"),
+    ("fp16", "bf16", "bf16", "compute"),  # bf16 is below fp16 in the order
+    ("bf16", "fp16", "bf16", "stored weights"),
+    ("tf32", "int8", "int8", "compute"),
+])
+def test_judged_class_is_the_lower_precision(stored: str, executed: str | None, expected: str, by: str) -> None:
+    klass, decided = judged_class(stored, executed)
+    assert klass == expected and decided.startswith(by)
+    if stored != (executed or stored):
+        assert stored in decided and (executed or stored) in decided  # the record says both
+
+
+def test_judged_class_is_symmetric_in_which_is_lower() -> None:
+    for a in PRECISION_ORDER:
+        for b in PRECISION_ORDER:
+            lower = max(a, b, key=PRECISION_ORDER.index)
+            assert judged_class(a, b)[0] == judged_class(b, a)[0] == lower
+
+
+def test_forced_class_overrides_both_and_is_validated() -> None:
+    assert judged_class("fp32", "bf16", "fp32") == ("fp32", "forced (--tolerance-class)")
+    assert judged_class("int8", "fp32", "fp16")[0] == "fp16"
+    with pytest.raises(UsageError, match="tolerance class"):
+        judged_class("fp32", None, "fp64")
+
+
+@pytest.mark.parametrize("stored, executed", [("fp64", None), ("fp32", "f32"), ("FP32", "fp32")])
+def test_unknown_precision_is_a_usage_error(stored: str, executed: str | None) -> None:
+    with pytest.raises(UsageError, match="unknown precision"):
+        judged_class(stored, executed)
