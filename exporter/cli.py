@@ -111,7 +111,7 @@ def _artifacts_dir(args: argparse.Namespace) -> Path:
 
 def _parser(sub: argparse._SubParsersAction, name: str, **kwargs: str) -> argparse.ArgumentParser:
     epilog = kwargs.pop("epilog", "")
-    return sub.add_parser(name, epilog=(epilog + " " if epilog else "") + EXIT_CODES.capitalize() + ".", **kwargs)
+    return sub.add_parser(name, epilog=(epilog + " " if epilog else "") + EXIT_CODES[0].upper() + EXIT_CODES[1:] + ".", **kwargs)
 
 
 # --- exporter list -------------------------------------------------------------------------------------------
@@ -217,6 +217,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         for fail in result.manifest["failed"]:
             print(f"FAILED {fail['backend']}: {fail['error']}")
         print(f"manifest: {result.manifest_path}")
+    if not result.parity["passed"]:
+        return EXIT_FAILED
     return EXIT_PARTIAL if result.manifest["failed"] else EXIT_OK
 
 
@@ -299,7 +301,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="time every artifact of a build with one method (latency stats, GFLOP/s vs GEMM peak, overhead)",
         description="Time every artifact of a build (or --backends) at each batch size with one method for every "
         "backend: first call timed alone, warm-up calls, then interleaved timed calls (CPU: perf_counter_ns "
-        "around the runtime call only; CUDA: CUDA events); a cell with cv > 10 %% is measured once more. Reports "
+        "around the runtime call only; CUDA: CUDA events); a cell with cv > 10 % is measured once more. Reports "
         "min/p50/p90/p99/mean/stdev latency, throughput, GFLOP/s against the best GEMM peak any installed runtime "
         "reaches in the same run (and an ISA estimate), peak memory, the runner's overhead vs a bare runtime call, "
         "and each artifact's executed precision and parity record. Merges the cells into BUILD/bench.json (a "
@@ -422,7 +424,7 @@ def _add_select_parser(sub: argparse._SubParsersAction) -> None:
         "vs eager fp32 and/or accuracy drop stay within the budget, the runner-up, and why every other one was "
         "refused (no parity record for exactly its settings, failed parity, over budget, unstable timing, failed "
         "benchmark). Writes the choice into the manifest as `recommended`.",
-        epilog="Example: exporter select resnet18 --max-flips 0.5%% --batch 1.",
+        epilog="Example: exporter select resnet18 --max-flips 0.5% --batch 1.",
     )
     p.add_argument("target", metavar="MODEL|BUILD_DIR")
     p.add_argument("--max-flips", help="largest share of test images whose top-1 class may change, e.g. 0.5%%")

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 from exporter.backends.base import Artifact, Runner, runner_for
 from exporter.errors import ExporterError
+from exporter.paths import default_artifacts_dir
 from exporter.fileio import atomic_write_json, sha256_file  # noqa: F401  (sha256_file is part of this API)
 
 MANIFEST_NAME = "manifest.json"
@@ -164,8 +165,9 @@ def _build_in(directory: Path) -> Path:
     raise ManifestError(f"{directory} is not a build directory (no {MANIFEST_NAME}) and holds no {LATEST_NAME} build")
 
 
-def resolve_build(target: str | Path, artifacts_dir: Path = Path("artifacts")) -> Path:
+def resolve_build(target: str | Path, artifacts_dir: Path | None = None) -> Path:
     """The build directory a user means: a model name (→ its `latest` build), a model dir, or a build dir."""
+    artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()
     text = str(target)
     is_path = isinstance(target, Path) or "/" in text or os.sep in text
     if not is_path:
@@ -282,7 +284,7 @@ def verify_files(build_dir: Path, manifest: dict[str, Any]) -> None:
             check_external_data(path, build_dir, set(manifest["files"]))
 
 
-def load_build(target: str | Path, artifacts_dir: Path = Path("artifacts"), *, verify_hashes: bool = True) -> Build:
+def load_build(target: str | Path, artifacts_dir: Path | None = None, *, verify_hashes: bool = True) -> Build:
     """Resolve and load a build; with `verify_hashes` every listed file is checked against its sha256."""
     build_dir = resolve_build(target, artifacts_dir)
     manifest = read_manifest(build_dir)

@@ -28,18 +28,18 @@ def default_artifacts_dir() -> Path:
     return Path(os.environ.get("EXPORTER_ARTIFACTS") or "artifacts")
 
 
-def model_dir(model: str, artifacts_dir: str | Path = Path("artifacts")) -> Path:
-    """`<artifacts>/<model>/`: the directory holding everything written for one model."""
-    return Path(artifacts_dir) / model
+def model_dir(model: str, artifacts_dir: str | Path | None = None) -> Path:
+    """`<artifacts>/<model>/`: the directory holding everything written for one model (None: the default root)."""
+    return (Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()) / model
 
 
-def checkpoint_paths(model: str, artifacts_dir: str | Path = Path("artifacts")) -> tuple[Path, Path]:
+def checkpoint_paths(model: str, artifacts_dir: str | Path | None = None) -> tuple[Path, Path]:
     """(weights, sidecar) paths of a model's checkpoint: `<artifacts>/<model>/checkpoint.{safetensors,json}`."""
     directory = model_dir(model, artifacts_dir)
     return directory / CHECKPOINT_WEIGHTS, directory / CHECKPOINT_SIDECAR
 
 
-def state_dir(model: str, artifacts_dir: str | Path = Path("artifacts")) -> Path:
+def state_dir(model: str, artifacts_dir: str | Path | None = None) -> Path:
     """`<artifacts>/<model>/train_state/`: the per-epoch training state that `train --resume` continues from."""
     return model_dir(model, artifacts_dir) / STATE_DIR
 

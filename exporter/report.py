@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 from exporter.errors import ExporterError
 from exporter.fileio import atomic_write_bytes
 from exporter.manifest import LATEST_NAME, Build, json_default, load_build
+from exporter.paths import default_artifacts_dir
 from exporter.results import UNVERIFIED, parity_records, read_bench
 from exporter.select import describe_choice
 
@@ -340,9 +341,10 @@ def write_reports(reports: Sequence[dict[str, Any]], out_dir: Path, stem: str, *
     return paths
 
 
-def report(models: Sequence[str], *, artifacts_dir: Path = Path("artifacts"), out_dir: Path | None = None
+def report(models: Sequence[str], *, artifacts_dir: Path | None = None, out_dir: Path | None = None
            ) -> dict[str, dict[str, Path]]:
     """One report per model (`<out>/<model>.*`) and, for several models, one across them (`<out>/index.*`)."""
+    artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()
     builds = builds_for(models, artifacts_dir)
     out_dir = Path(out_dir) if out_dir else Path(artifacts_dir) / "reports"
     collected = [collect(build) for build in builds]

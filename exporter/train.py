@@ -450,7 +450,7 @@ def train(
     seed: int = 0,
     threads: int | None = None,
     resume: bool | str | Path = False,
-    artifacts_dir: Path = Path("artifacts"),
+    artifacts_dir: Path | None = None,
     progress: bool = True,
     cpu_budget: bool = True,
     in_channels: int | None = None,

