@@ -3,6 +3,7 @@ checkpoint, the model's own checkpoint, a fresh training run, or randomly initia
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -10,9 +11,10 @@ from typing import Any, Callable
 import torch
 
 from exporter.checkpoint import load_checkpoint, resolve_checkpoint
-from exporter.data import DIGITS5K, load_split
-from exporter.errors import ExporterError
+from exporter.data import DIGITS5K, check_channels, load_split
+from exporter.errors import ExporterError, UsageError
 from exporter.fileio import sha256_file
+from exporter.machine import available_memory_bytes
 from exporter.models import check_input_shape, create_model, get_spec
 from exporter.paths import checkpoint_paths, default_artifacts_dir
 from exporter.train import train
@@ -66,12 +68,16 @@ def _dataset_arg(sidecar: dict[str, Any]) -> str | None:
     return dataset.get("source") or None
 
 
-def _from_checkpoint(path: Path, opts: BuildOptions, *, trained_now: bool) -> Weights:
-    state, sidecar = load_checkpoint(path, expect_model=opts.model)
-    input_shape = tuple(int(d) for d in sidecar["input_shape"])
+def _check_checkpoint_size(path: Path, input_shape: tuple[int, ...], opts: BuildOptions) -> None:
     if opts.input_size is not None and input_shape[1:] != (opts.input_size, opts.input_size):
         raise BuildError(f"checkpoint {path} was trained at {'×'.join(map(str, input_shape))}, not "
                          f"{opts.input_size}×{opts.input_size}; drop --input-size or retrain at that size")
+
+
+def _from_checkpoint(path: Path, opts: BuildOptions, *, trained_now: bool) -> Weights:
+    state, sidecar = load_checkpoint(path, expect_model=opts.model)
+    input_shape = tuple(int(d) for d in sidecar["input_shape"])
+    _check_checkpoint_size(path, input_shape, opts)
     model = create_model(opts.model, in_channels=int(sidecar["in_channels"]), num_classes=int(sidecar["num_classes"]))
     model.load_state_dict(state)
     weights_path, _ = resolve_checkpoint(path)
@@ -108,6 +114,53 @@ def _untrained(opts: BuildOptions) -> Weights:
             "train_accuracy": None, "test_accuracy": None}
     return Weights(model=model.eval(), input_shape=input_shape, num_classes=num_classes, class_names=class_names,
                    info=info, dataset=opts.data)
+
+
+BATCH_MEMORY_SHARE = 4  # one input batch may take at most 1/4 of the available memory (outputs, copies, runtimes)
+
+
+def _existing_checkpoint(opts: BuildOptions) -> Path | None:
+    """The checkpoint `resolve_weights` will export (None: untrained, or none yet so it trains one first)."""
+    if opts.untrained:
+        return None
+    if opts.checkpoint is not None:
+        return Path(opts.checkpoint)
+    weights_path, sidecar_path = checkpoint_paths(opts.model, opts.artifacts_dir)
+    return weights_path if weights_path.exists() or sidecar_path.exists() else None
+
+
+def check_inputs(opts: BuildOptions) -> None:
+    """What a build can check before it writes or prints anything, each refused in one line: the checkpoint, the
+    data set (readable, enough test images for the quick parity check, no colour images into a 1-channel
+    checkpoint), the input size, and one input batch of the largest size against the memory available."""
+    spec = get_spec(opts.model)
+    checkpoint, sidecar = _existing_checkpoint(opts), None
+    if checkpoint is not None:
+        _, sidecar = load_checkpoint(checkpoint, expect_model=opts.model)
+    dataset = opts.data if opts.data is not None or sidecar is None else _dataset_arg(sidecar)
+    test = load_split(dataset, "test")
+    if sidecar is not None:
+        input_shape = tuple(int(d) for d in sidecar["input_shape"])
+        _check_checkpoint_size(checkpoint, input_shape, opts)
+        check_channels(test, input_shape[0])
+    else:  # untrained or trained first: colour data makes a 3-channel model (as `_untrained` and `train` do)
+        channels = 3 if test.channels == 3 else spec.input_shape[0]
+        size = opts.input_size
+        input_shape = (channels, size, size) if size else (channels, *spec.input_shape[1:])
+        check_input_shape(opts.model, input_shape)
+    static = opts.batch or (1 if opts.max_batch == 1 else None)
+    largest, flag = (static, "--batch") if opts.batch else (opts.max_batch, "--max-batch")
+    per_image = math.prod(input_shape) * 4
+    available = available_memory_bytes()
+    if available is not None and largest * per_image * BATCH_MEMORY_SHARE > available:
+        limit = max(available // (per_image * BATCH_MEMORY_SHARE), 1)
+        raise UsageError(f"{flag} {largest}: one batch at {'×'.join(map(str, input_shape))} takes "
+                         f"{largest * per_image / 2**30:.1f} GiB as input alone; with {available / 2**30:.1f} GiB "
+                         f"available this machine allows at most {flag} {limit}")
+    needed = max(static, opts.parity_samples - opts.parity_samples % static) if static else opts.parity_samples
+    if needed > len(test):
+        raise UsageError(f"the quick parity check needs {needed} test images but {test.name} has only {len(test)}; "
+                         f"lower --parity-samples" + (" or --batch" if static else ""))
 
 
 def resolve_weights(opts: BuildOptions, say: Callable[[str], None]) -> Weights:

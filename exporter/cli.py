@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from exporter.errors import ExporterError, UsageError
+from exporter.errors import ExporterError, UsageError, one_line
 from exporter.paths import default_artifacts_dir
 
 Handler = Callable[[argparse.Namespace], int]
@@ -67,6 +67,19 @@ def _positive_int(text: str) -> int:
 
 def _non_negative_int(text: str) -> int:
     return 0 if text.strip() == "0" else _positive_int(text)
+
+
+SEED_LIMIT = 2**32 - 1  # numpy's and torch's generators both take any seed in 0..2³²-1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_LIMIT:,}, got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -184,7 +197,7 @@ def _add_build_parser(sub: argparse._SubParsersAction) -> None:
                    help="lint warnings, failed backends and parity mismatches become errors")
     p.add_argument("--parity-samples", type=_positive_int, default=32, metavar="N",
                    help="real test images for the quick parity check (default: 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed for untrained weights and image sampling")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for untrained weights and image sampling")
     _add_json_option(p, "the manifest path and a summary")
     p.set_defaults(handler=_cmd_build)
 
@@ -253,7 +266,7 @@ def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="DIR",
                    help="the dataset's directory, as in training (default: the one the build records, else "
                    "the embedded digits5k)")
-    p.add_argument("--seed", type=int, default=0, help="which test images are drawn (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="which test images are drawn (default 0)")
     p.add_argument("--bisect", action="store_true",
                    help="compare layer by layer for every artifact, not only the failing ones")
     p.add_argument("--tolerance-class", choices=["fp32", "tf32", "fp16", "bf16", "int8"], metavar="CLASS",
@@ -274,6 +287,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     overrides = Overrides(args.tolerance_class, atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
     build = load_build(args.target, _artifacts_dir(args))
+    # before any artifact runs: records that could not be saved would be lost
+    _check_writable(build.dir, "the parity records of `exporter verify`")
     report = parity.verify_build(
         build, backends=args.backends, samples=parity.DEFAULT_SAMPLES if args.samples is None else args.samples,
         data=args.data, seed=args.seed, bisect=args.bisect, overrides=overrides,
@@ -372,7 +387,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     targets = models_with_builds(_artifacts_dir(args)) if args.all else args.targets
     builds = [load_build(t, _artifacts_dir(args)) for t in targets]  # hashes checked: never time a tampered file
     for build in builds:  # before any timing: results that could not be saved would be lost
-        _check_writable(build.dir)
+        _check_writable(build.dir, "the results of `exporter bench`")
     everything = []
     for build in builds:
         if args.tune:
@@ -409,10 +424,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if not failed else EXIT_FAILED if len(failed) == len(cells) else EXIT_PARTIAL
 
 
-def _check_writable(directory: Path) -> None:
+def _check_writable(directory: Path, what: str) -> None:
     from exporter.fileio import check_writable
 
-    check_writable(directory, "the results of `exporter bench`")
+    check_writable(directory, what)
 
 
 def _add_select_parser(sub: argparse._SubParsersAction) -> None:
@@ -442,6 +457,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
     budget = parse_budget(args.max_flips, args.max_acc_drop)
     build = load_build(args.target, _artifacts_dir(args), verify_hashes=False)
+    if not args.dry_run:  # the choice is written into the manifest: refuse before choosing, not after
+        _check_writable(build.dir, "the choice written into its manifest (--dry-run only prints it)")
     choice = select_build(build, budget, args.batch, save=not args.dry_run)
     if args.json:
         print(json.dumps(choice, indent=2, default=str))
@@ -512,7 +529,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="train at N×N (the seed's transforms.Resize; default: the model's input size)")
     p.add_argument("--max-steps", type=_positive_int, metavar="N",
                    help="stop after N optimizer steps in total (default: none, or the CPU budget)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and dropout (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for init, shuffling and dropout (default 0)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch intra-op threads (default: torch's)")
     p.add_argument("--in-channels", type=_positive_int, metavar="C",
                    help="model input channels (default: the model's; grayscale data is repeated to fill them)")
@@ -525,6 +542,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
                    help="continue from the last completed epoch of ARTIFACTS/MODEL/train_state (or of DIR); "
                    "same seed and recipe give the same result as an uninterrupted run")
+    p.add_argument("--recipe", choices=["cpu", "seed"],
+                   help="cpu: SGD+Nesterov, one-cycle lr, bf16 autocast where the CPU has it, progressive resizing "
+                   "(the default on a CPU for every model but the LeNets); seed: the seeds' d2l recipe (the default "
+                   "on a GPU)")
     p.add_argument("--force", action="store_true",
                    help="replace the model's checkpoint even when it has a better test accuracy than this run's "
                    "(without it, this run's pair is kept as checkpoint.rejected.*); the replaced one is kept as "
@@ -542,7 +563,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, seed=args.seed, threads=args.threads, resume=args.resume,
         artifacts_dir=_artifacts_dir(args),
         progress=sys.stderr.isatty() and not args.json, cpu_budget=not args.no_cpu_budget,
-        in_channels=args.in_channels, device=args.device, test_images=args.test_images, force=args.force)
+        in_channels=args.in_channels, device=args.device, test_images=args.test_images, force=args.force,
+        recipe=args.recipe)
     if summary.get("rank", 0) != 0:
         return 0
     if args.json:
@@ -593,6 +615,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"exporter {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (OSError, MemoryError) as exc:  # the machine, not the input: a full disk, a lost mount, no memory
+        print(f"exporter {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

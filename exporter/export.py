@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 
 from exporter.backends import STAGES, Artifact, BackendUnavailable, BuildContext, Variant, runner_for
-from exporter.build_inputs import BuildError, BuildOptions, Weights, resolve_weights
+from exporter.build_inputs import BuildError, BuildOptions, Weights, check_inputs, resolve_weights
 from exporter.comparison import ParityReport, chunks, compare_variant, make_input_sets, reference_outputs, \
     run_batches
 from exporter.data import load_split, sample_images
@@ -55,6 +55,14 @@ from exporter.models.registry import ModelSpec
 from exporter.results import parity_summary, write_parity
 
 STAGE_NAMES = tuple(STAGES)
+MAX_INPUT_SIZE = 1024  # as `exporter train --resize`: 4.6× the largest input any model here trains at (224)
+SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process ended by it
+
+
+class BuildInterrupted(ExporterError):
+    """SIGTERM arrived during the build; the temporary build directory has been removed."""
+
+    exit_code = SIGTERM_EXIT_CODE
 WEIGHTS_FILE = "weights.safetensors"
 PROGRAM_FILE = "exported_program.pt2"
 
@@ -144,6 +152,9 @@ def _check_options(opts: BuildOptions) -> None:
 
     for label in ("batch", "max_batch", "input_size", "num_classes", "parity_samples", "calibration_samples"):
         positive(f"--{label.replace('_', '-')}", getattr(opts, label))
+    if opts.input_size is not None and opts.input_size > MAX_INPUT_SIZE:
+        raise UsageError(f"--input-size must be at most {MAX_INPUT_SIZE} pixels (the largest input a model here "
+                         f"trains at is 224), got {opts.input_size}")
     if opts.untrained and opts.checkpoint is not None:
         raise UsageError("--untrained and --checkpoint contradict each other; pick one")
     if opts.num_classes is not None and not opts.untrained:
@@ -292,6 +303,7 @@ def build(opts: BuildOptions) -> BuildResult:
     opts = dataclasses.replace(opts, model=spec.name, backends=list(opts.backends) if opts.backends else None)
     progress = Progress(opts.progress)
     started = time.perf_counter()
+    check_inputs(opts)  # checkpoint, data, input size, batch memory: one line each, before any output
     model_dir = Path(opts.artifacts_dir) / opts.model
     created = not model_dir.exists()
     _prepare_model_dir(model_dir)
@@ -299,10 +311,12 @@ def build(opts: BuildOptions) -> BuildResult:
     try:
         with _sigterm_as_exit(), _quiet_torch_logs():
             return _build(opts, spec, model_dir, progress, started)
-    except BaseException:
+    except BaseException as exc:
         if created:  # leave no empty model directory behind either
             with contextlib.suppress(OSError):
                 model_dir.rmdir()
+        if isinstance(exc, SystemExit) and exc.code == SIGTERM_EXIT_CODE:
+            raise BuildInterrupted("interrupted by SIGTERM; the partial build was removed") from None
         raise
 
 

@@ -236,7 +236,21 @@ def _schema_problem(data: dict[str, Any]) -> str | None:
     batch = data.get("batch")
     if not isinstance(batch, dict) or not _positive_ints([batch.get("max")]):
         return "`batch` must give the largest batch (`max`)"
+    for key, kind in _SECTION_TYPES.items():
+        value = data.get(key)
+        if value is not None and not isinstance(value, kind):
+            return f"`{key}` must be {'an object' if kind is dict else 'a list'}, got {type(value).__name__}"
+    if not all(isinstance(entry, dict) for key in ("skipped", "failed") for entry in data.get(key) or []):
+        return "`skipped` and `failed` must list objects"
     return None
+
+
+# The other sections later stages read (each may be absent or null).
+_SECTION_TYPES: dict[str, type] = {
+    "weights": dict, "input": dict, "output": dict, "options": dict, "diagnostics": dict, "timings": dict,
+    "versions": dict, "parity": dict, "bench": dict, "tuning": dict, "recommended": dict, "skipped": list,
+    "failed": list, "lint": list, "warnings": list, "class_names": list,
+}
 
 
 def inside_build(build_dir: Path, rel: str) -> Path:

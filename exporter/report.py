@@ -8,18 +8,19 @@ Nothing is measured here, so a report can be regenerated at any time.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-from exporter.errors import ExporterError
+from exporter.errors import ExporterError, one_line
 from exporter.fileio import atomic_write_bytes
 from exporter.manifest import LATEST_NAME, Build, json_default, load_build
 from exporter.paths import default_artifacts_dir
-from exporter.results import UNVERIFIED, parity_records, read_bench
+from exporter.results import UNVERIFIED, parity_of, parity_records, read_bench
 from exporter.select import describe_choice
 
 CSV_COLUMNS = ["model", "label", "artifact", "backend", "variant", "precision", "executed_precision", "device",
@@ -67,6 +68,11 @@ def collect(build: Build) -> dict[str, Any]:
     """Everything a report shows for one build, from its saved files."""
     bench = read_bench(build.dir)
     parity = build.manifest.get("parity") or {}
+    records = parity_records(build)
+    # each cell with the parity record of now (as `select` reads it: a record for exactly its options), not the one
+    # stored when it was timed — a cell benchmarked before `exporter verify` would stay "unverified" forever
+    cells = [{**c, "parity": parity_of(build, c["label"], c.get("options") or {}, records=records).to_dict()}
+             for c in (bench["cells"] if bench else [])]
     return {
         "model": build.model, "build_id": build.build_id, "build_dir": str(build.dir),
         "input_shape": list(build.input_shape), "dataset": build.manifest.get("dataset") or "digits5k",
@@ -77,7 +83,7 @@ def collect(build: Build) -> dict[str, Any]:
         "parity": parity_rows(build),
         "bench": {k: bench.get(k) for k in ("created", "settings", "peaks_gflops", "macs_per_image", "machine",
                                               "versions", "warnings")} if bench else None,
-        "cells": bench["cells"] if bench else [],
+        "cells": cells,
         "skipped": build.manifest.get("skipped") or [],
     }
 
@@ -347,9 +353,25 @@ def report(models: Sequence[str], *, artifacts_dir: Path | None = None, out_dir:
     artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()
     builds = builds_for(models, artifacts_dir)
     out_dir = Path(out_dir) if out_dir else Path(artifacts_dir) / "reports"
-    collected = [collect(build) for build in builds]
-    written = {data["model"]: write_reports([data], out_dir, data["model"], title=f"{data['model']} report")
-               for data in collected}
+    collected, written = [], {}
+    for build in builds:
+        with _saved_results_of(build):
+            data = collect(build)
+            written[data["model"]] = write_reports([data], out_dir, data["model"], title=f"{data['model']} report")
+        collected.append(data)
     if len(collected) > 1:
-        written["index"] = write_reports(collected, out_dir, "index", title="exporter report: all models")
+        with _saved_results_of(None):
+            written["index"] = write_reports(collected, out_dir, "index", title="exporter report: all models")
     return written
+
+
+@contextlib.contextmanager
+def _saved_results_of(build: Build | None) -> Iterator[None]:
+    """A saved file whose fields have another shape than the stages write (edited by hand, another version):
+    one ReportError naming the build, never a traceback from deep inside the formatting."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        where = f"build {build.dir}" if build is not None else "one of the builds"
+        raise ReportError(f"the saved results of {where} (manifest.json, parity.json, bench.json) have an "
+                          f"unexpected shape ({one_line(exc, 120)}); re-run the stage that wrote them") from None

@@ -88,7 +88,23 @@ def read_parity(build_dir: Path) -> dict[str, Any] | None:
             isinstance(r, dict) and isinstance(r.get("label"), str) and isinstance(r.get("status"), str)
             and isinstance(r.get("summary"), dict) for r in results):
         raise ResultsError(f"{path} does not have the parity file's fields (results, reference); {redo}")
+    for r in results:
+        summary = r["summary"]
+        bad = [k for k in ("flips", "samples") if not _int_or_none(summary.get(k))]
+        bad += [k for k in ("flip_rate", "accuracy", "reference_accuracy", "acc_drop")
+                if not _number_or_none(summary.get(k))]
+        if bad or not isinstance(r.get("options") or {}, dict):
+            what = ", ".join(bad) or "options"
+            raise ResultsError(f"{path}: the record of {r['label']!r} has a malformed {what}; {redo}")
     return data
+
+
+def _int_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+def _number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value))
 
 
 def _record(entry: dict[str, Any], document: dict[str, Any]) -> ParityRecord:
@@ -189,6 +205,17 @@ def read_bench(build_dir: Path) -> dict[str, Any] | None:
             isinstance(c, dict) and isinstance(c.get("label"), str) and isinstance(c.get("batch"), int)
             and isinstance(c.get("status"), str) and _finite_or_none(c.get("p50_ms")) for c in cells):
         raise ResultsError(f"{path} does not have the benchmark file's cells (label, batch, status, p50_ms); {redo}")
+    for c in cells:
+        names = all(isinstance(c.get(k, ""), str) for k in ("artifact", "backend", "precision"))
+        stats = all(_finite_or_none(c.get(k)) for k in ("p90_ms", "p99_ms", "mean_ms", "stdev_ms", "cv",
+                                                        "throughput_ips"))
+        if not names or not stats or not isinstance(c.get("parity") or {}, dict):
+            raise ResultsError(f"{path}: cell {c['label']!r} at batch {c['batch']} is malformed (names, timing "
+                               f"statistics or parity); {redo}")
+    for section, kind in (("settings", dict), ("machine", dict), ("versions", dict), ("peaks_gflops", dict),
+                          ("warnings", list)):
+        if not isinstance(data.get(section, kind()), kind):
+            raise ResultsError(f"{path}: `{section}` must be {'an object' if kind is dict else 'a list'}; {redo}")
     return data
 
 
@@ -208,6 +235,12 @@ def write_bench(build_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     for cell in merged["cells"]:
         cell.setdefault("measured_at", results["created"])
     if previous is not None:
+        # a cell that fails now keeps the measurement it replaces (as `previous`): nothing measured is lost
+        earlier = {_cell_key(c): dict(c, measured_at=c.get("measured_at") or previous.get("created"))
+                   if c["status"] == "ok" else c.get("previous") for c in previous["cells"]}
+        for cell in merged["cells"]:
+            if cell["status"] != "ok" and isinstance(earlier.get(_cell_key(cell)), dict):
+                cell["previous"] = earlier[_cell_key(cell)]
         fresh = {_cell_key(c) for c in merged["cells"]}
         kept = [dict(c, measured_at=c.get("measured_at") or previous.get("created"))
                 for c in previous["cells"] if _cell_key(c) not in fresh]

@@ -52,17 +52,19 @@ from exporter.checkpoint import (
 from exporter.data import Dataset, check_channels, load_split, to_model_tensor
 from exporter.errors import UsageError
 from exporter.fileio import atomic_write_bytes
-from exporter.machine import library_versions
+from exporter.machine import available_memory_bytes, library_versions
 from exporter.recipe import (
     check_batch_memory,
     check_seed,
     check_threads,
+    lr_at,
     resolve_recipe,
 )
-from exporter.training_runtime import Dist, SigtermGuard, pick_device, thread_count
+from exporter.training_runtime import Dist, ResizedImages, SigtermGuard, Throughput, pick_device, thread_count
 
 CURVE_NAME = "training_curve.png"
 EVAL_BATCH = 256
+EPOCH_TEST_IMAGES = 256  # test images evaluated after an epoch that is not the last (CPU recipe)
 TEST_SUBSET_SEED = 0  # which test images a --test-images subset holds (fixed, so runs compare)
 
 
@@ -113,12 +115,12 @@ def test_subset(size: int, limit: int | None) -> np.ndarray:
 
 
 def _evaluate(net: nn.Module, data: Dataset, subset: np.ndarray, input_shape: tuple[int, int, int],
-              device: torch.device, dist: Dist) -> float:
+              device: torch.device, dist: Dist, autocast: str | None = None) -> float:
     """Accuracy on `subset` of the split; under DDP each rank takes every world_size-th image, counts are summed."""
     net.eval()
     index = subset[dist.rank::dist.world_size]
     correct = 0
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
         for start in range(0, len(index), EVAL_BATCH):
             batch = index[start:start + EVAL_BATCH]
             x = to_model_tensor(data.images[batch], input_shape).to(device)
@@ -195,13 +197,15 @@ class Trainer:
             self.run_epoch(epoch)
         if not self.history:
             raise CheckpointError(f"{self.model}: nothing trained (max_steps {max_steps} already reached at resume)")
+        self.speed = self.throughput.report(self.train_seconds, "bf16" if self.recipe["autocast"] else "fp32",
+                                            self.device) if self.dist.is_main else {}
         self.write_checkpoint()
         summary = self.summary()
         self.finish(summary)
         return summary
 
     def setup(self) -> None:
-        """Model (seeded Xavier init), optimizer, loss, sampler and the evaluated test subset."""
+        """Model (seeded Xavier init), optimizer, loss, sampler, the evaluated test subset and the images."""
         from exporter.models import create_model
 
         if self.recipe["batch_size"] % self.world:
@@ -213,12 +217,34 @@ class Trainer:
         torch.manual_seed(self.seed)  # the init draws from the global generator (as the seed's net.apply did)
         self.net = create_model(self.model, in_channels=self.input_shape[0], num_classes=self.num_classes)
         self.net.apply(_init_weights)
-        self.net.to(self.device)
+        if self.recipe.get("zero_init_residuals") and hasattr(self.net, "zero_init_residuals"):
+            self.net.zero_init_residuals()
+        self.net.to(self.device, memory_format=torch.channels_last if self.recipe["channels_last"]
+                    else torch.preserve_format)
         self.ddp_net: nn.Module = self.net
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=self.recipe["lr"])
-        self.criterion = nn.CrossEntropyLoss()
+        decayed = [p for p in self.net.parameters() if p.ndim > 1]  # no weight decay on biases and norms
+        rest = [p for p in self.net.parameters() if p.ndim <= 1]
+        self.optimizer = torch.optim.SGD(
+            [{"params": decayed, "weight_decay": self.recipe["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
+            lr=self.recipe["lr"], momentum=self.recipe["momentum"], nesterov=self.recipe["nesterov"])
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.recipe["label_smoothing"])
         self.sampler = DistributedSampler(range(len(self.train_data)), num_replicas=self.world,
                                           rank=self.dist.rank, shuffle=True, seed=self.seed, drop_last=False)
+        self.images = ResizedImages(self.train_data.images, self.input_shape[0], available_memory_bytes())
+        self.throughput = Throughput(self.model, self.input_shape[0], self.num_classes)
+        per_epoch = len(self.epoch_batches(0, capped=False))
+        self.total_steps = per_epoch * self.recipe["epochs"]
+        if self.recipe["max_steps"] is not None:
+            self.total_steps = min(self.total_steps, self.recipe["max_steps"])
+
+    def stage_size(self, epoch: int) -> int:
+        """The input size `epoch` trains at (progressive resizing: the recipe's stages, in order)."""
+        end = 0
+        for size, count in self.recipe["stages"]:
+            end += count
+            if epoch < end:
+                return int(size)
+        return int(self.recipe["stages"][-1][0])
 
     def resume(self, location: Path) -> None:
         """Weights, optimizer, RNG and history from the state in `location`; refuses a state past --epochs."""
@@ -268,10 +294,13 @@ class Trainer:
         self.say(f"training {self.model} on {self.train_data.name} ({len(self.train_data)} train / "
                  f"{len(self.test_data)} test{evaluated}, {'×'.join(map(str, self.input_shape))}) on {self.device}"
                  + (f" × {self.world} processes ({self.dist.backend})" if self.dist.enabled else "")
-                 + f": lr={recipe['lr']} batch={recipe['batch_size']} epochs={recipe['epochs']}"
-                 + (f" max_steps={recipe['max_steps']}" if recipe["max_steps"] else ""))
+                 + f": {recipe['name']} recipe, lr={recipe['lr']} batch={recipe['batch_size']} "
+                 + f"epochs={recipe['epochs']}" + (f" max_steps={recipe['max_steps']}" if recipe["max_steps"] else "")
+                 + (f", sizes {' → '.join(f'{size}px×{count}' for size, count in recipe['stages'])}, "
+                    f"{recipe['optimizer']} momentum {recipe['momentum']}, {recipe['schedule']} lr, "
+                    f"autocast {recipe['autocast'] or 'off (fp32)'}" if recipe["name"] == "cpu" else ""))
 
-    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+    def epoch_batches(self, epoch: int, *, capped: bool = True) -> list[np.ndarray]:
         """This rank's shuffled batches of `epoch`, cut at max_steps."""
         self.sampler.set_epoch(epoch)
         order = np.fromiter(iter(self.sampler), dtype=np.int64)
@@ -279,25 +308,31 @@ class Trainer:
         batches = [order[i:i + size] for i in range(0, len(order), size)]
         if len(batches) > 1 and len(batches[-1]) == 1:
             batches.pop()  # BatchNorm cannot train on a batch of one; the seed's loader never produced one here
-        if self.recipe["max_steps"] is not None:
+        if capped and self.recipe["max_steps"] is not None:
             batches = batches[:self.recipe["max_steps"] - self.steps]
         return batches
 
-    def train_step(self, batch: np.ndarray) -> tuple[float, float]:
-        """One SGD step on `batch`; returns (summed loss, correct predictions)."""
-        x = to_model_tensor(self.train_data.images[batch], self.input_shape).to(self.device, non_blocking=True)
+    def train_step(self, batch: np.ndarray, size: int) -> tuple[float, float]:
+        """One SGD step on `batch` at size×size, at the schedule's learning rate; returns (summed loss, correct)."""
+        x = self.images.batch(batch, size, channels_last=self.recipe["channels_last"]).to(self.device,
+                                                                                        non_blocking=True)
         y = torch.from_numpy(self.train_data.labels[batch]).to(self.device, non_blocking=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.steps, self.total_steps, self.recipe)
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.ddp_net(x)
-        loss = self.criterion(logits, y)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.recipe["autocast"] == "bf16"):
+            logits = self.ddp_net(x)
+        loss = self.criterion(logits.float(), y)  # fp32 loss; the master weights stay fp32 too
         loss.backward()
         self.optimizer.step()
+        self.throughput.add(len(batch) * self.world, size)
         with torch.no_grad():
             return float(loss) * len(batch), float((logits.argmax(dim=1) == y).sum())
 
     def run_epoch(self, epoch: int) -> None:
         """Train one epoch (progress bar, intra-epoch curve points), then evaluate and save the state."""
         batches = self.epoch_batches(epoch)
+        size = self.stage_size(epoch)
         report_every = max(len(batches) // 5, 1)
         self.ddp_net.train()
         loss_sum = correct = count = epoch_time = 0.0
@@ -306,7 +341,7 @@ class Trainer:
                    dynamic_ncols=True)
         for i, batch in enumerate(batches):
             tick = time.perf_counter()
-            batch_loss, batch_correct = self.train_step(batch)
+            batch_loss, batch_correct = self.train_step(batch, size)
             loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, count + len(batch)
             epoch_time += time.perf_counter() - tick
             self.steps += 1
@@ -327,20 +362,30 @@ class Trainer:
             # BatchNorm running stats drift apart per rank after the last step; evaluate (and save) rank 0's.
             for buffer in self.net.buffers():
                 self.dist.dist.broadcast(buffer, src=0)
-        test_acc = self.evaluate()
+        max_steps = self.recipe["max_steps"]
+        final = epoch + 1 >= self.recipe["epochs"] or (max_steps is not None and self.steps >= max_steps)
+        test_acc = self.evaluate(final)
+        self.throughput.sample_load()
         epoch_time = max(self.dist.sum([epoch_time], self.device)[0] / self.world, 1e-9)
         self.train_seconds += epoch_time
         self.examples_seen += int(g_count)
         self.history.append({"epoch": epoch + 1, "steps": self.steps, "train_loss": g_loss / g_count,
                              "train_accuracy": g_correct / g_count, "test_accuracy": test_acc,
+                             "test_images": len(self.test_index) if final or self.recipe["name"] != "cpu"
+                             else min(len(self.test_index), EPOCH_TEST_IMAGES), "input_size": self.stage_size(epoch),
                              "examples_per_s": g_count / epoch_time, "train_seconds": epoch_time})
         self.say(f"epoch {epoch + 1}: loss {g_loss / g_count:.3f}, train acc {g_correct / g_count:.3f}, "
                  f"test acc {test_acc:.3f}, {g_count / epoch_time:.1f} examples/s")
         self.save_state(epoch + 1)
 
-    def evaluate(self) -> float:
-        """Test accuracy on the evaluated subset (summed over ranks)."""
-        return _evaluate(self.net, self.test_data, self.test_index, self.input_shape, self.device, self.dist)
+    def evaluate(self, final: bool = True) -> float:
+        """Test accuracy (summed over ranks): the final epoch on every evaluated test image in fp32 (what the
+        checkpoint scores); earlier epochs of the CPU recipe on the first EPOCH_TEST_IMAGES of them, in the
+        training's autocast precision (a progress signal that costs little)."""
+        if final or self.recipe["name"] != "cpu":
+            return _evaluate(self.net, self.test_data, self.test_index, self.input_shape, self.device, self.dist)
+        return _evaluate(self.net, self.test_data, self.test_index[:EPOCH_TEST_IMAGES], self.input_shape,
+                         self.device, self.dist, autocast=self.recipe["autocast"])
 
     def save_state(self, epoch: int) -> None:
         """Weights, optimizer and every rank's RNG after `epoch`, what --resume continues from."""
@@ -384,7 +429,7 @@ class Trainer:
             "test_accuracy": last["test_accuracy"], "examples_per_s": self.examples_per_s,
             "train_seconds": self.train_seconds, "history": self.history, "device": str(self.device),
             "world_size": self.world, "threads": torch.get_num_threads(), "versions": library_versions(),
-            "created": _now(),
+            "speed": self.speed, "created": _now(),
         }
 
     @property
@@ -403,7 +448,8 @@ class Trainer:
             "data": None if self.data_arg is None else str(self.data_arg), "epochs": last["epoch"],
             "steps": self.steps, "train_examples_seen": self.examples_seen, "input_shape": list(self.input_shape),
             "lr": self.recipe["lr"], "batch_size": self.recipe["batch_size"], "max_steps": self.recipe["max_steps"],
-            "budget": self.recipe["budget"], "train_loss": last["train_loss"],
+            "recipe": self.recipe["name"], "stages": self.recipe["stages"], "autocast": self.recipe["autocast"],
+            "budget": self.recipe["budget"], "train_loss": last["train_loss"], **self.speed,
             "train_accuracy": last["train_accuracy"], "test_accuracy": last["test_accuracy"],
             "test_examples": len(self.test_index), "examples_per_s": self.examples_per_s,
             "train_seconds": self.train_seconds, "seconds": time.perf_counter() - self.started,
@@ -458,8 +504,12 @@ def train(
     test_images: int | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    recipe: str | None = None,
 ) -> dict:
-    """Train `model` with the seed's recipe (overrides win) and write its checkpoint; returns the JSON summary.
+    """Train `model` and write its checkpoint; returns the JSON summary.
+
+    `recipe` "cpu" (default on a CPU where the model has one) or "seed" (the seeds' d2l recipe; default on a GPU);
+    every explicit value overrides the recipe's.
 
     `resume=True` continues from `<artifacts>/<model>/train_state` (a path continues from that directory);
     `cpu_budget` uses the spec's smaller CPU epochs / steps / batch when on a CPU and not overridden.
@@ -477,7 +527,8 @@ def train(
         check_seed(seed)
         check_threads(threads)
         recipe = resolve_recipe(model, device=run_device, epochs=epochs, lr=lr, batch_size=batch_size,
-                                resize=resize, max_steps=max_steps, cpu_budget=cpu_budget, test_images=test_images)
+                                resize=resize, max_steps=max_steps, cpu_budget=cpu_budget, test_images=test_images,
+                                recipe=recipe)
         train_data, test_data = load_split(data, "train"), load_split(data, "test")
         input_shape = _input_shape(model, train_data, test_data, in_channels, recipe["resize"])
         check_batch_memory(input_shape, recipe["batch_size"])

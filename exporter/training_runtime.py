@@ -1,17 +1,21 @@
-"""The process around a training run: which device, the torchrun process group, torch's thread count, and
-SIGTERM turned into a clean one-line exit (code 143) that says which epoch is saved."""
+"""The process around a training run: which device, the torchrun process group, torch's thread count, SIGTERM
+turned into a clean one-line exit (code 143) that says which epoch is saved, the images resized once per input
+size, and the run's throughput against the machine's GEMM peak."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
+from exporter.data import to_model_tensor
 from exporter.errors import ExporterError, UsageError
 
 SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process ended by it
@@ -139,3 +143,86 @@ class SigtermGuard:
             self._writing -= 1
         if not self._writing and self._pending:
             raise TrainingInterrupted(self.message())
+
+
+# --- images and throughput -----------------------------------------------------------------------------------------
+
+
+class ResizedImages:
+    """A split's images decoded and resized once per input size, kept as uint8 (N, C, H, W) tensors, so a training
+    step only indexes and scales a batch — no per-image Python work, no resize per step.
+
+    Resizing follows `to_model_tensor` (bilinear, antialiased) and is rounded back to whole pixel values, as a
+    resized image file would be. A size whose images would take more than half the memory available is not kept:
+    its batches are resized one by one instead.
+    """
+
+    def __init__(self, images: np.ndarray, channels: int, memory_bytes: int | None) -> None:
+        self.images = images
+        self.channels = channels  # the model's; grayscale data is expanded to them per batch (a view, no copy)
+        self.data_channels = 3 if images.ndim == 4 else 1
+        self.memory_bytes = memory_bytes
+        self._by_size: dict[int, torch.Tensor | None] = {}
+
+    def _resized(self, size: int) -> torch.Tensor | None:
+        if size not in self._by_size:
+            needed = len(self.images) * self.data_channels * size * size
+            if self.memory_bytes is not None and needed > self.memory_bytes // 2:
+                self._by_size[size] = None
+            else:
+                parts = [to_model_tensor(self.images[i:i + 512], (self.data_channels, size, size))
+                         .mul_(255).round_().to(torch.uint8) for i in range(0, len(self.images), 512)]
+                self._by_size = {size: torch.cat(parts)}  # one size at a time: stages only go up
+        return self._by_size[size]
+
+    def batch(self, index: np.ndarray, size: int, *, channels_last: bool) -> torch.Tensor:
+        """float32 NCHW images in [0, 1] of `index` at size×size."""
+        cached = self._resized(size)
+        if cached is None:
+            x = to_model_tensor(self.images[index], (self.channels, size, size))
+        else:
+            x = cached[torch.from_numpy(index)].to(torch.float32).div_(255.0)
+            if self.data_channels == 1 and self.channels != 1:
+                x = x.expand(-1, self.channels, -1, -1)
+        return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class Throughput:
+    """Examples, seconds and training FLOPs (3 × the forward pass: forward, input and weight gradients) of a run,
+    and the load average while it ran (a loaded machine's numbers are marked, not published as its speed)."""
+
+    def __init__(self, model: str, channels: int, num_classes: int) -> None:
+        self.model, self.channels, self.num_classes = model, channels, num_classes
+        self._macs: dict[int, int] = {}
+        self.flops = 0.0
+        self.load_averages: list[float] = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
+
+    def add(self, examples: int, size: int) -> None:
+        if size not in self._macs:
+            from exporter.models import count_macs, create_model
+
+            with torch.device("meta"):
+                net = create_model(self.model, in_channels=self.channels, num_classes=self.num_classes)
+            self._macs[size] = count_macs(net, (1, self.channels, size, size))
+        self.flops += 3 * 2 * self._macs[size] * examples
+
+    def sample_load(self) -> None:
+        if hasattr(os, "getloadavg"):
+            self.load_averages.append(os.getloadavg()[0])
+
+    def report(self, seconds: float, precision: str, device: torch.device) -> dict[str, Any]:
+        """GFLOP/s and its share of the GEMM peak at `precision` measured now, with every runtime's probe."""
+        from exporter.machine import measure_peaks, usable_cores
+
+        gflops = self.flops / max(seconds, 1e-9) / 1e9
+        out: dict[str, Any] = {"train_gflops": gflops, "peak_precision": precision, "peak_gflops": None,
+                               "pct_of_peak": None, "load_average": max(self.load_averages, default=None)}
+        if device.type == "cpu":
+            peaks = measure_peaks(size=2048, device="cpu", threads=torch.get_num_threads())
+            peak = peaks.get(precision)
+            if peak and math.isfinite(peak):
+                out.update(peak_gflops=peak, peak_source=peaks["best"].get(precision),
+                           pct_of_peak=100.0 * gflops / peak)
+            load = out["load_average"]
+            out["loaded"] = load is not None and load > usable_cores() + 0.5
+        return out

@@ -4,13 +4,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from exporter import bench
+from exporter import bench, timing
 from exporter.backends import BACKENDS
 from exporter.backends.base import Artifact
 from exporter.bench import BenchSettings
@@ -72,6 +75,16 @@ def make_tiny_build(root: Path, model: str = TINY_MODEL, *, onnx: bool = False, 
     write_json_atomic(build / "manifest.json", manifest)
     point_latest(build.parent, build)
     return build
+
+
+@contextlib.contextmanager
+def noise_tolerated() -> Iterator[None]:
+    """No cell is flagged unstable inside the block: for tests about what happens after a bench (select, report)
+    on this shared test machine, whose other processes make sub-millisecond timings noisy. The instability rule
+    itself is tested with a scripted clock in `test_timing.py`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(timing, "UNSTABLE_CV", math.inf)
+        yield
 
 
 def _need(backend: str) -> None:

@@ -35,3 +35,68 @@ def test_help_explains_every_subcommand(capsys: pytest.CaptureFixture[str]) -> N
         main(["--help"])
     assert exc.value.code == 0
     assert "list" in capsys.readouterr().out
+
+
+# --- shared options: one helper each, the same rules in every subcommand -------------------------------------------
+
+
+def _subparsers() -> dict:
+    import argparse
+
+    from exporter.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_artifacts_is_one_path_option_everywhere() -> None:
+    from pathlib import Path
+
+    for name, sub in _subparsers().items():
+        options = {o: a for a in sub._actions for o in a.option_strings}
+        if name == "list":
+            assert "--artifacts" not in options
+            continue
+        action = options["--artifacts"]
+        assert action.dest == "artifacts" and action.type is Path and action.option_strings == ["--artifacts"], name
+        assert "--artifacts-dir" not in options, name
+
+
+def test_every_count_option_is_a_positive_integer_up_to_ten_million(capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter.cli import COUNT_LIMIT, _positive_int
+
+    assert COUNT_LIMIT == 10**7 and _positive_int(str(COUNT_LIMIT)) == COUNT_LIMIT
+    checked = 0
+    for name, sub in _subparsers().items():
+        for action in sub._actions:
+            if action.type is not _positive_int:
+                continue
+            flag = action.option_strings[0]
+            for bad in ("0", "-1", str(COUNT_LIMIT + 1), "1.5", "ten"):
+                with pytest.raises(SystemExit) as exc:
+                    sub.parse_args([*(["x"] if name != "report" else []), flag, bad])
+                assert exc.value.code == 2, (name, flag, bad)
+                err = capsys.readouterr().err.strip().splitlines()
+                assert len(err) == 1 and flag in err[0], (name, flag, bad, err)
+            checked += 1
+    assert checked >= 10  # build, verify, bench, select and train all have some
+
+
+def test_keyboard_interrupt_is_exit_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_list", interrupted)
+    assert main(["list"]) == 130
+    assert capsys.readouterr().err.strip() == "exporter list: interrupted"
+
+
+def test_help_lists_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("build", "verify", "bench", "select", "report"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "3 partly done" in out and "130 interrupted" in out and "2 bad input" in out, name

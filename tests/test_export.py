@@ -11,8 +11,10 @@ import pytest
 
 from exporter.cli import main
 from exporter.errors import UsageError
+from exporter.backends import STAGES, Stage
 from exporter.export import STAGE_NAMES, BuildError, build, parse_backends
-from exporter.manifest import MANIFEST_NAME, load_build, sha256_file
+from exporter.manifest import RESULT_FILES, load_build, sha256_file
+from exporter.results import parity_summary, read_parity
 from tests.conftest import TEST_NUM_CLASSES
 from tests.export_builds import FAST_MODELS, build_options, full_build, model_params  # noqa: F401  (fixture)
 
@@ -44,12 +46,17 @@ def test_build_produces_a_complete_build(full_build, model: str) -> None:
     assert set(STAGE_NAMES) - accounted <= set(manifest["timings"])
     assert all(s["reason"] for s in manifest["skipped"])
     assert manifest["failed"] == []
-    # quick parity: numbers for every artifact, and they pass
+    # quick parity: the judge's record of every artifact (parity.json), and they pass
     parity = manifest["parity"]
-    assert set(parity["artifacts"]) == set(names) and parity["images"] == 16
-    for name, entry in parity["artifacts"].items():
-        assert entry["ok"], (name, entry)
-        assert 0.0 <= entry["max_abs_err"] and 0.0 <= entry["top1_agreement"] <= 1.0
+    assert parity == parity_summary(result.parity) and result.parity == read_parity(result.build_dir)
+    assert parity["file"] == "parity.json" and parity["source"] == "build" and parity["samples"] == 16
+    assert set(parity["results"]) == set(names) - {"eager"} and parity["passed"] is True
+    assert set(parity["results"].values()) == {"pass"}, parity["results"]
+    summary = {a["name"]: a["parity"] for a in result.summary()["artifacts"]}
+    assert summary.pop("eager") == {"status": "reference"} and result.summary()["parity_passed"] is True
+    for name, entry in summary.items():
+        assert entry["status"] == "pass" and entry["judged_as"] in ("fp32", "bf16", "fp16", "int8"), (name, entry)
+        assert 0.0 <= entry["max_abs"] and entry["flips"] == 0 and entry["samples"] == 16
     assert manifest["diagnostics"]["export"]["tracer"] == "dynamo (strict)"
     assert manifest["diagnostics"]["inductor"]["graph_breaks"] == 0
     assert manifest["diagnostics"]["aoti"]["compile_s"] > 0
@@ -60,7 +67,8 @@ def test_manifest_hashes_match_every_file(full_build) -> None:
     result = full_build(FAST_MODELS[0])
     files = result.manifest["files"]
     on_disk = {p.relative_to(result.build_dir).as_posix() for p in result.build_dir.rglob("*")
-               if p.is_file() and p.name != MANIFEST_NAME}
+               if p.is_file() and p.name not in RESULT_FILES}
+    assert (result.build_dir / "parity.json").is_file()  # a result, written by the build but not hashed
     assert set(files) == on_disk
     for rel, entry in files.items():
         path = result.build_dir / rel
@@ -87,8 +95,9 @@ def test_static_batch_build(tmp_path: Path) -> None:
     manifest = result.manifest
     assert manifest["batch"] == {"dynamic": False, "static": 4, "min": 4, "max": 4}
     assert manifest["input"]["shape"] == [4, 1, 28, 28]
-    assert manifest["parity"]["images"] == 8  # whole static batches only
-    assert all(v["ok"] for v in manifest["parity"]["artifacts"].values())
+    assert manifest["parity"]["samples"] == 8  # whole static batches only
+    assert manifest["parity"]["passed"] and set(manifest["parity"]["results"].values()) == {"pass"}
+    assert {i["name"]: i["batch_sizes"] for i in result.parity["inputs"]} == {"real": [4], "batch=4": [4]}
 
 
 def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,13 +105,11 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     model_dir = good.build_dir.parent
     before = _listing(model_dir)
 
-    import exporter.backends.onnx as onnx_backend
-
     def broken(ctx):
         (ctx.out_dir / "model.onnx").write_bytes(b"half")  # a stage that dies half-way through writing
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(onnx_backend, "export_onnx", broken)
+    monkeypatch.setitem(STAGES, "onnx", Stage("onnx", broken))
     with pytest.raises(BuildError, match="backend onnx failed: RuntimeError: disk on fire"):
         build(build_options("lenet", tmp_path, backends=["onnx"]))
     assert _listing(model_dir) == before
@@ -111,20 +118,24 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def interrupted(ctx):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnx_backend, "export_onnx", interrupted)
+    monkeypatch.setitem(STAGES, "onnx", Stage("onnx", interrupted))
     with pytest.raises(KeyboardInterrupt):
         build(build_options("lenet", tmp_path, backends=["onnx"]))
     assert _listing(model_dir) == before
 
 
-def test_unnamed_failing_backend_is_recorded_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import exporter.backends.openvino as openvino_backend
+def test_unnamed_failing_backend_is_recorded_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     import exporter.export as export_module
 
-    monkeypatch.setattr(openvino_backend, "export_openvino", lambda ctx: 1 / 0)
-    monkeypatch.setattr(export_module, "STAGES", tuple(s for s in export_module.STAGES if s[0] in ("onnx", "openvino")))
-    result = build(build_options("lenet", tmp_path))
-    assert result.manifest["failed"] == [{"backend": "openvino", "error": "ZeroDivisionError: division by zero"}]
+    stages = {"onnx": STAGES["onnx"], "openvino": Stage("openvino", lambda ctx: 1 / 0)}
+    monkeypatch.setattr(export_module, "STAGES", stages)
+    # exit status 3: the build is done, one backend failed
+    assert main(["build", "lenet", "--untrained", "--num-classes", str(TEST_NUM_CLASSES), "--parity-samples", "8",
+                 "--artifacts", str(tmp_path)]) == 3
+    assert "FAILED openvino: ZeroDivisionError: division by zero" in capsys.readouterr().out
+    manifest = load_build("lenet", tmp_path).manifest
+    assert manifest["failed"] == [{"backend": "openvino", "error": "ZeroDivisionError: division by zero"}]
     with pytest.raises(BuildError, match="openvino failed"):
         build(build_options("lenet", tmp_path, strict=True))
 
@@ -215,9 +226,9 @@ def test_cli_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["build", "lenet", "--untrained", "--backends", "onnx", "--parity-samples", "8", "--json",
                  "--artifacts", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert Path(out["manifest"]).is_file() and out["untrained"] is True and out["parity_ok"] is True
+    assert Path(out["manifest"]).is_file() and out["untrained"] is True and out["parity_passed"] is True
     assert {a["name"] for a in out["artifacts"]} >= {"eager", "onnx-fp32"}
-    assert all(a["parity"]["ok"] for a in out["artifacts"])
+    assert all(a["parity"]["status"] in ("pass", "reference") for a in out["artifacts"])
 
 
 def test_parse_backends() -> None:
@@ -241,7 +252,7 @@ def test_resnet50v2_fp16_end_to_end(tmp_path: Path) -> None:
     manifest = result.manifest
     precisions = {a["precision"] for a in manifest["artifacts"]}
     assert "fp16" in precisions and manifest["input_shape"] == [3, 224, 224]
-    assert manifest["parity"]["ok"], manifest["parity"]
+    assert manifest["parity"]["passed"], manifest["parity"]
     assert load_build(result.build_dir).model == "resnet50v2"
     assert np.isfinite(manifest["timings"]["total"])
 
@@ -278,3 +289,69 @@ def test_sigterm_mid_build_leaves_nothing(tmp_path: Path) -> None:
     proc.wait(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
     assert list(tmp_path.rglob("*")) == []
+
+
+# --- the build's quick parity is the judge of `exporter verify` ------------------------------------------------
+
+
+def test_build_and_verify_write_the_same_parity_record(tmp_path: Path) -> None:
+    """The build's quick check and `exporter verify` write one record format with one set of tolerance rules; only
+    the inputs (and `source`) differ."""
+    from exporter.parity import verify
+    from exporter.results import parity_records
+
+    result = build(build_options("lenet_bn", tmp_path, backends=["onnx", "openvino"], parity_samples=8))
+    after_build = read_parity(result.build_dir)
+    assert after_build["source"] == "build" and after_build["samples"] == 8
+    assert [i["name"] for i in after_build["inputs"]] == ["real", "batch=1"]
+    built = {r["label"]: r for r in after_build["results"]}
+    assert set(built) >= {"onnx-fp32", "openvino-fp32"}
+    assert {r.source for label, r in parity_records(load_build(result.build_dir)).items() if label != "eager"} == {
+        "build"}
+
+    verify(result.build_dir, samples=8, progress=False)
+    after_verify = read_parity(result.build_dir)
+    assert after_verify["source"] == "verify" and len(after_verify["inputs"]) > 2
+    verified = {r["label"]: r for r in after_verify["results"]}
+    assert set(verified) == set(built)
+    assert set(after_verify) == set(after_build) and after_verify["tolerances"] == after_build["tolerances"]
+    for label, record in built.items():
+        again = verified[label]
+        assert set(again) == set(record), label
+        assert set(again["summary"]) == set(record["summary"]) and set(again["tolerance"]) == set(record["tolerance"])
+        assert again["tolerance"] == record["tolerance"] and again["judged_as"] == record["judged_as"], label
+        assert again["judged_by"] == record["judged_by"] and again["status"] == record["status"] == "pass"
+        assert (record["source"], again["source"]) == ("build", "verify")
+        real = [s for s in record["sets"] if s["name"] == "real"][0]
+        assert set(real["metrics"]) == set([s for s in again["sets"] if s["name"] == "real"][0]["metrics"])
+    manifest = load_build(result.build_dir).manifest["parity"]
+    assert manifest["source"] == "verify" and manifest["results"] == {k: "pass" for k in built}
+
+
+def test_a_parity_failure_at_build_time_fails_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import exporter.export as export_module
+    from exporter.backends import BACKENDS, Artifact
+    from exporter.backends.eager import EagerRunner
+
+    class Wrong(EagerRunner):
+        backend = "test_wrong"
+
+        def run_impl(self, prepared):
+            return super().run_impl(prepared) * 1.1
+
+    def export_wrong(ctx):
+        eager = ctx.artifacts[0]
+        return [Artifact("wrong", "test_wrong", eager.path, "fp32", options=eager.options)]
+
+    monkeypatch.setitem(BACKENDS, "test_wrong", Wrong)
+    monkeypatch.setattr(export_module, "STAGES", {"wrong": Stage("wrong", export_wrong)})
+    argv = ["build", "lenet", "--untrained", "--parity-samples", "8", "--artifacts", str(tmp_path)]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "wrong" in out
+    parity = load_build("lenet", tmp_path).manifest["parity"]
+    assert parity["passed"] is False and parity["results"] == {"wrong": "fail"}
+    assert read_parity(load_build("lenet", tmp_path).dir)["results"][0]["judged_as"] == "fp32"
+    with pytest.raises(BuildError, match="--strict: quick parity failed: wrong: real: max abs error"):
+        build(build_options("lenet", tmp_path / "strict", strict=True))

@@ -10,10 +10,13 @@ import pytest
 
 from exporter.backends.base import Artifact
 from exporter.manifest import (
+    FORMAT_VERSION,
     MANIFEST_NAME,
+    RESULT_FILES,
     Build,
     ManifestError,
     file_entries,
+    json_default,
     load_build,
     point_latest,
     resolve_build,
@@ -31,8 +34,9 @@ def _fake_build(root: Path, model: str = "lenet", build_id: str = "b1") -> Path:
     (build_dir / "weights.safetensors").write_bytes(b"w" * 100)
     (build_dir / "sub" / "model.xml").write_text("<xml/>")
     manifest = {
-        "format": 1, "build_id": build_id, "model": model, "input_shape": [1, 28, 28], "num_classes": 7,
-        "dataset": None, "untrained": True, "files": file_entries(build_dir),
+        "format": FORMAT_VERSION, "build_id": build_id, "model": model, "input_shape": [1, 28, 28], "num_classes": 7,
+        "dataset": None, "untrained": True, "batch": {"dynamic": True, "static": None, "min": 1, "max": 16},
+        "files": file_entries(build_dir),
         "artifacts": [Artifact("eager", "eager", "weights.safetensors", "fp32",
                                options={"model": model, "in_channels": 1, "num_classes": 7}).to_dict()
                       | {"files": ["weights.safetensors"], "size": 100}],
@@ -115,9 +119,9 @@ def test_update_manifest_is_atomic_and_keeps_other_keys(tmp_path: Path) -> None:
     build = load_build(build_dir)
     other = load_build(build_dir)  # a second process' stale view
     update_manifest(build, "bench", {"p50_ms": 1.5})
-    update_manifest(other, "verify", {"passed": True})  # must not drop "bench"
+    update_manifest(other, "parity", {"passed": True})  # must not drop "bench"
     on_disk = json.loads((build_dir / MANIFEST_NAME).read_text())
-    assert on_disk["bench"] == {"p50_ms": 1.5} and on_disk["verify"] == {"passed": True}
+    assert on_disk["bench"] == {"p50_ms": 1.5} and on_disk["parity"] == {"passed": True}
     assert other.manifest == on_disk
     assert [p.name for p in build_dir.iterdir() if p.name.startswith(".")] == []
     with pytest.raises(ManifestError, match="written by `exporter build` only"):
@@ -131,3 +135,60 @@ def test_copied_build_still_verifies(tmp_path: Path) -> None:
     shutil.copytree(build_dir, copy)
     build = load_build(copy)
     assert isinstance(build, Build) and build.dir == copy
+
+
+def test_an_older_manifest_is_refused_in_one_line_saying_rebuild(tmp_path: Path) -> None:
+    build_dir = _fake_build(tmp_path)
+    manifest = json.loads((build_dir / MANIFEST_NAME).read_text())
+    write_json_atomic(build_dir / MANIFEST_NAME, {**manifest, "format": 1})
+    with pytest.raises(ManifestError) as caught:
+        load_build("lenet", tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and "older exporter (format 1" in message
+    assert "rebuild with `exporter build lenet`" in message
+    with pytest.raises(ManifestError, match="rebuild"):
+        load_build("lenet", tmp_path, verify_hashes=False)  # also when only reading results
+    write_json_atomic(build_dir / MANIFEST_NAME, {**manifest, "format": FORMAT_VERSION + 1})
+    with pytest.raises(ManifestError, match="upgrade exporter"):
+        load_build("lenet", tmp_path)
+    write_json_atomic(build_dir / MANIFEST_NAME, {**manifest, "format": "2"})
+    with pytest.raises(ManifestError, match="does not read"):
+        load_build("lenet", tmp_path)
+
+
+def test_an_older_manifest_on_the_command_line_is_one_line(tmp_path: Path, capsys) -> None:
+    from exporter.cli import main
+
+    build_dir = _fake_build(tmp_path)
+    manifest = json.loads((build_dir / MANIFEST_NAME).read_text())
+    write_json_atomic(build_dir / MANIFEST_NAME, {**manifest, "format": 1})
+    for argv in (["verify", "lenet"], ["bench", "lenet"], ["select", "lenet", "--max-flips", "1%"], ["report"]):
+        assert main([*argv, "--artifacts", str(tmp_path)]) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "rebuild" in err[0], (argv, err)
+
+
+def test_result_files_are_not_hashed(tmp_path: Path) -> None:
+    """parity.json, bench.json and the reference cache are written after the build: not artifacts."""
+    build_dir = _fake_build(tmp_path)
+    for name in RESULT_FILES:
+        if name != MANIFEST_NAME:
+            (build_dir / name).write_text("{}")
+    assert set(file_entries(build_dir)) == {"weights.safetensors", "sub/model.xml"}
+    (build_dir / "sub" / "parity.json").write_text("{}")  # only at the top level
+    assert "sub/parity.json" in file_entries(build_dir)
+    load_build(build_dir)
+
+
+def test_json_default_for_result_values(tmp_path: Path) -> None:
+    import numpy as np
+
+    from exporter.results import ParityRecord
+
+    data = {"path": tmp_path, "scalar": np.float32(1.5), "array": np.arange(2), "record": ParityRecord("pass"),
+            "set": {3}, "tuple": (1, 2)}
+    decoded = json.loads(json.dumps(data, default=json_default))
+    assert decoded["path"] == str(tmp_path) and decoded["scalar"] == 1.5 and decoded["array"] == [0, 1]
+    assert decoded["record"]["status"] == "pass" and decoded["set"] == [3] and decoded["tuple"] == [1, 2]
+    with pytest.raises(TypeError, match="object is not JSON serialisable"):
+        json.dumps({"x": object()}, default=json_default)

@@ -11,7 +11,7 @@ import pytest
 from exporter.bench import BenchSettings, bench_build
 from exporter.cli import main
 from exporter.report import report
-from tests.test_bench import FAST, TINY_MODEL, make_tiny_build
+from tests.test_bench import FAST, TINY_MODEL, make_tiny_build, noise_tolerated
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -25,11 +25,20 @@ def benched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("report")
     make_tiny_build(root)
     make_tiny_build(root, "lenet_bn")
-    for model in (TINY_MODEL, "lenet_bn"):
-        build = load_build(model, root)
-        bench_build(build, BenchSettings(batch_sizes=(1, 2), **FAST))
-    select_build(load_build(TINY_MODEL, root), parse_budget("1%"), 1)
+    verify(load_build(TINY_MODEL, root), samples=16, progress=False)  # lenet_bn stays unverified
+    with noise_tolerated():
+        for model in (TINY_MODEL, "lenet_bn"):
+            build = load_build(model, root)
+            bench_build(build, BenchSettings(batch_sizes=(1, 2), **FAST))
+    select_build(load_build(TINY_MODEL, root), parse_budget("5%"), 1)
     return root
+
+
+def verify(build, **options):
+    """`exporter verify` on a build: its records in parity.json."""
+    from exporter.parity import save_report, verify_build
+
+    save_report(verify_build(build, **options), build)
 
 
 def _check_png(path: Path) -> None:
@@ -50,10 +59,11 @@ def test_report_files_per_model_and_across(benched: Path, tmp_path: Path) -> Non
     # the recommendation comes first, then parity and latency; machine and versions are stated
     assert markdown.index("**Recommended**") < markdown.index("### Parity") < markdown.index("### Latency")
     assert "recommended at batch 1" in markdown and "GEMM peak" in markdown and "torch 2." in markdown
-    assert "? unverified" in markdown and "reference" in markdown
-    assert "lenet_bn" in markdown or "lenet_bn" not in written[TINY_MODEL]["json"].read_text()
+    assert "✓ pass" in markdown and "reference" in markdown and "? unverified" not in markdown
+    assert "| eager-bf16 | eager | bf16 | ✓ pass |" in markdown and "| bf16 | verify |" in markdown
     index = written["index"]["md"].read_text()
     assert "## Across models" in index and "## lenet_bn" in index and "No recommendation yet" in index
+    assert "? unverified" in index  # lenet_bn was never verified
     rows = list(csv.DictReader(written["index"]["csv"].open()))
     assert len(rows) == 8 and {r["model"] for r in rows} == {TINY_MODEL, "lenet_bn"}
     assert all(float(r["p50_ms"]) > 0 for r in rows)
@@ -83,13 +93,68 @@ def test_run_matrix_on_a_subset(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("run_matrix", Path(__file__).parents[1] / "bench" / "run_matrix.py")
     run_matrix = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_matrix)
+    from exporter.manifest import load_build
+
     make_tiny_build(tmp_path / "artifacts")
+    verify(load_build(TINY_MODEL, tmp_path / "artifacts"), samples=16, progress=False)
     out = tmp_path / "results"
-    assert run_matrix.main(["--models", f"{TINY_MODEL},lenet_bn", "--artifacts", str(tmp_path / "artifacts"),
-                            "--out", str(out), "--batch-sizes", "1", "--budget", "0.01", "--min-runs", "3",
-                            "--gemm-size", "128", "--machine", "testbox"]) == 0
+    with noise_tolerated():
+        code = run_matrix.main(["--models", f"{TINY_MODEL},lenet_bn", "--artifacts", str(tmp_path / "artifacts"),
+                                "--out", str(out), "--batch-sizes", "1", "--budget", "0.01", "--min-runs", "3",
+                                "--max-flips", "5%", "--gemm-size", "128", "--machine", "testbox"])
+    assert code == 0
     written = sorted(p.name for p in out.iterdir())
     assert len(written) == 4 and all(name.startswith("testbox-") for name in written)
     markdown = next(out.glob("*.md")).read_text()
     assert "lenet_bn: no build" in markdown and "recommended at batch 1" in markdown
     _check_png(next(out.glob("*.png")))
+
+
+def test_parity_rows_are_the_records(benched: Path) -> None:
+    from exporter.manifest import load_build
+    from exporter.report import _parity_mark, parity_rows
+
+    rows = {r["artifact"]: r for r in parity_rows(load_build(TINY_MODEL, benched))}
+    assert list(rows) == ["eager", "eager-bf16"]
+    assert rows["eager"]["status"] == "reference" and rows["eager-bf16"]["judged_as"] == "bf16"
+    assert rows["eager-bf16"]["source"] == "verify" and isinstance(rows["eager-bf16"]["max_abs"], float)
+    unverified = parity_rows(load_build("lenet_bn", benched))
+    assert [r["status"] for r in unverified] == ["unverified", "unverified"]
+    assert _parity_mark({"status": "pass", "source": "build"}) == "✓ pass (quick)"
+    assert _parity_mark({"status": "fail", "source": "tune"}) == "✗ FAIL"
+
+
+def test_report_lists_a_tuned_record(tmp_path: Path) -> None:
+    from exporter.manifest import load_build
+    from exporter.report import parity_rows
+    from exporter.results import write_parity
+    from tests.test_results import parity_document, parity_entry
+
+    make_tiny_build(tmp_path)
+    build = load_build(TINY_MODEL, tmp_path)
+    write_parity(build.dir, parity_document(parity_entry("eager-bf16+tuned", options={"x": 1}, source="tune")),
+                 ["eager", "eager-bf16"])
+    rows = {r["artifact"]: r for r in parity_rows(build)}
+    assert list(rows) == ["eager", "eager-bf16", "eager-bf16+tuned"]
+    assert rows["eager-bf16"]["status"] == "unverified" and rows["eager-bf16+tuned"]["source"] == "tune"
+    assert rows["eager-bf16+tuned"]["backend"] == "eager" and rows["eager-bf16+tuned"]["options"] == {"x": 1}
+
+
+def test_latency_rows_show_the_parity_records_of_now(tmp_path: Path) -> None:
+    """Cells benchmarked before `exporter verify` ran show the records verify wrote (as `select` reads them), and a
+    tuned cell shows its own record, never its artifact's."""
+    from exporter.manifest import load_build
+    from exporter.report import _parity_mark, collect
+    from exporter.results import write_bench, write_parity
+    from tests.test_results import bench_cell, bench_document, parity_document, parity_entry
+
+    make_tiny_build(tmp_path)
+    build = load_build(TINY_MODEL, tmp_path)
+    write_bench(build.dir, bench_document(bench_cell("eager", 1, 2.0), bench_cell("eager-bf16", 1, 1.0),
+                                          bench_cell("eager-bf16+tuned", 1, 0.5, options={"x": 1})))
+    assert {c["parity"]["status"] for c in collect(build)["cells"]} == {"unverified"}
+    write_parity(build.dir, parity_document(parity_entry("eager-bf16")), ["eager", "eager-bf16"])
+    cells = {c["label"]: c["parity"] for c in collect(build)["cells"]}
+    assert cells["eager"]["status"] == "reference" and cells["eager-bf16"]["status"] == "pass"
+    assert cells["eager-bf16+tuned"]["status"] == "unverified"  # the artifact's pass does not vouch for it
+    assert _parity_mark(cells["eager-bf16"]) == "✓ pass" and _parity_mark(cells["eager-bf16+tuned"]) == "? unverified"

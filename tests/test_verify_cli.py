@@ -11,7 +11,7 @@ import pytest
 from exporter.backends import BACKENDS
 from exporter.cli import main
 from exporter.manifest import point_latest
-from tests.test_parity import make_build, rewrite_manifest
+from tests.parity_builds import make_build, rewrite_manifest
 
 SAMPLES = "16"
 
@@ -45,15 +45,19 @@ def test_model_name_verifies_latest_build_prints_table_and_saves_report(artifact
         assert text in out
     build = artifacts / "lenet" / "b1"
     report = json.loads((build / "parity.json").read_text())
-    assert report["passed"] and report["samples"] == 16
-    assert json.loads((build / "manifest.json").read_text())["verify"]["report"] == "parity.json"
+    assert report["passed"] and report["samples"] == 16 and report["format"] == 2 and report["source"] == "verify"
+    section = json.loads((build / "manifest.json").read_text())["parity"]
+    assert section["file"] == "parity.json" and section["passed"] and section["source"] == "verify"
+    assert set(section["results"]) == {r["label"] for r in report["results"]}
 
 
 def test_json_output(build_copy, capsys) -> None:
     assert main(["verify", str(build_copy), "--backends", "onnxruntime", "--samples", SAMPLES, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     (result,) = data["results"]
-    assert result["artifact"] == "onnx-fp32" and result["passed"] and result["status"] == "pass"
+    assert result["artifact"] == result["label"] == "onnx-fp32" and result["passed"] and result["status"] == "pass"
+    assert result["judged_as"] == "fp32" and result["judged_by"] == "stored weights and compute"
+    assert result["variant"] == "default" and result["options"] == {} and data["format"] == 2
     real = next(s for s in result["sets"] if s["name"] == "real")
     assert set(real["metrics"]) >= {"max_abs", "max_rel", "rel_floor", "mean_abs", "min_cosine", "kl", "agreement",
                                     "flipped", "top5_overlap", "accuracy", "reference_accuracy"}
@@ -139,7 +143,18 @@ def test_help_explains_exit_codes(capsys) -> None:
     assert "--bisect" in out and "not run" in out and "Exit status" in out
 
 
-@pytest.mark.parametrize("flag, value", [("--samples", "0"), ("--min-agreement", "1.5"), ("--atol", "-1")])
+@pytest.mark.parametrize("flag, value", [("--min-agreement", "1.5"), ("--atol", "-1"), ("--rtol", "nan")])
 def test_bad_option_values(build_copy, capsys, flag: str, value: str) -> None:
     assert main(["verify", str(build_copy), flag, value]) == 2
     assert flag.lstrip("-").split("-")[0] in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flag, value", [("--samples", "0"), ("--samples", "-3"), ("--samples", str(10**7 + 1)),
+                                         ("--samples", "many"), ("--tolerance-class", "fp64"),
+                                         ("--artifacts-dir", ".")])
+def test_bad_option_syntax_is_one_usage_line(build_copy, capsys, flag: str, value: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", str(build_copy), flag, value])
+    assert exc.value.code == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("exporter") and "error:" in line and flag in line  # unknown options: the top parser

@@ -4,6 +4,7 @@
 from exporter.models import lenet, alexnet, vgg, nin, googlenet, resnet, densenet  # noqa: F401, I001
 from exporter.models.registry import (
     MODELS,
+    CpuRecipe,
     InputShapeError,
     ModelSpec,
     Recipe,
@@ -19,6 +20,6 @@ from exporter.models.registry import (
 )
 
 __all__ = [
-    "MODELS", "InputShapeError", "ModelSpec", "Recipe", "UnknownModelError", "check_input_shape", "count_macs",
+    "MODELS", "CpuRecipe", "InputShapeError", "ModelSpec", "Recipe", "UnknownModelError", "check_input_shape", "count_macs",
     "count_parameters", "create_model", "get_spec", "list_models", "model_summary", "valid_sizes",
 ]

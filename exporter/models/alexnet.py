@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from exporter.models.registry import Recipe, register_model
+from exporter.models.registry import CpuRecipe, Recipe, register_model
 
 
 class AlexNet(nn.Sequential):
@@ -30,7 +30,8 @@ class AlexNet(nn.Sequential):
 @register_model(family="alexnet", seed="001 §2", input_shape=(1, 224, 224), seed_test_acc=0.859,
                 seed_examples_per_s=3433,
                 recipe=Recipe(lr=0.01, batch_size=256, epochs=10, resize=224,
-                              cpu_epochs=1, cpu_max_steps=30, cpu_batch_size=64))
+                              cpu_epochs=1, cpu_max_steps=30, cpu_batch_size=64),
+                cpu_recipe=CpuRecipe(stages=((1.0, 3),), batch_size=64, lr=0.02))  # fixed input: no resizing
 def alexnet(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """AlexNet (d2l), ReLU, max-pooling and dropout, 224×224 input."""
     return AlexNet(in_channels=in_channels, num_classes=num_classes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporter.models.registry import Recipe, register_model
+from exporter.models.registry import CpuRecipe, Recipe, register_model
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -56,7 +56,8 @@ class DenseNet(nn.Sequential):
 
 @register_model(family="densenet", seed="001 §8", input_shape=(1, 96, 96), seed_test_acc=0.848,
                 seed_examples_per_s=4122,
-                recipe=Recipe(lr=0.1, batch_size=256, epochs=10, resize=96, cpu_epochs=2, cpu_batch_size=128))
+                recipe=Recipe(lr=0.1, batch_size=256, epochs=10, resize=96, cpu_epochs=2, cpu_batch_size=128),
+                cpu_recipe=CpuRecipe(stages=((0.5, 4), (1.0, 2)), batch_size=64, lr=0.1))
 def densenet(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """DenseNet (d2l): 4 dense blocks of 4 conv blocks, growth rate 32, 96×96 input."""
     return DenseNet(in_channels=in_channels, num_classes=num_classes)

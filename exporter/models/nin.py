@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from exporter.models.registry import Recipe, register_model
+from exporter.models.registry import CpuRecipe, Recipe, register_model
 
 
 def nin_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int) -> nn.Sequential:
@@ -37,7 +37,8 @@ class NiN(nn.Sequential):
 @register_model(family="nin", seed="001 §4", input_shape=(1, 224, 224), seed_test_acc=0.827,
                 seed_examples_per_s=2613,
                 recipe=Recipe(lr=0.1, batch_size=256, epochs=10, resize=224,
-                              cpu_epochs=1, cpu_max_steps=30, cpu_batch_size=64))
+                              cpu_epochs=1, cpu_max_steps=30, cpu_batch_size=64),
+                cpu_recipe=CpuRecipe(stages=((0.43, 4), (1.0, 1)), batch_size=64, lr=0.05))
 def nin(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """Network in Network: NiN blocks and global average pooling, no linear layer."""
     return NiN(in_channels=in_channels, num_classes=num_classes)

@@ -42,6 +42,27 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class CpuRecipe:
+    """A recipe made for a CPU (the default there): SGD with Nesterov momentum and weight decay, a one-cycle
+    learning rate (warm-up, then cosine annealing), bf16 autocast where the CPU has native bf16 (fp32 master
+    weights), channels-last, and — for a model with a global pool — progressive resizing: most epochs at a
+    fraction of the input size, the last ones at full size so BatchNorm's statistics match what is exported.
+    """
+
+    stages: tuple[tuple[float, int], ...]  # (input size as a fraction of the target size, epochs), in order
+    batch_size: int = 64
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    warmup: float = 0.25  # fraction of the steps spent warming up
+    label_smoothing: float = 0.0
+    max_steps: int | None = None  # cuts the last stage short (the deep extras' budget)
+
+    def __post_init__(self) -> None:
+        if not self.stages or self.stages[-1][0] != 1.0:
+            raise ValueError("a CPU recipe's last stage must train at the full input size (1.0)")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything the pipeline needs to know about an architecture besides its code."""
 
@@ -57,6 +78,7 @@ class ModelSpec:
     seed_examples_per_s: float | None = None  # the seed's training throughput on their GPU
     # Inputs are images scaled to [0, 1] (torchvision ToTensor), no mean/std normalisation: the seeds' recipe.
     input_scaling: str = "pixels/255, no mean/std"
+    cpu_recipe: CpuRecipe | None = None  # None: the seed's recipe is the default on a CPU too
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -72,6 +94,7 @@ def register_model(
     seed_test_acc: float | None = None,
     seed_examples_per_s: float | None = None,
     name: str | None = None,
+    cpu_recipe: CpuRecipe | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a keyword-only builder under its function name (or `name`)."""
 
@@ -91,6 +114,7 @@ def register_model(
             builder=builder,
             seed_test_acc=seed_test_acc,
             seed_examples_per_s=seed_examples_per_s,
+            cpu_recipe=cpu_recipe,
         )
         return builder
 

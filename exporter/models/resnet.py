@@ -14,7 +14,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from exporter.models.registry import Recipe, register_model
+from exporter.models.registry import CpuRecipe, Recipe, register_model
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -33,6 +33,11 @@ class Residual(nn.Module):
         self.bn1 = norm_layer(planes)
         self.bn2 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
+
+    @property
+    def residual_out(self) -> nn.Module:
+        """The last layer of the residual branch (zeroed by `ResNet.zero_init_residuals`)."""
+        return self.bn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
@@ -67,6 +72,11 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
                                             norm_layer(out_channels))
 
+    @property
+    def residual_out(self) -> nn.Module:
+        """The last layer of the residual branch (zeroed by `ResNet.zero_init_residuals`)."""
+        return self.bn3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
@@ -100,6 +110,11 @@ class PreActBottleneck(nn.Module):
         self.conv2 = nn.Sequential(nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False),
                                    norm_layer(planes), nn.ReLU(inplace=True))
         self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+
+    @property
+    def residual_out(self) -> nn.Module:
+        """The last layer of the residual branch (zeroed by `ResNet.zero_init_residuals`)."""
+        return self.conv3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.preact(x)
@@ -157,6 +172,13 @@ class ResNet(nn.Module):
             self.flatten = nn.Flatten() if pooling else nn.Identity()
             self.fc = nn.Identity()
 
+    def zero_init_residuals(self) -> None:
+        """Start every residual branch at zero (Goyal et al. 2017): each block begins as the identity, so a deep
+        net trains at a large learning rate from the first step."""
+        for block in self.modules():
+            if block is not self and hasattr(type(block), "residual_out"):
+                nn.init.zeros_(block.residual_out.weight)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The feature map before pooling."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -187,36 +209,44 @@ _D2L_DEEP_RECIPE = Recipe(lr=0.05, batch_size=128, epochs=10, resize=96, cpu_epo
 # Seeds 002/003 give no training recipe: the d2l one at 224×224 with a budget that fits a 2-core CPU.
 _IMAGENET_RECIPE = Recipe(lr=0.05, batch_size=64, epochs=10, resize=224, cpu_epochs=1, cpu_max_steps=6,
                           cpu_batch_size=16, source="chosen")
+# CPU recipes: most epochs at half (96 px models) or ~2/7 (224 px: 64 px) of the input size, the last at full size.
+_D2L_CPU = CpuRecipe(stages=((0.5, 4), (1.0, 2)), batch_size=64, lr=0.1)
+_D2L_DEEP_CPU = CpuRecipe(stages=((0.5, 3), (1.0, 1)), batch_size=64, lr=0.1)
+_IMAGENET_CPU = CpuRecipe(stages=((0.286, 3), (0.571, 1), (1.0, 1)), batch_size=64, lr=0.1)
+# ResNet-101/152: one epoch at 224 px would take 15–25 min here; the budget ends with 30 full-size steps.
+_IMAGENET_DEEP_CPU = CpuRecipe(stages=((0.286, 2), (1.0, 1)), batch_size=64, lr=0.1, max_steps=155)
 
 
 @register_model(family="resnet", seed="000, 001 §7, 004", input_shape=(1, 96, 96), seed_test_acc=0.909,
-                seed_examples_per_s=848, recipe=_D2L_RECIPE)
+                seed_examples_per_s=848, recipe=_D2L_RECIPE, cpu_recipe=_D2L_CPU)
 def resnet18(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """ResNet-18 (d2l): basic residual blocks [2,2,2,2], biased convs."""
     return _d2l_resnet([2, 2, 2, 2], in_channels=in_channels, num_classes=num_classes)
 
 
-@register_model(family="resnet", seed="001 §7 (deeper)", input_shape=(1, 96, 96), recipe=_D2L_DEEP_RECIPE)
+@register_model(family="resnet", seed="001 §7 (deeper)", input_shape=(1, 96, 96), recipe=_D2L_DEEP_RECIPE,
+                cpu_recipe=_D2L_DEEP_CPU)
 def resnet34(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """ResNet-34 from the d2l basic blocks, [3,4,6,3]."""
     return _d2l_resnet([3, 4, 6, 3], in_channels=in_channels, num_classes=num_classes)
 
 
-@register_model(family="resnet", seed="002", input_shape=(3, 224, 224), num_classes=1000, recipe=_IMAGENET_RECIPE)
+@register_model(family="resnet", seed="002", input_shape=(3, 224, 224), num_classes=1000, recipe=_IMAGENET_RECIPE,
+                cpu_recipe=_IMAGENET_CPU)
 def resnet50(*, in_channels: int = 3, num_classes: int = 1000, stride_on_3x3: bool = False) -> nn.Module:
     """ResNet-50 v1 bottlenecks [3,4,6,3]; stride on the first 1×1 (seed) or the 3×3 (`stride_on_3x3`)."""
     return _resnet_v1([3, 4, 6, 3], stride_on_3x3=stride_on_3x3, in_channels=in_channels, num_classes=num_classes)
 
 
 @register_model(family="resnet", seed="002 (deeper)", input_shape=(3, 224, 224), num_classes=1000,
-                recipe=_IMAGENET_RECIPE)
+                recipe=_IMAGENET_RECIPE, cpu_recipe=_IMAGENET_DEEP_CPU)
 def resnet101(*, in_channels: int = 3, num_classes: int = 1000, stride_on_3x3: bool = False) -> nn.Module:
     """ResNet-101 v1 bottlenecks [3,4,23,3]."""
     return _resnet_v1([3, 4, 23, 3], stride_on_3x3=stride_on_3x3, in_channels=in_channels, num_classes=num_classes)
 
 
 @register_model(family="resnet", seed="002 (deeper)", input_shape=(3, 224, 224), num_classes=1000,
-                recipe=_IMAGENET_RECIPE)
+                recipe=_IMAGENET_RECIPE, cpu_recipe=_IMAGENET_DEEP_CPU)
 def resnet152(*, in_channels: int = 3, num_classes: int = 1000, stride_on_3x3: bool = False) -> nn.Module:
     """ResNet-152 v1 bottlenecks [3,8,36,3]."""
     return _resnet_v1([3, 8, 36, 3], stride_on_3x3=stride_on_3x3, in_channels=in_channels, num_classes=num_classes)
@@ -231,21 +261,22 @@ def _v2_builder(layers: list[int]):
     return build
 
 
-@register_model(family="resnet_v2", seed="003", input_shape=(3, 224, 224), num_classes=100, recipe=_IMAGENET_RECIPE)
+@register_model(family="resnet_v2", seed="003", input_shape=(3, 224, 224), num_classes=100, recipe=_IMAGENET_RECIPE,
+                cpu_recipe=_IMAGENET_CPU)
 def resnet50v2(**kwargs) -> nn.Module:
     """ResNet-50 V2 (pre-activation, Keras layout) [3,4,6,3]; `include_top`, `pooling` as in Keras."""
     return _v2_builder([3, 4, 6, 3])(**kwargs)
 
 
 @register_model(family="resnet_v2", seed="003 (deeper)", input_shape=(3, 224, 224), num_classes=100,
-                recipe=_IMAGENET_RECIPE)
+                recipe=_IMAGENET_RECIPE, cpu_recipe=_IMAGENET_DEEP_CPU)
 def resnet101v2(**kwargs) -> nn.Module:
     """ResNet-101 V2 (pre-activation) [3,4,23,3]."""
     return _v2_builder([3, 4, 23, 3])(**kwargs)
 
 
 @register_model(family="resnet_v2", seed="003 (deeper)", input_shape=(3, 224, 224), num_classes=100,
-                recipe=_IMAGENET_RECIPE)
+                recipe=_IMAGENET_RECIPE, cpu_recipe=_IMAGENET_DEEP_CPU)
 def resnet152v2(**kwargs) -> nn.Module:
     """ResNet-152 V2 (pre-activation) [3,8,36,3]."""
     return _v2_builder([3, 8, 36, 3])(**kwargs)

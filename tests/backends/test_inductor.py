@@ -84,3 +84,22 @@ def test_compile_diagnostics_compile_for_cuda_without_moving_the_model() -> None
     assert result["device"] == "cuda" and result["graphs"] == 1 and result["compile_s"] > 0
     assert next(model.parameters()).device.type == "cpu"  # a copy went to the GPU
     assert torch.backends.cudnn.allow_tf32 == before  # TF32 was off for the compile only
+
+
+def test_activate_raises_dynamo_graph_limit(full_build) -> None:
+    """Many inductor runners in one process (a bench's tuning candidates) must not hit Dynamo's graph limit,
+    past which it silently runs eager code under inductor's name."""
+    from exporter.backends.inductor import RECOMPILE_LIMIT, allow_compiled_graphs
+
+    # config.patch restores the value on exit (monkeypatch's undo can delete a Dynamo config key instead)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        allow_compiled_graphs()
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    with torch._dynamo.config.patch(recompile_limit=8):
+        result = full_build(FAST_MODELS[0])
+        entry = next(a for a in result.manifest["artifacts"] if a["backend"] == "inductor")
+        with runner_for(artifact_from_entry(entry), result.build_dir):
+            assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT * 2):
+        allow_compiled_graphs()  # never lowers a limit set higher
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT * 2
