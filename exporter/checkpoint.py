@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from exporter.errors import ExporterError
-from exporter.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from exporter.fileio import atomic_write_bytes, atomic_write_json, read_json_object, sha256_file
 from exporter.paths import CHECKPOINT_SIDECAR, CHECKPOINT_WEIGHTS, STATE_DIR, state_paths
 
 CHECKPOINT_FORMAT = "exporter-checkpoint/1"
@@ -71,15 +71,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 def read_sidecar(path: Path, kind: str) -> dict:
     """A sidecar's JSON object; CheckpointError in one line when missing or unreadable."""
-    try:
-        sidecar = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: {kind} sidecar not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable {kind} sidecar ({type(exc).__name__}: {exc})") from None
-    if not isinstance(sidecar, dict):
-        raise CheckpointError(f"{path}: {kind} sidecar is not a JSON object")
-    return sidecar
+    return read_json_object(path, CheckpointError, f"{kind} sidecar")
 
 
 def load_tensors(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:

@@ -21,8 +21,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_CODES = ("exit status: 0 everything asked for was done; 1 it failed (a parity failure, nothing could run, a "
-              "broken build or file); 2 bad input (unknown names, invalid values); 3 partly done (some artifacts "
-              "or cells could not run: each failure is printed); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM)")
+              "broken build or file, an output that cannot be written, a full disk); 2 bad input (unknown names, "
+              "invalid values); 3 partly done (some artifacts or cells could not run: each failure is printed); "
+              "130 interrupted (Ctrl-C); 143 terminated (SIGTERM)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -230,6 +231,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
         for fail in result.manifest["failed"]:
             print(f"FAILED {fail['backend']}: {fail['error']}")
         print(f"manifest: {result.manifest_path}")
+        weights = result.manifest["weights"]
+        if weights.get("trained"):
+            accuracy = weights.get("test_accuracy")
+            print(f"weights: {weights['source']} ({weights.get('checkpoint')}), test accuracy "
+                  + (f"{accuracy:.3f}" if isinstance(accuracy, float) else "not recorded")
+                  + f" on {weights.get('dataset') or 'its'} test images")
+        else:
+            print("weights: UNTRAINED (random initialisation): parity and latency only, no accuracy")
     if not result.parity["passed"]:
         return EXIT_FAILED
     return EXIT_PARTIAL if result.manifest["failed"] else EXIT_OK

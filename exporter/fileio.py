@@ -94,3 +94,17 @@ def check_writable(directory: str | Path, what: str) -> None:
     except OSError as exc:
         raise ExporterError(f"cannot write to {directory} ({exc.strerror or exc}), so {what} would be lost; fix "
                             "its permissions or choose another --artifacts directory") from None
+
+
+def read_json_object(path: str | Path, error: type[ExporterError], what: str) -> dict[str, Any]:
+    """The JSON object stored at `path`; `error` in one line when it is missing, unreadable or not an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: unreadable {what} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: the {what} is not a JSON object")
+    return data

@@ -20,7 +20,6 @@ is a relative symlink to the newest good build (replaced atomically). The manife
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Iterator
 from exporter.backends.base import Artifact, Runner, runner_for
 from exporter.errors import ExporterError
 from exporter.paths import default_artifacts_dir
-from exporter.fileio import atomic_write_json, sha256_file  # noqa: F401  (sha256_file is part of this API)
+from exporter.fileio import atomic_write_json, read_json_object, sha256_file  # noqa: F401  (sha256_file: API)
 
 MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "latest"
@@ -189,13 +188,10 @@ def resolve_build(target: str | Path, artifacts_dir: Path | None = None) -> Path
 def read_manifest(build_dir: Path) -> dict[str, Any]:
     """The parsed manifest of a build directory; ManifestError when missing or unreadable."""
     path = Path(build_dir) / MANIFEST_NAME
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"{build_dir} has no {MANIFEST_NAME}: not a finished build") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict) or "model" not in data or "files" not in data:
+    if not path.is_file():
+        raise ManifestError(f"{build_dir} has no {MANIFEST_NAME}: not a finished build")
+    data = read_json_object(path, ManifestError, "build manifest")
+    if "model" not in data or "files" not in data:
         raise ManifestError(f"{path} is not an exporter build manifest")
     version = data.get("format")
     if not isinstance(version, int) or version > FORMAT_VERSION:

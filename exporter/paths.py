@@ -7,10 +7,10 @@ each other.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from exporter.errors import ExporterError
+from exporter.fileio import check_writable
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_SIDECAR = "checkpoint.json"
@@ -51,18 +51,12 @@ def state_paths(directory: str | Path) -> tuple[Path, Path]:
 
 
 def ensure_writable_dir(directory: str | Path) -> Path:
-    """Create `directory` if needed and prove it writable with a probe file; OutputDirError in one line if not.
+    """Create `directory` if needed and prove it writable; OutputDirError in one line if not.
 
     Checked before a long run starts, so a read-only destination fails in seconds rather than after an epoch.
     """
-    directory = Path(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-probe.", dir=directory)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise OutputDirError(f"{directory}: cannot write there ({reason}); pick another --artifacts directory "
-                             f"or make it writable") from None
-    return directory
+        check_writable(directory, "this run's output")
+    except ExporterError as exc:
+        raise OutputDirError(str(exc)) from None
+    return Path(directory)

@@ -105,7 +105,7 @@ def _cpu_values(spec: Any, *, epochs: int | None, lr: float | None, batch_size: 
     if epochs is not None:  # an explicit epoch count trains at the target size throughout
         stages = [[target, int(epochs)]]
     else:
-        stages = [[target if fraction == 1.0 else max(16, int(round(fraction * target / 8)) * 8), int(count)]
+        stages = [[target if fraction == 1.0 else _stage_size(spec, fraction, target), int(count)]
                   for fraction, count in cpu.stages]
     zero_init = spec.family in ("resnet", "resnet_v2")  # their blocks have a residual branch to zero
     return {
@@ -120,6 +120,14 @@ def _cpu_values(spec: Any, *, epochs: int | None, lr: float | None, batch_size: 
         "autocast": "bf16" if bf16_autocast_supported(device) else None,
         "channels_last": True, "budget": "recipe", "from_cpu_budget": [],
     }
+
+
+def _stage_size(spec: Any, fraction: float, target: int) -> int:
+    """`fraction` of the target size, a multiple of 8, at least 32 px (or the target), and one the model takes."""
+    from exporter.models import valid_sizes
+
+    wanted = max(min(32, target), int(round(fraction * target / 8)) * 8)
+    return next((s for s in valid_sizes(spec.name, spec.input_shape[0]) if wanted <= s <= target), target)
 
 
 def bf16_autocast_supported(device: torch.device) -> bool:

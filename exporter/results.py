@@ -15,7 +15,6 @@ reading, and a file from another format is refused in one line that says what to
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from exporter.comparison import PARITY_FORMAT
 from exporter.errors import ExporterError
+from exporter.fileio import read_json_object
 from exporter.manifest import BENCH_FILE, PARITY_FILE, Build, write_json_atomic
 
 BENCH_FORMAT = 2
@@ -68,10 +68,7 @@ UNVERIFIED = ParityRecord("unverified", reason="no parity results (run `exporter
 
 
 def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ResultsError(f"cannot read {path}: {exc}") from None
+    return read_json_object(path, ResultsError, "result file")
 
 
 def read_parity(build_dir: Path) -> dict[str, Any] | None:

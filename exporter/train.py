@@ -237,14 +237,18 @@ class Trainer:
         if self.recipe["max_steps"] is not None:
             self.total_steps = min(self.total_steps, self.recipe["max_steps"])
 
-    def stage_size(self, epoch: int) -> int:
-        """The input size `epoch` trains at (progressive resizing: the recipe's stages, in order)."""
+    def stage_size(self, step: int) -> int:
+        """The input size step `step` trains at. Progressive resizing: the recipe's stages, in order, each over its
+        share of the run's steps (so a run cut short by max_steps still ends at the full size)."""
+        stages = self.recipe["stages"]
+        total_epochs = sum(count for _, count in stages)
+        position = (step + 0.5) / max(self.total_steps, 1) * total_epochs
         end = 0
-        for size, count in self.recipe["stages"]:
+        for size, count in stages:
             end += count
-            if epoch < end:
+            if position < end:
                 return int(size)
-        return int(self.recipe["stages"][-1][0])
+        return int(stages[-1][0])
 
     def resume(self, location: Path) -> None:
         """Weights, optimizer, RNG and history from the state in `location`; refuses a state past --epochs."""
@@ -332,7 +336,6 @@ class Trainer:
     def run_epoch(self, epoch: int) -> None:
         """Train one epoch (progress bar, intra-epoch curve points), then evaluate and save the state."""
         batches = self.epoch_batches(epoch)
-        size = self.stage_size(epoch)
         report_every = max(len(batches) // 5, 1)
         self.ddp_net.train()
         loss_sum = correct = count = epoch_time = 0.0
@@ -341,7 +344,7 @@ class Trainer:
                    dynamic_ncols=True)
         for i, batch in enumerate(batches):
             tick = time.perf_counter()
-            batch_loss, batch_correct = self.train_step(batch, size)
+            batch_loss, batch_correct = self.train_step(batch, self.stage_size(self.steps))
             loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, count + len(batch)
             epoch_time += time.perf_counter() - tick
             self.steps += 1
@@ -372,7 +375,8 @@ class Trainer:
         self.history.append({"epoch": epoch + 1, "steps": self.steps, "train_loss": g_loss / g_count,
                              "train_accuracy": g_correct / g_count, "test_accuracy": test_acc,
                              "test_images": len(self.test_index) if final or self.recipe["name"] != "cpu"
-                             else min(len(self.test_index), EPOCH_TEST_IMAGES), "input_size": self.stage_size(epoch),
+                             else min(len(self.test_index), EPOCH_TEST_IMAGES),
+                             "input_size": self.stage_size(self.steps - 1),
                              "examples_per_s": g_count / epoch_time, "train_seconds": epoch_time})
         self.say(f"epoch {epoch + 1}: loss {g_loss / g_count:.3f}, train acc {g_correct / g_count:.3f}, "
                  f"test acc {test_acc:.3f}, {g_count / epoch_time:.1f} examples/s")

@@ -202,7 +202,7 @@ class Throughput:
             from exporter.models import count_macs, create_model
 
             with torch.device("meta"):
-                net = create_model(self.model, in_channels=self.channels, num_classes=self.num_classes)
+                net = create_model(self.model, in_channels=self.channels, num_classes=self.num_classes).eval()
             self._macs[size] = count_macs(net, (1, self.channels, size, size))
         self.flops += 3 * 2 * self._macs[size] * examples
 

@@ -8,7 +8,8 @@ those files must be byte-identical afterwards: a bad input never costs what was 
 
 The cases' outcomes are also the table of `docs/reliability.md`. Regenerate it after changing a case:
 
-    EXPORTER_RELIABILITY_DOC=docs/reliability.md .venv/bin/python -m pytest tests/test_cli_fuzz.py -m "slow or not slow" -q
+    EXPORTER_RELIABILITY_DOC=docs/reliability.md .venv/bin/python -m pytest tests/test_cli_fuzz.py \
+        -m "slow or not slow" -q
 """
 
 from __future__ import annotations
@@ -238,7 +239,8 @@ def _disk_full(ctx: Any) -> Any:
 def _sigterm(ctx: Any) -> Any:
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
         raise AssertionError("the build installed no SIGTERM handler; not sending SIGTERM to the test process")
-    (Path(ctx.out_dir) / "half-written.onnx").write_bytes(b"\0" * 1024)
+    if ctx is not None:
+        (Path(ctx.out_dir) / "half-written.onnx").write_bytes(b"\0" * 1024)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(5)  # the handler raises in the main thread at once
     raise AssertionError("SIGTERM did not stop the build")
@@ -284,7 +286,7 @@ def _tampered(env: Env) -> list[str]:
 
 def _truncated(env: Env) -> list[str]:
     build = env.build_copy()
-    path = build / "model.ort-cpu.onnx"
+    path = build / "weights.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
     return ["bench", str(build)]
 
@@ -400,6 +402,26 @@ def _sigterm_build(env: Env) -> list[str]:
             env.root]
 
 
+def _enospc_late_build(env: Env) -> list[str]:
+    """The disk fills after every artifact is written, when the build saves its parity records."""
+    from exporter import export
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    env.monkeypatch.setattr(export, "write_parity", full)
+    return ["build", MODEL, "--untrained", "--num-classes", NUM_CLASSES, "--backends", "onnx", "--artifacts",
+            env.root]
+
+
+def _sigterm_training_build(env: Env) -> list[str]:
+    """A build with no checkpoint trains first: SIGTERM then ends the training part with its own line."""
+    from exporter.train import Trainer
+
+    env.monkeypatch.setattr(Trainer, "run_epoch", lambda self, epoch: _sigterm(None))
+    return ["build", MODEL, "--artifacts", str(env.tmp / "art")]
+
+
 # --- the table ---------------------------------------------------------------------------------------------------
 
 
@@ -445,10 +467,12 @@ CASES: list[Case] = [
       r"--num-classes applies to --untrained builds only"),
     C("bench-model-and-all", 0, "bench with MODEL and --all", _args("bench", MODEL, "--all", "--artifacts", "{root}"),
       2, r"give MODEL or BUILD_DIR arguments, or --all \(not both\)"),
-    C("batch-sizes-zero", 0, "--batch-sizes 1,0", _args("bench", MODEL, "--batch-sizes", "1,0", "--artifacts", "{root}"),
-      2, r"argument --batch-sizes: batch sizes must be comma-separated positive integers, got '1,0'"),
-    C("batch-sizes-text", 0, "--batch-sizes a,b", _args("bench", MODEL, "--batch-sizes", "a,b", "--artifacts", "{root}"),
-      2, r"argument --batch-sizes: .* got 'a,b'"),
+    C("batch-sizes-zero", 0, "--batch-sizes 1,0",
+      _args("bench", MODEL, "--batch-sizes", "1,0", "--artifacts", "{root}"), 2,
+      r"argument --batch-sizes: batch sizes must be comma-separated positive integers, got '1,0'"),
+    C("batch-sizes-text", 0, "--batch-sizes a,b",
+      _args("bench", MODEL, "--batch-sizes", "a,b", "--artifacts", "{root}"), 2,
+      r"argument --batch-sizes: .* got 'a,b'"),
     C("samples-zero", 0, "verify --samples 0", _args("verify", MODEL, "--samples", "0", "--artifacts", "{root}"), 2,
       r"argument --samples: expected a positive integer"),
     C("samples-more-than-data", 0, "verify --samples past the test set",
@@ -481,7 +505,7 @@ CASES: list[Case] = [
     C("artifact-modified", 1, "an artifact file changed after the build", _tampered, 1,
       r"model.onnx does not match its sha256 in the manifest"),
     C("artifact-truncated", 1, "an artifact file cut short", _truncated, 1,
-      r"model.ort-cpu.onnx has 1000 bytes, the manifest says"),
+      r"weights.safetensors has 1000 bytes, the manifest says"),
     C("onnx-external-parent", 1, "ONNX external data at ../../etc/passwd", _ext("../../etc/passwd", "verify"), 1,
       r"keeps its data in '\.\./\.\./etc/passwd', outside the build's hashed files"),
     C("onnx-external-absolute", 1, "ONNX external data at /etc/passwd", _ext("/etc/passwd", "bench"), 1,
@@ -530,7 +554,7 @@ CASES: list[Case] = [
       r"cannot write to .* \(Read-only file system\), so the choice written into its manifest"),
     C("train-below-a-file", 4, "train --artifacts below a regular file",
       lambda env: ["train", MODEL, "--max-steps", "1", "--artifacts", below_a_file(env)], 1,
-      r"cannot write there \(Not a directory\)"),
+      r"cannot write .*\(Not a directory\)"),
     C("build-below-a-file", 4, "build --artifacts below a regular file",
       lambda env: ["build", MODEL, "--untrained", "--artifacts", below_a_file(env)], 1,
       r"cannot write to .* \(Not a directory\), so the build would be lost"),
@@ -538,10 +562,12 @@ CASES: list[Case] = [
       lambda env: ["report", MODEL, "--artifacts", env.root, "--out", below_a_file(env)], 1,
       r"cannot create report directory"),
     # 5: resource limits
-    C("bench-threads", 5, "bench --threads 100000", _args("bench", MODEL, "--threads", "100000", "--artifacts", "{root}"),
-      2, r"--threads 100000 is more than 4 per usable core; this machine allows at most \d+"),
-    C("train-threads", 5, "train --threads 100000", _args("train", MODEL, "--threads", "100000", "--artifacts", "{root}"),
-      2, r"threads must be at most \d+"),
+    C("bench-threads", 5, "bench --threads 100000",
+      _args("bench", MODEL, "--threads", "100000", "--artifacts", "{root}"), 2,
+      r"--threads 100000 is more than 4 per usable core; this machine allows at most \d+"),
+    C("train-threads", 5, "train --threads 100000",
+      _args("train", MODEL, "--threads", "100000", "--artifacts", "{root}"), 2,
+      r"threads must be at most \d+"),
     C("build-input-size", 5, "build --input-size 100000",
       _args("build", "resnet18", "--untrained", "--input-size", "100000", "--artifacts", "{root}"), 2,
       r"--input-size must be at most 1024 pixels"),
@@ -563,11 +589,16 @@ CASES: list[Case] = [
     C("build-disk-full", 6, "ENOSPC while a build writes an artifact", _enospc_build, 1,
       r"cannot write the build into .*: No space left on device \(the partial build was removed\)",
       after_progress=True),
+    C("build-disk-full-late", 6, "ENOSPC when the build saves its parity records (after every artifact)",
+      _enospc_late_build, 1, r"cannot write the build into .*: No space left on device \(the partial build was "
+      r"removed\)", after_progress=True, slow=True),
     # 7: exit codes
     C("bench-static-batch", 7, "bench a static --batch 4 build at batch sizes 1,8", _static_build, 2,
       r"has a static batch of 4: bench it with --batch-sizes 4"),
     C("build-sigterm", 7, "SIGTERM during a build", _sigterm_build, 143,
       r"^exporter build: error: interrupted by SIGTERM; the partial build was removed$", after_progress=True),
+    C("build-sigterm-training", 7, "SIGTERM while a build trains its missing checkpoint", _sigterm_training_build,
+      143, r"interrupted by SIGTERM before the first epoch completed; nothing saved", after_progress=True),
     # 8: valid JSON of the wrong shape, corrupt files
     C("manifest-input-shape", 8, 'manifest.json with "input_shape": "abc" (verify)',
       _damaged("manifest.json", "verify", lambda m: m.update(input_shape="abc")), 1,
@@ -579,7 +610,7 @@ CASES: list[Case] = [
       _damaged("manifest.json", "report", lambda m: m.update(recommended="x")), 1,
       r"manifest.json is damaged: `recommended` must be an object"),
     C("manifest-not-json", 8, "manifest.json that is not JSON (verify)", _damaged("manifest.json", "verify", "{oops"),
-      1, r"cannot read .*manifest.json: Expecting property name"),
+      1, r"manifest.json.*(cannot read|unreadable).*Expecting property name"),
     C("bench-cells", 8, 'bench.json with "cells": "x" (select)',
       _damaged("bench.json", "select", lambda b: b.update(cells="x")), 1,
       r"bench.json does not have the benchmark file's cells"),
@@ -587,7 +618,7 @@ CASES: list[Case] = [
       _damaged("bench.json", "report", lambda b: b.update(settings="x")), 1,
       r"bench.json: `settings` must be an object"),
     C("bench-not-json", 8, "bench.json cut short (report)", _damaged("bench.json", "report", '{"format": 2, "ce'), 1,
-      r"cannot read .*bench.json"),
+      r"bench.json.*(cannot read|unreadable)"),
     C("parity-results", 8, 'parity.json with "results": "x" (report)',
       _damaged("parity.json", "report", lambda p: p.update(results="x")), 1,
       r"parity.json does not have the parity file's fields"),
@@ -656,6 +687,9 @@ def _cells(build: Path) -> dict[tuple[str, int], dict]:
 def test_bench_merges_cell_by_cell_and_a_failed_run_keeps_the_measurement(good: Fixture, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch,
                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter import timing
+
+    monkeypatch.setattr(timing, "UNSTABLE_CV", 1e9)  # a few timed calls on a shared machine: never "unstable"
     env = Env(good, tmp_path, monkeypatch)
     build = env.build_copy()
     first = _cells(build)[("onnx-fp32", 1)]
@@ -706,6 +740,8 @@ def test_help_documents_exit_codes_and_native_code(capsys: pytest.CaptureFixture
 
 
 def test_every_case_is_in_the_reliability_doc() -> None:
+    if os.environ.get(DOC_ENV):
+        pytest.skip("docs/reliability.md is being regenerated by this run")
     text = (REPO / "docs" / "reliability.md").read_text()
     missing = [c.id for c in CASES if f"`{c.id}`" not in text]
     assert not missing, f"docs/reliability.md lacks {missing}: regenerate it (see tests/test_cli_fuzz.py)"

@@ -143,7 +143,10 @@ def test_unnamed_failing_backend_is_recorded_not_fatal(tmp_path: Path, monkeypat
 def test_strict_turns_lint_warnings_into_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from exporter import lint
 
-    monkeypatch.setattr(lint, "lint_model", lambda *a, **k: [lint.LintWarning("adaptive-pool", "uneven pool")])
+    import exporter.export as export_module
+
+    monkeypatch.setattr(export_module, "lint_model",
+                        lambda *a, **k: [lint.LintWarning("adaptive-pool", "uneven pool")])
     result = build(build_options("lenet", tmp_path, backends=["onnx"]))
     assert result.manifest["lint"] == [{"code": "adaptive-pool", "message": "uneven pool"}]
     with pytest.raises(lint.LintError, match="uneven pool"):
@@ -189,7 +192,6 @@ def test_checkpoint_of_another_model_or_shape_is_one_line(tmp_path: Path, lenet_
     (["build", "lenet_bm", "--untrained"], "did you mean lenet_bn", 2),
     (["build", "lenet", "--untrained", "--backends", "onnx,openvno"], "did you mean openvino", 2),
     (["build", "lenet", "--untrained", "--backends", ","], "--backends is empty", 2),
-    (["build", "lenet", "--untrained", "--batch", "0"], "--batch must be a positive integer", 2),
     (["build", "lenet", "--untrained", "--checkpoint", "x.safetensors"], "contradict", 2),
     (["build", "lenet", "--untrained", "--input-size", "3"], "smallest valid size", 2),
 ])
@@ -200,11 +202,24 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert not any(tmp_path.rglob("manifest.json"))
 
 
+@pytest.mark.parametrize("flag, value", [("--batch", "0"), ("--max-batch", "-2"), ("--parity-samples", "0"),
+                                         ("--num-classes", str(10**7 + 1)), ("--input-size", "x")])
+def test_bad_counts_are_one_usage_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str,
+                                       value: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["build", "lenet", "--untrained", flag, value, "--artifacts", str(tmp_path)])
+    assert exc.value.code == 2
+    line = _error_line(capsys)
+    assert f"argument {flag}: expected a positive integer" in line
+    assert not any(tmp_path.rglob("manifest.json"))
+
+
 def test_unwritable_output_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the artifacts directory should be")
     assert main(["build", "lenet", "--untrained", "--backends", "onnx", "--artifacts", str(blocker)]) == 1
-    assert "cannot write to output directory" in _error_line(capsys)
+    line = _error_line(capsys)
+    assert "cannot write to" in line and "not-a-dir" in line and "--artifacts" in line
     if os.geteuid() != 0:  # root ignores permission bits
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
@@ -355,3 +370,11 @@ def test_a_parity_failure_at_build_time_fails_the_command(tmp_path: Path, monkey
     assert read_parity(load_build("lenet", tmp_path).dir)["results"][0]["judged_as"] == "fp32"
     with pytest.raises(BuildError, match="--strict: quick parity failed: wrong: real: max abs error"):
         build(build_options("lenet", tmp_path / "strict", strict=True))
+
+
+def test_bad_options_through_the_api_are_usage_errors(tmp_path: Path) -> None:
+    for bad, needle in ((dict(batch=0), "--batch must be a positive integer"),
+                        (dict(parity_samples=-1), "--parity-samples must be a positive integer")):
+        with pytest.raises(UsageError, match=needle):
+            build(build_options("lenet", tmp_path, **bad))
+    assert not any(tmp_path.rglob("manifest.json"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import importlib.metadata
 import io
 import json
 import os
@@ -66,7 +67,7 @@ def test_lenet_bn_learns_digits5k(tmp_path: Path) -> None:
     assert sidecar["input_shape"] == [1, 28, 28] and sidecar["class_names"] == [str(d) for d in range(10)]
     assert sidecar["dataset"]["name"] == "digits5k" and sidecar["dataset"]["digest"] == load_split(None, "test").digest
     assert sidecar["recipe"]["lr"] == 1.0 and sidecar["recipe"]["init"] == "xavier_normal_"
-    assert sidecar["versions"]["torch"] == torch.__version__
+    assert sidecar["versions"]["torch"] == importlib.metadata.version("torch")
     assert (tmp_path / "lenet_bn" / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -142,22 +143,21 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path: Path, monkeypat
     common = dict(data=data, epochs=3, batch_size=8, lr=0.1, resize=resize, seed=5, **QUIET)
     full = train(model, artifacts_dir=tmp_path / "full", **common)
 
-    import exporter.train as train_module
+    from exporter.train import Trainer
 
-    real = train_module.to_model_tensor
+    real = Trainer.train_step
     calls = {"n": 0}
-    per_epoch = 16 // 8 + 1  # training batches + one test batch
 
-    def interrupting(images, shape):
+    def interrupting(self, batch, size):
         calls["n"] += 1
-        if calls["n"] == per_epoch + 2:  # the second training batch of epoch 2
+        if calls["n"] == 16 // 8 + 2:  # the second training step of epoch 2
             raise _Interrupt()
-        return real(images, shape)
+        return real(self, batch, size)
 
-    monkeypatch.setattr(train_module, "to_model_tensor", interrupting)
+    monkeypatch.setattr(Trainer, "train_step", interrupting)
     with pytest.raises(_Interrupt):
         train(model, artifacts_dir=tmp_path / "cut", **common)
-    monkeypatch.setattr(train_module, "to_model_tensor", real)
+    monkeypatch.setattr(Trainer, "train_step", real)
     weights, sidecar = checkpoint_paths(model, tmp_path / "cut")
     assert not weights.exists() and not sidecar.exists()  # nothing that could pass for a finished run
     assert json.loads((weights.parent / "train_state" / "state.json").read_text())["epoch"] == 1
@@ -201,27 +201,76 @@ def test_resume_refuses_other_model_shape_or_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_cpu_budget_applies_only_on_cpu_and_without_overrides(name: str) -> None:
+def test_seed_recipe_cpu_budget_applies_only_on_cpu_and_without_overrides(name: str) -> None:
     recipe = get_spec(name).recipe
     cpu = resolve_recipe(name, device=torch.device("cpu"), epochs=None, lr=None, batch_size=None, resize=None,
-                         max_steps=None, cpu_budget=True)
+                         max_steps=None, cpu_budget=True, recipe="seed")
     assert cpu["epochs"] == (recipe.cpu_epochs or recipe.epochs)
     assert cpu["batch_size"] == (recipe.cpu_batch_size or recipe.batch_size)
     assert cpu["max_steps"] == recipe.cpu_max_steps
     assert cpu["test_images"] == (CPU_BUDGET_TEST_IMAGES if recipe.cpu_max_steps else None)
     has_budget = any(v is not None for v in (recipe.cpu_epochs, recipe.cpu_batch_size, recipe.cpu_max_steps))
     assert cpu["budget"] == ("cpu" if has_budget else "seed")
+    assert (cpu["name"], cpu["momentum"], cpu["autocast"]) == ("seed", 0.0, None)  # the seed's d2l recipe
     gpu = resolve_recipe(name, device=torch.device("cuda"), epochs=None, lr=None, batch_size=None, resize=None,
                          max_steps=None, cpu_budget=True)
-    assert (gpu["epochs"], gpu["batch_size"], gpu["max_steps"], gpu["test_images"], gpu["budget"]) == (
-        recipe.epochs, recipe.batch_size, None, None, "seed")
+    assert (gpu["name"], gpu["epochs"], gpu["batch_size"], gpu["max_steps"], gpu["test_images"], gpu["budget"]) == (
+        "seed", recipe.epochs, recipe.batch_size, None, None, "seed")  # a GPU defaults to the seed's recipe
     user = resolve_recipe(name, device=torch.device("cpu"), epochs=3, lr=0.5, batch_size=8, resize=99,
-                          max_steps=7, cpu_budget=True, test_images=50)
+                          max_steps=7, cpu_budget=True, test_images=50, recipe="seed")
     assert (user["epochs"], user["lr"], user["batch_size"], user["resize"], user["max_steps"],
             user["test_images"]) == (3, 0.5, 8, 99, 7, 50)
     assert user["budget"] == "seed" and user["from_cpu_budget"] == []
     assert resolve_recipe(name, device=torch.device("cpu"), epochs=None, lr=None, batch_size=None, resize=None,
-                          max_steps=None, cpu_budget=False)["epochs"] == recipe.epochs
+                          max_steps=None, cpu_budget=False, recipe="seed")["epochs"] == recipe.epochs
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_cpu_recipe_is_the_cpu_default_and_ends_at_the_full_size(name: str) -> None:
+    spec = get_spec(name)
+    values = resolve_recipe(name, device=torch.device("cpu"), epochs=None, lr=None, batch_size=None, resize=None,
+                            max_steps=None, cpu_budget=True)
+    if spec.cpu_recipe is None:  # the LeNets keep the seed's recipe
+        assert values["name"] == "seed"
+        with pytest.raises(UsageError, match="has no CPU recipe"):
+            resolve_recipe(name, device=torch.device("cpu"), epochs=None, lr=None, batch_size=None, resize=None,
+                           max_steps=None, cpu_budget=True, recipe="cpu")
+        return
+    assert values["name"] == "cpu" and values["momentum"] == 0.9 and values["schedule"] == "one-cycle"
+    assert values["stages"][-1][0] == spec.input_shape[1]  # BatchNorm statistics at the exported size
+    assert all(size <= spec.input_shape[1] for size, _ in values["stages"])
+    assert values["epochs"] == sum(count for _, count in values["stages"])
+    override = resolve_recipe(name, device=torch.device("cpu"), epochs=2, lr=None, batch_size=None, resize=None,
+                              max_steps=None, cpu_budget=True)
+    assert override["stages"] == [[spec.input_shape[1], 2]]
+
+
+def test_one_cycle_schedule_warms_up_then_anneals() -> None:
+    from exporter.recipe import lr_at
+
+    recipe = {"lr": 0.1, "schedule": "one-cycle", "warmup": 0.25}
+    lrs = [lr_at(step, 100, recipe) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.1 / 20)
+    assert max(lrs) == pytest.approx(0.1) and int(np.argmax(lrs)) == 25
+    assert all(a <= b for a, b in zip(lrs[:25], lrs[1:26])) and all(a >= b for a, b in zip(lrs[25:], lrs[26:]))
+    assert lrs[-1] == pytest.approx(0.1 / 4000)
+    assert lr_at(7, 100, {"lr": 0.3, "schedule": "constant", "warmup": 0.0}) == 0.3
+
+
+def test_cpu_recipe_moves_a_small_model_well_above_chance(tmp_path: Path) -> None:
+    """40 steps of the CPU recipe (bf16 autocast where the CPU has it, progressive sizes) on real digits."""
+    summary = train("resnet18", resize=32, max_steps=40, test_images=300, artifacts_dir=tmp_path, **QUIET)
+    assert summary["recipe"] == "cpu" and summary["stages"][-1][0] == 32
+    assert summary["test_accuracy"] >= 0.6, summary["test_accuracy"]  # chance is 0.1; measured 0.88
+    sidecar = json.loads(checkpoint_paths("resnet18", tmp_path)[1].read_text())
+    assert sidecar["recipe"]["name"] == "cpu" and sidecar["recipe"]["autocast"] in ("bf16", None)
+    assert sidecar["speed"]["train_gflops"] > 0
+
+
+@pytest.mark.slow
+def test_resnet18_default_cpu_recipe_reaches_95_percent(tmp_path: Path) -> None:
+    summary = train("resnet18", artifacts_dir=tmp_path, **QUIET)
+    assert summary["test_examples"] == 1000 and summary["test_accuracy"] >= 0.95, summary["test_accuracy"]
 
 
 def test_bad_values_are_usage_errors(tmp_path: Path) -> None:

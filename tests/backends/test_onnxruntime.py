@@ -1,4 +1,4 @@
-"""ONNX Runtime: the runner (CPU EP, no silent fallback), the optimized CPU copy and the int8 QDQ model."""
+"""ONNX Runtime: the runner (CPU EP, no silent fallback) and the int8 QDQ model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from exporter.backends import BackendUnavailable
 from exporter.backends.onnx import export_onnx, read_metadata
 from exporter.backends.onnxruntime import (
     INT8_FILE,
-    OPTIMIZED_FILE,
     CalibrationDataError,
     OnnxRuntimeRunner,
     export_onnxruntime,
@@ -31,7 +30,7 @@ from tests.conftest import TEST_NUM_CLASSES
 
 
 @pytest.mark.parametrize("model_name", CHEAP_MODELS)
-@pytest.mark.parametrize("artifact", ["onnx-fp32", "onnxruntime-optimized"])
+@pytest.mark.parametrize("artifact", ["onnx-fp32"])
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_onnxruntime_cpu_matches_eager(onnx_build, model_name: str, artifact: str, batch_size: int) -> None:
     build = onnx_build(model_name)
@@ -41,16 +40,6 @@ def test_onnxruntime_cpu_matches_eager(onnx_build, model_name: str, artifact: st
         out = runner.infer(batch)
     assert out.shape == (batch_size, TEST_NUM_CLASSES)
     np.testing.assert_allclose(out, build.eager(batch), atol=FP32_ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("model_name", CHEAP_MODELS)
-def test_optimized_copy_is_fused_and_keeps_metadata(onnx_build, model_name: str) -> None:
-    build = onnx_build(model_name)
-    original = onnx.load(str(build.path("onnx-fp32")))
-    optimized = onnx.load(str(build.path("onnxruntime-optimized")))
-    assert build.artifacts["onnxruntime-optimized"].path == OPTIMIZED_FILE
-    assert len(optimized.graph.node) < len(original.graph.node)  # ORT fused activations into convs
-    assert read_metadata(build.path("onnxruntime-optimized")) == read_metadata(build.path("onnx-fp32"))
 
 
 def test_session_options_come_from_runner_options(onnx_build) -> None:
