@@ -124,10 +124,16 @@ def _cpu_values(spec: Any, *, epochs: int | None, lr: float | None, batch_size: 
 
 def _stage_size(spec: Any, fraction: float, target: int) -> int:
     """`fraction` of the target size, a multiple of 8, at least 32 px (or the target), and one the model takes."""
-    from exporter.models import valid_sizes
+    from exporter.models import InputShapeError, check_input_shape
 
     wanted = max(min(32, target), int(round(fraction * target / 8)) * 8)
-    return next((s for s in valid_sizes(spec.name, spec.input_shape[0]) if wanted <= s <= target), target)
+    for size in range(wanted, target, 8):
+        try:
+            check_input_shape(spec.name, (spec.input_shape[0], size, size))
+            return size
+        except InputShapeError:
+            continue
+    return target
 
 
 def bf16_autocast_supported(device: torch.device) -> bool:
