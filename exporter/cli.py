@@ -9,137 +9,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Sequence
 
 from exporter.errors import ExporterError, UsageError, one_line
-from exporter.paths import default_artifacts_dir
-
-Handler = Callable[[argparse.Namespace], int]
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
-EXIT_CODES = ("exit status: 0 everything asked for was done; 1 it failed (a parity failure, nothing could run, a "
-              "broken build or file, an output that cannot be written, a full disk); 2 bad input (unknown names, "
-              "invalid values); 3 partly done (some artifacts or cells could not run: each failure is printed); "
-              "130 interrupted (Ctrl-C); 143 terminated (SIGTERM)")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with bad-input errors on one line (no usage block) and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _human(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.1f}{unit}" if unit else f"{n:.0f}"
-        n /= 1000
-    return f"{n:.1f}P"
-
-
-def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
-    """Print `rows` as an aligned text table; `columns` are (key, header) pairs."""
-    cells = [[str(row.get(key, "")) for key, _ in columns] for row in rows]
-    widths = [max(len(header), *(len(c[i]) for c in cells)) for i, (_, header) in enumerate(columns)]
-    print("  ".join(header.ljust(w) for (_, header), w in zip(columns, widths)).rstrip())
-    print("  ".join("-" * w for w in widths))
-    for c in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
-
-
-# --- shared options: one helper each ---------------------------------------------------------------------------
-
-COUNT_LIMIT = 10**7  # no count option means anything beyond this; bigger values are typos
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0 or value > COUNT_LIMIT:
-        raise argparse.ArgumentTypeError(f"expected a positive integer up to {COUNT_LIMIT:,}, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive_int(text)
-
-
-SEED_LIMIT = 2**32 - 1  # numpy's and torch's generators both take any seed in 0..2³²-1
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_LIMIT:,}, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
-
-
-def _name_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("give at least one backend or artifact name")
-    return names
-
-
-def _batch_list(text: str) -> list[int]:
-    try:
-        sizes = [_positive_int(part) for part in text.split(",") if part.strip()]
-    except argparse.ArgumentTypeError:
-        sizes = []
-    if not sizes:
-        raise argparse.ArgumentTypeError(f"batch sizes must be comma-separated positive integers, got {text!r}")
-    return sizes
-
-
-def _add_artifacts_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--artifacts", metavar="DIR", type=Path, default=None,
-                   help="where builds and checkpoints live (default: $EXPORTER_ARTIFACTS or ./artifacts)")
-
-
-def _add_json_option(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout (progress stays on stderr)")
-
-
-def _artifacts_dir(args: argparse.Namespace) -> Path:
-    return args.artifacts or default_artifacts_dir()
-
-
-def _parser(sub: argparse._SubParsersAction, name: str, **kwargs: str) -> argparse.ArgumentParser:
-    epilog = kwargs.pop("epilog", "")
-    return sub.add_parser(name, epilog=(epilog + " " if epilog else "") + EXIT_CODES[0].upper() + EXIT_CODES[1:] + ".", **kwargs)
-
+from exporter.cli_options import (
+    EXIT_CODES, EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, Parser, add_artifacts_option, add_json_option, artifacts_dir,
+    batch_list, human, name_list, non_negative_int, parser, positive_float, positive_int, print_table, seed,
+)
 
 # --- exporter list -------------------------------------------------------------------------------------------
 
 
 def _add_list_parser(sub: argparse._SubParsersAction) -> None:
-    p = _parser(
+    p = parser(
         sub, "list",
         help="show every registered model with its parameters and MACs",
         description="Show every registered model: family, seed, default input (C,H,W), parameter count and "
         "multiply-accumulates of one forward pass at the default input (batch 1), computed from the model.",
     )
     p.add_argument("models", nargs="*", metavar="MODEL", help="only these models (default: all)")
-    _add_json_option(p, "a list")
+    add_json_option(p, "a list")
     p.set_defaults(handler=_cmd_list)
 
 
@@ -154,7 +45,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for row in rows:
         row["input"] = "×".join(map(str, row["input_shape"]))
         row["params_h"] = f"{row['params']:,}"
-        row["macs_h"] = _human(row["macs"])
+        row["macs_h"] = human(row["macs"])
     print_table(rows, [("name", "model"), ("family", "family"), ("seed", "seed"), ("input", "input"),
                        ("num_classes", "classes"), ("params_h", "params"), ("macs_h", "MACs")])
     return EXIT_OK
@@ -164,7 +55,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _add_build_parser(sub: argparse._SubParsersAction) -> None:
-    p = _parser(
+    p = parser(
         sub, "build",
         help="export a trained model to every artifact this machine can produce, check parity, write a manifest",
         description="Build every artifact of one model: weights (its checkpoint; trains it first if there is none) "
@@ -184,22 +75,22 @@ def _add_build_parser(sub: argparse._SubParsersAction) -> None:
                    help="export randomly initialised weights without training; every artifact is marked untrained")
     p.add_argument("--data", metavar="DIR",
                    help="data set for training (if needed), parity and int8 calibration (default: digits5k)")
-    _add_artifacts_option(p)
-    p.add_argument("--batch", type=_positive_int, metavar="N", help="static batch size N (default: dynamic batch)")
-    p.add_argument("--max-batch", type=_positive_int, default=64, metavar="N",
+    add_artifacts_option(p)
+    p.add_argument("--batch", type=positive_int, metavar="N", help="static batch size N (default: dynamic batch)")
+    p.add_argument("--max-batch", type=positive_int, default=64, metavar="N",
                    help="largest batch the dynamic artifacts accept (default: 64)")
     p.add_argument("--fp16", action="store_true", help="also build fp16 artifacts (inputs/outputs stay fp32)")
     p.add_argument("--int8", action="store_true",
                    help="also build an int8 QDQ ONNX calibrated on real training images")
-    p.add_argument("--input-size", type=_positive_int, metavar="N",
+    p.add_argument("--input-size", type=positive_int, metavar="N",
                    help="square input size for an untrained or newly trained model (a checkpoint fixes it)")
-    p.add_argument("--num-classes", type=_positive_int, metavar="N", help="class count of an --untrained model")
+    p.add_argument("--num-classes", type=positive_int, metavar="N", help="class count of an --untrained model")
     p.add_argument("--strict", action="store_true",
                    help="lint warnings, failed backends and parity mismatches become errors")
-    p.add_argument("--parity-samples", type=_positive_int, default=32, metavar="N",
+    p.add_argument("--parity-samples", type=positive_int, default=32, metavar="N",
                    help="real test images for the quick parity check (default: 32)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed for untrained weights and image sampling")
-    _add_json_option(p, "the manifest path and a summary")
+    p.add_argument("--seed", type=seed, default=0, help="seed for untrained weights and image sampling")
+    add_json_option(p, "the manifest path and a summary")
     p.set_defaults(handler=_cmd_build)
 
 
@@ -209,7 +100,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     opts = BuildOptions(
         model=args.model, backends=parse_backends(args.backends),
         checkpoint=Path(args.checkpoint) if args.checkpoint else None, untrained=args.untrained, data=args.data,
-        artifacts_dir=_artifacts_dir(args), batch=args.batch, max_batch=args.max_batch, fp16=args.fp16,
+        artifacts_dir=artifacts_dir(args), batch=args.batch, max_batch=args.max_batch, fp16=args.fp16,
         int8=args.int8, strict=args.strict, input_size=args.input_size, num_classes=args.num_classes,
         parity_samples=args.parity_samples, seed=args.seed)
     result = build(opts)
@@ -218,7 +109,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         rows = [{"name": a["name"], "backend": a["backend"], "precision": a["precision"],
-                 "size": _human(a["size"]) + "B", "class": p.get("judged_as") or "-",
+                 "size": human(a["size"]) + "B", "class": p.get("judged_as") or "-",
                  "max_abs": f"{p['max_abs']:.2e}" if isinstance(p.get("max_abs"), float) else "-",
                  "top1": f"{1 - p['flips'] / p['samples']:.3f}" if p.get("samples") else "-",
                  "status": (p.get("status") or "-").upper()}
@@ -248,7 +139,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
-    p = _parser(
+    p = parser(
         sub, "verify",
         help="check every artifact of a build against eager fp32 on real images; find the first diverging layer",
         description="Run every artifact of a build (or --backends) on real test images of the dataset the model "
@@ -267,15 +158,15 @@ def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("target", metavar="MODEL|BUILD_DIR",
                    help="a model name (its latest build under --artifacts) or a build directory")
-    p.add_argument("--backends", type=_name_list, metavar="A,B",
+    p.add_argument("--backends", type=name_list, metavar="A,B",
                    help="only these artifacts, by artifact name (onnx-fp32) or backend name (openvino); "
                    "default: every artifact of the build")
-    p.add_argument("--samples", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--samples", type=positive_int, default=None, metavar="N",
                    help="number of real test images (default 256)")
     p.add_argument("--data", metavar="DIR",
                    help="the dataset's directory, as in training (default: the one the build records, else "
                    "the embedded digits5k)")
-    p.add_argument("--seed", type=_seed, default=0, help="which test images are drawn (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="which test images are drawn (default 0)")
     p.add_argument("--bisect", action="store_true",
                    help="compare layer by layer for every artifact, not only the failing ones")
     p.add_argument("--tolerance-class", choices=["fp32", "tf32", "fp16", "bf16", "int8"], metavar="CLASS",
@@ -284,8 +175,8 @@ def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rtol", type=float, help="override the relative tolerance of every class")
     p.add_argument("--min-agreement", type=float, metavar="FRACTION",
                    help="override the minimum top-1 agreement (0–1) of every class")
-    _add_artifacts_option(p)
-    _add_json_option(p, "the report")
+    add_artifacts_option(p)
+    add_json_option(p, "the report")
     p.set_defaults(handler=_cmd_verify)
 
 
@@ -295,7 +186,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from exporter.manifest import load_build
 
     overrides = Overrides(args.tolerance_class, atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
-    build = load_build(args.target, _artifacts_dir(args))
+    build = load_build(args.target, artifacts_dir(args))
     # before any artifact runs: records that could not be saved would be lost
     _check_writable(build.dir, "the parity records of `exporter verify`")
     report = parity.verify_build(
@@ -320,7 +211,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = _parser(
+    p = parser(
         sub, "bench",
         help="time every artifact of a build with one method (latency stats, GFLOP/s vs GEMM peak, overhead)",
         description="Time every artifact of a build (or --backends) at each batch size with one method for every "
@@ -338,27 +229,27 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("targets", nargs="*", metavar="MODEL|BUILD_DIR", help="model names (their latest build) or "
                    "build directories")
     p.add_argument("--all", action="store_true", help="every model that has a build in --artifacts")
-    p.add_argument("--backends", type=_name_list, help="comma-separated backends or artifact names (default: all)")
-    p.add_argument("--batch-sizes", type=_batch_list, default=[1, 8, 32], help="comma-separated (default 1,8,32)")
+    p.add_argument("--backends", type=name_list, help="comma-separated backends or artifact names (default: all)")
+    p.add_argument("--batch-sizes", type=batch_list, default=[1, 8, 32], help="comma-separated (default 1,8,32)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads for every runtime (default: all usable "
+    p.add_argument("--threads", type=positive_int, help="CPU threads for every runtime (default: all usable "
                    "cores; at most 4 per core)")
-    p.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed calls after the first call "
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed calls after the first call "
                    "(default 3)")
-    p.add_argument("--min-runs", type=_positive_int, default=10, help="timed calls per cell, at least (default 10)")
-    p.add_argument("--max-runs", type=_positive_int, default=1000, help="timed calls per cell, at most "
+    p.add_argument("--min-runs", type=positive_int, default=10, help="timed calls per cell, at least (default 10)")
+    p.add_argument("--max-runs", type=positive_int, default=1000, help="timed calls per cell, at most "
                    "(default 1000)")
-    p.add_argument("--budget", type=_positive_float, default=1.0, help="seconds of timed calls per cell "
+    p.add_argument("--budget", type=positive_float, default=1.0, help="seconds of timed calls per cell "
                    "(default 1.0)")
-    p.add_argument("--gemm-size", type=_positive_int, default=2048, help="n of the n³ matmul measuring the peak "
+    p.add_argument("--gemm-size", type=positive_int, default=2048, help="n of the n³ matmul measuring the peak "
                    "(64–16384, default 2048; below ~1024 the probe does not reach the peak)")
     p.add_argument("--no-overhead", action="store_true", help="skip the bare-runtime-call overhead measurement")
     p.add_argument("--tune", action="store_true", help="try runtime settings first, verify and record the winners")
-    p.add_argument("--tune-batch", type=_positive_int, help="batch size the tuning is done at (default: smallest)")
+    p.add_argument("--tune-batch", type=positive_int, help="batch size the tuning is done at (default: smallest)")
     p.add_argument("--allow-bf16", action="store_true", help="with --tune: also try bf16 inference (you accept "
                    "reduced precision; the candidate is judged in the bf16 class; implied for a --fp16 build)")
-    _add_artifacts_option(p)
-    _add_json_option(p, "the results")
+    add_artifacts_option(p)
+    add_json_option(p, "the results")
     p.set_defaults(handler=_cmd_bench)
 
 
@@ -393,8 +284,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              warmup=args.warmup, min_runs=args.min_runs, max_runs=args.max_runs,
                              budget_s=args.budget, gemm_size=args.gemm_size, overhead=not args.no_overhead)
     check_device(args.device)
-    targets = models_with_builds(_artifacts_dir(args)) if args.all else args.targets
-    builds = [load_build(t, _artifacts_dir(args)) for t in targets]  # hashes checked: never time a tampered file
+    targets = models_with_builds(artifacts_dir(args)) if args.all else args.targets
+    builds = [load_build(t, artifacts_dir(args)) for t in targets]  # hashes checked: never time a tampered file
     for build in builds:  # before any timing: results that could not be saved would be lost
         _check_writable(build.dir, "the results of `exporter bench`")
     everything = []
@@ -440,7 +331,7 @@ def _check_writable(directory: Path, what: str) -> None:
 
 
 def _add_select_parser(sub: argparse._SubParsersAction) -> None:
-    p = _parser(
+    p = parser(
         sub, "select",
         help="name the fastest artifact that meets an accuracy budget (writes `recommended` to the manifest)",
         description="From a build's parity records (`exporter verify`, and the judge's verdict on tuned variants) "
@@ -453,10 +344,10 @@ def _add_select_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", metavar="MODEL|BUILD_DIR")
     p.add_argument("--max-flips", help="largest share of test images whose top-1 class may change, e.g. 0.5%%")
     p.add_argument("--max-acc-drop", help="largest test-accuracy drop vs eager fp32, in points (e.g. 0.2)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="the batch size you will run at (default 1)")
-    _add_artifacts_option(p)
+    p.add_argument("--batch", type=positive_int, default=1, help="the batch size you will run at (default 1)")
+    add_artifacts_option(p)
     p.add_argument("--dry-run", action="store_true", help="do not write `recommended` into the manifest")
-    _add_json_option(p, "the choice")
+    add_json_option(p, "the choice")
     p.set_defaults(handler=_cmd_select)
 
 
@@ -465,7 +356,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from exporter.select import describe_choice, parse_budget, select_build
 
     budget = parse_budget(args.max_flips, args.max_acc_drop)
-    build = load_build(args.target, _artifacts_dir(args), verify_hashes=False)
+    build = load_build(args.target, artifacts_dir(args), verify_hashes=False)
     if not args.dry_run:  # the choice is written into the manifest: refuse before choosing, not after
         _check_writable(build.dir, "the choice written into its manifest (--dry-run only prints it)")
     choice = select_build(build, budget, args.batch, save=not args.dry_run)
@@ -479,7 +370,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
-    p = _parser(
+    p = parser(
         sub, "report",
         help="write Markdown/JSON/CSV/PNG reports: recommendation, accuracy, parity, latency, machine",
         description="Write one report per model and one across models from what the builds saved (manifest, "
@@ -488,16 +379,16 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
         "bars), with machine info and library versions. Measures nothing.",
     )
     p.add_argument("models", nargs="*", metavar="MODEL", help="models (default: every model with a build)")
-    _add_artifacts_option(p)
+    add_artifacts_option(p)
     p.add_argument("--out", type=Path, help="output directory (default: the artifacts directory's reports/)")
-    _add_json_option(p, "the written paths")
+    add_json_option(p, "the written paths")
     p.set_defaults(handler=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from exporter.report import report
 
-    written = report(args.models, artifacts_dir=_artifacts_dir(args), out_dir=args.out)
+    written = report(args.models, artifacts_dir=artifacts_dir(args), out_dir=args.out)
     if args.json:
         print(json.dumps({k: {kind: str(p) for kind, p in v.items()} for k, v in written.items()}, indent=2))
     else:
@@ -510,7 +401,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = _parser(
+    p = parser(
         sub, "train",
         help="train a model on real images with the seed's recipe and write its checkpoint",
         description="Train MODEL with the seed's d2l recipe (Xavier-normal init, SGD without momentum, "
@@ -530,20 +421,20 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="registered model name (see `exporter list`)")
     p.add_argument("--data", metavar="DIR", help="IDX or image-folder data set (default: the embedded digits5k)")
-    p.add_argument("--epochs", type=_positive_int, metavar="N", help="epochs (default: the seed's, or the CPU budget)")
-    p.add_argument("--lr", type=_positive_float, metavar="LR", help="SGD learning rate (default: the seed's)")
-    p.add_argument("--batch-size", type=_positive_int, metavar="N",
+    p.add_argument("--epochs", type=positive_int, metavar="N", help="epochs (default: the seed's, or the CPU budget)")
+    p.add_argument("--lr", type=positive_float, metavar="LR", help="SGD learning rate (default: the seed's)")
+    p.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="global batch size (default: the seed's, or the CPU budget)")
-    p.add_argument("--resize", type=_positive_int, metavar="N",
+    p.add_argument("--resize", type=positive_int, metavar="N",
                    help="train at N×N (the seed's transforms.Resize; default: the model's input size)")
-    p.add_argument("--max-steps", type=_positive_int, metavar="N",
+    p.add_argument("--max-steps", type=positive_int, metavar="N",
                    help="stop after N optimizer steps in total (default: none, or the CPU budget)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed for init, shuffling and dropout (default 0)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch intra-op threads (default: torch's)")
-    p.add_argument("--in-channels", type=_positive_int, metavar="C",
+    p.add_argument("--seed", type=seed, default=0, help="seed for init, shuffling and dropout (default 0)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads (default: torch's)")
+    p.add_argument("--in-channels", type=positive_int, metavar="C",
                    help="model input channels (default: the model's; grayscale data is repeated to fill them)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
-    p.add_argument("--test-images", type=_positive_int, metavar="N",
+    p.add_argument("--test-images", type=positive_int, metavar="N",
                    help="measure test accuracy on a fixed seeded subset of N test images (default: all; 128 "
                    "under a CPU budget that caps the steps)")
     p.add_argument("--no-cpu-budget", action="store_true",
@@ -559,7 +450,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="replace the model's checkpoint even when it has a better test accuracy than this run's "
                    "(without it, this run's pair is kept as checkpoint.rejected.*); the replaced one is kept as "
                    "checkpoint.prev.*")
-    _add_artifacts_option(p)
+    add_artifacts_option(p)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.set_defaults(handler=_cmd_train)
 
@@ -570,7 +461,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(
         args.model, data=args.data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, resize=args.resize,
         max_steps=args.max_steps, seed=args.seed, threads=args.threads, resume=args.resume,
-        artifacts_dir=_artifacts_dir(args),
+        artifacts_dir=artifacts_dir(args),
         progress=sys.stderr.isatty() and not args.json, cpu_budget=not args.no_cpu_budget,
         in_channels=args.in_channels, device=args.device, test_images=args.test_images, force=args.force,
         recipe=args.recipe)
@@ -599,7 +490,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
-    parser = _Parser(
+    parser = Parser(
         prog="exporter",
         description="Train the classic CNNs, compile and export them (torch.compile, ONNX, OpenVINO, TensorRT, "
         "AOTInductor) and prove that every exported artifact computes the same function, and how fast.",

@@ -15,9 +15,8 @@ import re
 import resource
 import shutil
 import subprocess
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # Always reported; each backend adds the optional library it needs (`Runner.library`).
 CORE_LIBRARIES = ("exporter", "torch", "torchvision", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "openvino",
@@ -152,20 +151,6 @@ def measure_peaks(*, size: int, device: str = "cpu", threads: int | None = None,
         peaks["best"][precision] = best
     peaks["isa_estimate"] = isa_peak_estimate()
     return peaks
-
-
-def best_gemm_gflops(call: Callable[[], Any], size: int, *, repeats: int = 5, budget_s: float = 2.0) -> float:
-    """GFLOP/s of the fastest of `repeats` calls of an n×n×n matmul (2·n³ FLOPs), after one untimed call."""
-    call()  # library dispatch, packing buffers, compilation
-    best = math.inf
-    deadline = time.perf_counter() + budget_s
-    for i in range(repeats):
-        start = time.perf_counter_ns()
-        call()
-        best = min(best, (time.perf_counter_ns() - start) / 1e9)
-        if i >= 1 and time.perf_counter() > deadline:
-            break
-    return 2.0 * size**3 / best / 1e9
 
 
 def isa_peak_estimate() -> dict[str, Any] | None:

@@ -381,7 +381,7 @@ def test_bench_train_all_merges_runs(tmp_path: Path) -> None:
     rows = json.loads((results / "training.json").read_text())["rows"]
     assert rows["lenet_bn"] == earlier and rows["lenet"]["steps"] == 1 and rows["lenet"]["test_examples"] == 1000
     table = (results / "training.md").read_text()
-    assert "| lenet | seed | 28×1 | 1 × 1 × 256 | 1×28×28 |" in table
+    assert "| lenet | seed | 28×10 | 1 × 1 × 256 | 1×28×28 |" in table
     assert "| lenet_bn | failed: an earlier failed run |" in table
     assert "| 0.824 |" in table  # the seed's Fashion-MNIST accuracy next to ours
     with pytest.raises(UnknownModelError):

@@ -1,12 +1,14 @@
 """Backends: one module per runtime, each registering a Runner (see `base.py` for the protocol)."""
 
-from exporter.backends import eager  # noqa: F401  (registration)
-from exporter.backends import inductor  # noqa: F401  (registration)
-from exporter.backends import aoti  # noqa: F401  (registration)
-from exporter.backends import onnx  # noqa: F401  (registration)
-from exporter.backends import onnxruntime  # noqa: F401  (registration)
-from exporter.backends import openvino  # noqa: F401  (registration)
-from exporter.backends import tensorrt  # noqa: F401  (registration)
+from exporter.backends import (
+    aoti,  # noqa: F401  (registration)
+    eager,  # noqa: F401  (registration)
+    inductor,  # noqa: F401  (registration)
+    onnx,  # noqa: F401  (registration)
+    onnxruntime,  # noqa: F401  (registration)
+    openvino,  # noqa: F401  (registration)
+    tensorrt,  # noqa: F401  (registration)
+)
 from exporter.backends.base import (
     BACKENDS,
     STAGES,

@@ -20,7 +20,12 @@ from typing import Any
 import numpy as np
 
 from exporter.backends.base import (
-    Artifact, BackendUnavailable, BuildContext, RunnerError, register_backend, register_stage,
+    Artifact,
+    BackendUnavailable,
+    BuildContext,
+    RunnerError,
+    register_backend,
+    register_stage,
 )
 from exporter.backends.eager import TorchRunner, strict_fp32
 from exporter.backends.inductor import _cpp_compiler_reason

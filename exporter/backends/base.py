@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -272,6 +274,20 @@ def import_optional(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         raise BackendUnavailable(f"{module} is not installed ({exc})") from exc
+
+
+def best_gemm_gflops(call: Callable[[], Any], size: int, *, repeats: int = 5, budget_s: float = 2.0) -> float:
+    """GFLOP/s of the fastest of `repeats` calls of an n×n×n matmul (2·n³ FLOPs), after one untimed call."""
+    call()  # library dispatch, packing buffers, compilation
+    best = math.inf
+    deadline = time.perf_counter() + budget_s
+    for i in range(repeats):
+        start = time.perf_counter_ns()
+        call()
+        best = min(best, (time.perf_counter_ns() - start) / 1e9)
+        if i >= 1 and time.perf_counter() > deadline:
+            break
+    return 2.0 * size**3 / best / 1e9
 
 
 BACKENDS: dict[str, type[Runner]] = {}

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import Runner, register_backend
+from exporter.backends.base import Runner, best_gemm_gflops, register_backend
 
 
 def load_torch_model(path, *, model: str, in_channels: int, num_classes: int, device: str = "cpu",
@@ -179,8 +179,6 @@ class EagerRunner(TorchRunner):
     def gemm_peak_gflops(cls, precision: str, *, size: int, device: str, threads: int | None) -> float | None:
         """torch.mm (MKL / oneDNN on the CPU, cuBLAS on CUDA)."""
         import torch
-
-        from exporter.machine import best_gemm_gflops
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         if dtype is None:

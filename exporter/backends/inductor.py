@@ -15,7 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import Artifact, BuildContext, register_backend, register_stage
+from exporter.backends.base import (
+    Artifact,
+    BuildContext,
+    register_backend,
+    register_stage,
+)
 from exporter.backends.eager import TorchRunner, load_torch_model, strict_fp32
 
 WEIGHTS_FILE = "weights.safetensors"

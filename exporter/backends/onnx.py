@@ -27,7 +27,13 @@ from typing import Any, Callable
 import numpy as np
 
 from exporter.backends.base import (
-    Artifact, BackendUnavailable, BuildContext, Runner, import_optional, register_backend, register_stage,
+    Artifact,
+    BackendUnavailable,
+    BuildContext,
+    Runner,
+    import_optional,
+    register_backend,
+    register_stage,
 )
 from exporter.errors import ExporterError
 from exporter.fileio import atomic_path

@@ -28,9 +28,21 @@ from typing import Any
 import numpy as np
 
 from exporter.backends.base import (
-    Artifact, BackendUnavailable, BuildContext, Runner, import_optional, register_backend, register_stage,
+    Artifact,
+    BackendUnavailable,
+    BuildContext,
+    Runner,
+    best_gemm_gflops,
+    import_optional,
+    register_backend,
+    register_stage,
 )
-from exporter.backends.onnx import INPUT_NAME, module_outputs, read_metadata, set_metadata
+from exporter.backends.onnx import (
+    INPUT_NAME,
+    module_outputs,
+    read_metadata,
+    set_metadata,
+)
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_path, sha256_file, user_cache_dir
 
@@ -202,8 +214,6 @@ class OnnxRuntimeRunner(Runner):
         import onnx
         from onnx import TensorProto, helper, numpy_helper
 
-        from exporter.machine import best_gemm_gflops
-
         ort = import_optional("onnxruntime")
         rng = np.random.default_rng(0)
         weight = numpy_helper.from_array(rng.random((size, size), dtype=np.float32), "b")
@@ -368,10 +378,14 @@ def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, act
     `layout` describes the result (metadata and notes). Returns the notes for the file's artifact.
     """
     import_optional("onnxruntime")
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     activations = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
     meta = read_metadata(source)

@@ -27,8 +27,16 @@ from typing import Any
 import numpy as np
 
 from exporter.backends.base import (
-    Artifact, BackendUnavailable, BisectionUnsupported, BuildContext, Runner, RunnerError, import_optional,
-    register_backend, register_stage,
+    Artifact,
+    BackendUnavailable,
+    BisectionUnsupported,
+    BuildContext,
+    Runner,
+    RunnerError,
+    best_gemm_gflops,
+    import_optional,
+    register_backend,
+    register_stage,
 )
 from exporter.backends.onnx import module_outputs
 from exporter.errors import UsageError
@@ -143,8 +151,6 @@ class OpenVinoRunner(Runner):
             return None
         import openvino as ov
         import openvino.opset13 as ops
-
-        from exporter.machine import best_gemm_gflops
 
         rng = np.random.default_rng(0)
         a = ops.parameter([size, size], ov.Type.f32)

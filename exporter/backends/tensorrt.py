@@ -36,10 +36,16 @@ from typing import Any
 import numpy as np
 
 from exporter.backends.base import (
-    Artifact, BackendUnavailable, BuildContext, Runner, RunnerError, register_backend, register_stage,
+    Artifact,
+    BackendUnavailable,
+    BuildContext,
+    Runner,
+    RunnerError,
+    register_backend,
+    register_stage,
 )
-from exporter.fileio import atomic_path, sha256_file, user_cache_dir
 from exporter.errors import ExporterError
+from exporter.fileio import atomic_path, sha256_file, user_cache_dir
 
 ENGINE_DIR = "tensorrt"
 TIMING_CACHE = "timing.cache"
