@@ -105,11 +105,11 @@ def _cpu_values(spec: Any, *, epochs: int | None, lr: float | None, batch_size: 
     if epochs is not None:  # an explicit epoch count trains at the target size throughout
         stages = [[target, int(epochs)]]
     else:
-        stages = [[target if fraction == 1.0 else _stage_size(spec, fraction, target), int(count)]
+        stages = [[target if fraction == 1.0 else _stage_size(spec, fraction, target), count]
                   for fraction, count in cpu.stages]
     zero_init = spec.family in ("resnet", "resnet_v2")  # their blocks have a residual branch to zero
     return {
-        "name": "cpu", "epochs": sum(count for _, count in stages), "stages": stages,
+        "name": "cpu", "epochs": math.ceil(sum(count for _, count in stages)), "stages": stages,
         "batch_size": int(batch_size if batch_size is not None else cpu.batch_size),
         "max_steps": max_steps if max_steps is not None else cpu.max_steps,
         "test_images": test_images, "lr": float(lr if lr is not None else cpu.lr), "resize": target,

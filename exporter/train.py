@@ -192,7 +192,7 @@ class Trainer:
         self.announce()
         max_steps = self.recipe["max_steps"]
         for epoch in range(self.start_epoch, self.recipe["epochs"]):
-            if max_steps is not None and self.steps >= max_steps:
+            if self.steps >= self.total_steps:
                 break
             self.run_epoch(epoch)
         if not self.history:
@@ -233,7 +233,8 @@ class Trainer:
         self.images = ResizedImages(self.train_data.images, self.input_shape[0], available_memory_bytes())
         self.throughput = Throughput(self.model, self.input_shape[0], self.num_classes)
         per_epoch = len(self.epoch_batches(0, capped=False))
-        self.total_steps = per_epoch * self.recipe["epochs"]
+        planned = sum(count for _, count in self.recipe["stages"])  # a last stage may be a fraction of an epoch
+        self.total_steps = max(int(round(per_epoch * planned)), 1)
         if self.recipe["max_steps"] is not None:
             self.total_steps = min(self.total_steps, self.recipe["max_steps"])
 
@@ -312,8 +313,8 @@ class Trainer:
         batches = [order[i:i + size] for i in range(0, len(order), size)]
         if len(batches) > 1 and len(batches[-1]) == 1:
             batches.pop()  # BatchNorm cannot train on a batch of one; the seed's loader never produced one here
-        if capped and self.recipe["max_steps"] is not None:
-            batches = batches[:self.recipe["max_steps"] - self.steps]
+        if capped:
+            batches = batches[:self.total_steps - self.steps]
         return batches
 
     def train_step(self, batch: np.ndarray, size: int) -> tuple[float, float]:
@@ -365,8 +366,7 @@ class Trainer:
             # BatchNorm running stats drift apart per rank after the last step; evaluate (and save) rank 0's.
             for buffer in self.net.buffers():
                 self.dist.dist.broadcast(buffer, src=0)
-        max_steps = self.recipe["max_steps"]
-        final = epoch + 1 >= self.recipe["epochs"] or (max_steps is not None and self.steps >= max_steps)
+        final = epoch + 1 >= self.recipe["epochs"] or self.steps >= self.total_steps
         test_acc = self.evaluate(final)
         self.throughput.sample_load()
         epoch_time = max(self.dist.sum([epoch_time], self.device)[0] / self.world, 1e-9)
@@ -383,13 +383,14 @@ class Trainer:
         self.save_state(epoch + 1)
 
     def evaluate(self, final: bool = True) -> float:
-        """Test accuracy (summed over ranks): the final epoch on every evaluated test image in fp32 (what the
-        checkpoint scores); earlier epochs of the CPU recipe on the first EPOCH_TEST_IMAGES of them, in the
-        training's autocast precision (a progress signal that costs little)."""
+        """Test accuracy (summed over ranks): the final epoch on every evaluated test image in fp32 at the full size
+        (what the checkpoint scores); earlier epochs of the CPU recipe on the first EPOCH_TEST_IMAGES of them at
+        the size they train at, in the training's autocast precision (a progress signal that costs little)."""
         if final or self.recipe["name"] != "cpu":
             return _evaluate(self.net, self.test_data, self.test_index, self.input_shape, self.device, self.dist)
-        return _evaluate(self.net, self.test_data, self.test_index[:EPOCH_TEST_IMAGES], self.input_shape,
-                         self.device, self.dist, autocast=self.recipe["autocast"])
+        size = self.stage_size(self.steps - 1)  # the size it trains at now (BatchNorm's statistics are for it)
+        return _evaluate(self.net, self.test_data, self.test_index[:EPOCH_TEST_IMAGES],
+                         (self.input_shape[0], size, size), self.device, self.dist, autocast=self.recipe["autocast"])
 
     def save_state(self, epoch: int) -> None:
         """Weights, optimizer and every rank's RNG after `epoch`, what --resume continues from."""

@@ -49,7 +49,8 @@ class CpuRecipe:
     fraction of the input size, the last ones at full size so BatchNorm's statistics match what is exported.
     """
 
-    stages: tuple[tuple[float, int], ...]  # (input size as a fraction of the target size, epochs), in order
+    # (input size as a fraction of the target size, epochs), in order; the last stage may be a fraction of an epoch
+    stages: tuple[tuple[float, float], ...]
     batch_size: int = 64
     lr: float = 0.1
     weight_decay: float = 5e-4
