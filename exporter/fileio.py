@@ -96,15 +96,17 @@ def check_writable(directory: str | Path, what: str) -> None:
                             "its permissions or choose another --artifacts directory") from None
 
 
-def read_json_object(path: str | Path, error: type[ExporterError], what: str) -> dict[str, Any]:
-    """The JSON object stored at `path`; `error` in one line when it is missing, unreadable or not an object."""
+def read_json_object(path: str | Path, error: type[ExporterError], what: str, fix: str = "") -> dict[str, Any]:
+    """The JSON object stored at `path`; `error` in one line (ending with `fix`, what to do about it) when it is
+    missing, unreadable or not an object."""
     path = Path(path)
+    fix = f"; {fix}" if fix else ""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise error(f"{path}: {what} not found") from None
+        raise error(f"{path}: {what} not found{fix}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path}: unreadable {what} ({type(exc).__name__}: {exc})") from None
+        raise error(f"cannot read {path}: unreadable {what} ({type(exc).__name__}: {exc}){fix}") from None
     if not isinstance(data, dict):
-        raise error(f"{path}: the {what} is not a JSON object")
+        raise error(f"cannot read {path}: the {what} is not a JSON object{fix}")
     return data

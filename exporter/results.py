@@ -67,8 +67,8 @@ UNVERIFIED = ParityRecord("unverified", reason="no parity results (run `exporter
 # --- parity.json ------------------------------------------------------------------------------------------------
 
 
-def _load_json(path: Path) -> Any:
-    return read_json_object(path, ResultsError, "result file")
+def _load_json(path: Path, redo: str) -> Any:
+    return read_json_object(path, ResultsError, "result file", redo)
 
 
 def read_parity(build_dir: Path) -> dict[str, Any] | None:
@@ -76,8 +76,8 @@ def read_parity(build_dir: Path) -> dict[str, Any] | None:
     path = Path(build_dir) / PARITY_FILE
     if not path.is_file():
         return None
-    data = _load_json(path)
     redo = "re-run `exporter verify` on the build"
+    data = _load_json(path, redo)
     if not isinstance(data, dict) or data.get("format") != PARITY_FORMAT:
         raise ResultsError(f"{path} is not a parity file of format {PARITY_FORMAT} (older exporter or damaged); {redo}")
     results, reference = data.get("results"), data.get("reference")
@@ -192,8 +192,8 @@ def read_bench(build_dir: Path) -> dict[str, Any] | None:
     path = Path(build_dir) / BENCH_FILE
     if not path.is_file():
         return None
-    data = _load_json(path)
     redo = "re-run `exporter bench` on the build"
+    data = _load_json(path, redo)
     if not isinstance(data, dict) or data.get("format") != BENCH_FORMAT:
         raise ResultsError(f"{path} is not a benchmark file of format {BENCH_FORMAT} (older exporter or damaged); "
                            f"{redo}")

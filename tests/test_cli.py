@@ -64,13 +64,13 @@ def test_artifacts_is_one_path_option_everywhere() -> None:
 
 
 def test_every_count_option_is_a_positive_integer_up_to_ten_million(capsys: pytest.CaptureFixture[str]) -> None:
-    from exporter.cli import COUNT_LIMIT, _positive_int
+    from exporter.cli_options import COUNT_LIMIT, positive_int
 
-    assert COUNT_LIMIT == 10**7 and _positive_int(str(COUNT_LIMIT)) == COUNT_LIMIT
+    assert COUNT_LIMIT == 10**7 and positive_int(str(COUNT_LIMIT)) == COUNT_LIMIT
     checked = 0
     for name, sub in _subparsers().items():
         for action in sub._actions:
-            if action.type is not _positive_int:
+            if action.type is not positive_int:
                 continue
             flag = action.option_strings[0]
             for bad in ("0", "-1", str(COUNT_LIMIT + 1), "1.5", "ten"):
