@@ -161,3 +161,19 @@ def test_memory_probe_sees_an_allocation() -> None:
     del block
     assert result["kind"] == "process RSS high-water" and result["peak_mb"] > 0
     assert result["delta_mb"] is not None and result["delta_mb"] > 32
+
+
+def test_cuda_memory_is_the_device_wide_drop_in_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every runtime's allocations count (TensorRT's and ONNX Runtime's too), not only torch's allocator's."""
+    import torch
+
+    free = iter([10_000 * 2**20, 9_000 * 2**20, 7_500 * 2**20, 8_000 * 2**20])  # start, sample, stop's sample…
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, **k: (next(free), 80_000 * 2**20))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)  # torch's own allocator saw nothing
+    probe = machine.MemoryProbe("cuda")
+    probe.start()
+    probe.sample()
+    probe.sample()
+    report = probe.stop()
+    assert report["delta_mb"] == pytest.approx(2_500) and "device-wide" in report["kind"]
