@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from exporter.backends.base import BackendUnavailable, Runner, Variant
+from exporter.backends.base import Artifact, BackendUnavailable, Runner, Variant
 from exporter.errors import ExporterError, UsageError, one_line
 from exporter.machine import (
     MemoryProbe, available_memory_bytes, library_versions, machine_info, measure_peaks, set_threads, usable_cores,
@@ -106,7 +106,7 @@ class BenchTarget:
     parity: ParityRecord = UNVERIFIED
 
     @property
-    def artifact(self):
+    def artifact(self) -> Artifact:
         return self.variant.artifact
 
     @property
