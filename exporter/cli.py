@@ -13,11 +13,27 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from exporter.errors import ExporterError, UsageError, one_line
 from exporter.cli_options import (
-    EXIT_CODES, EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, Parser, add_artifacts_option, add_json_option, artifacts_dir,
-    batch_list, human, name_list, non_negative_int, parser, positive_float, positive_int, print_table, seed,
+    EXIT_CODES,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    Parser,
+    add_artifacts_option,
+    add_json_option,
+    artifacts_dir,
+    batch_list,
+    human,
+    name_list,
+    non_negative_int,
+    parser,
+    positive_float,
+    positive_int,
+    print_table,
+    seed,
 )
+from exporter.errors import ExporterError, UsageError, one_line
+from exporter.fileio import check_writable
 
 # --- exporter list -------------------------------------------------------------------------------------------
 
@@ -188,7 +204,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     overrides = Overrides(args.tolerance_class, atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
     build = load_build(args.target, artifacts_dir(args))
     # before any artifact runs: records that could not be saved would be lost
-    _check_writable(build.dir, "the parity records of `exporter verify`")
+    check_writable(build.dir, "the parity records of `exporter verify`")
     report = parity.verify_build(
         build, backends=args.backends, samples=parity.DEFAULT_SAMPLES if args.samples is None else args.samples,
         data=args.data, seed=args.seed, bisect=args.bisect, overrides=overrides,
@@ -287,7 +303,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     targets = models_with_builds(artifacts_dir(args)) if args.all else args.targets
     builds = [load_build(t, artifacts_dir(args)) for t in targets]  # hashes checked: never time a tampered file
     for build in builds:  # before any timing: results that could not be saved would be lost
-        _check_writable(build.dir, "the results of `exporter bench`")
+        check_writable(build.dir, "the results of `exporter bench`")
     everything = []
     for build in builds:
         if args.tune:
@@ -324,12 +340,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK if not failed else EXIT_FAILED if len(failed) == len(cells) else EXIT_PARTIAL
 
 
-def _check_writable(directory: Path, what: str) -> None:
-    from exporter.fileio import check_writable
-
-    check_writable(directory, what)
-
-
 def _add_select_parser(sub: argparse._SubParsersAction) -> None:
     p = parser(
         sub, "select",
@@ -358,7 +368,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     budget = parse_budget(args.max_flips, args.max_acc_drop)
     build = load_build(args.target, artifacts_dir(args), verify_hashes=False)
     if not args.dry_run:  # the choice is written into the manifest: refuse before choosing, not after
-        _check_writable(build.dir, "the choice written into its manifest (--dry-run only prints it)")
+        check_writable(build.dir, "the choice written into its manifest (--dry-run only prints it)")
     choice = select_build(build, budget, args.batch, save=not args.dry_run)
     if args.json:
         print(json.dumps(choice, indent=2, default=str))

@@ -16,10 +16,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from exporter.backends.base import BackendUnavailable, Runner, Variant
+from exporter.backends.base import Artifact, BackendUnavailable, Runner, Variant
 from exporter.errors import ExporterError, UsageError, one_line
 from exporter.judge import (
-    TOLERANCES, Metrics, ParityError, Tolerance, compute_metrics, judge, judged_class, tolerance_for,
+    TOLERANCES,
+    Metrics,
+    ParityError,
+    Tolerance,
+    compute_metrics,
+    judge,
+    judged_class,
+    tolerance_for,
 )
 
 PARITY_FORMAT = 2
@@ -119,6 +126,13 @@ def reference_outputs(sets: list[InputSet], compute: Callable[[InputSet], np.nda
         if s.reference_rows is not None:
             refs[s.name] = refs["real"][s.reference_rows]
     return refs
+
+
+def reference_info(eager: Artifact, weights_digest: str, refs: dict[str, np.ndarray],
+                   labels: np.ndarray | None) -> dict[str, Any]:
+    """What a parity report says about its reference."""
+    return {"artifact": eager.name, "backend": "eager", "precision": "fp32", "weights_sha256": weights_digest,
+            "accuracy": float((refs["real"].argmax(1) == labels).mean()) if labels is not None else None}
 
 
 # --- records --------------------------------------------------------------------------------------------------

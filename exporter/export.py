@@ -38,17 +38,41 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from exporter.backends import STAGES, Artifact, BackendUnavailable, BuildContext, Variant, runner_for
-from exporter.build_inputs import BuildError, BuildOptions, Weights, check_inputs, resolve_weights
-from exporter.comparison import ParityReport, chunks, compare_variant, make_input_sets, reference_outputs, \
-    run_batches
+from exporter.backends import (
+    STAGES,
+    Artifact,
+    BackendUnavailable,
+    BuildContext,
+    Variant,
+    runner_for,
+)
+from exporter.build_inputs import (
+    BuildError,
+    BuildOptions,
+    Weights,
+    check_inputs,
+    resolve_weights,
+)
+from exporter.comparison import (
+    ParityReport,
+    chunks,
+    compare_variant,
+    make_input_sets,
+    reference_info,
+    reference_outputs,
+    run_batches,
+)
 from exporter.data import load_split, sample_images
 from exporter.errors import ExporterError, UsageError, one_line
 from exporter.fileio import check_writable, sha256_file
 from exporter.lint import check_strict, lint_exported, lint_model
 from exporter.machine import library_versions
 from exporter.manifest import (
-    FORMAT_VERSION, MANIFEST_NAME, file_entries, point_latest, write_json_atomic,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    file_entries,
+    point_latest,
+    write_json_atomic,
 )
 from exporter.models import get_spec
 from exporter.models.registry import ModelSpec
@@ -269,9 +293,7 @@ def quick_parity(build_dir: Path, artifacts: list[Artifact], images: np.ndarray,
                      f"{result.tolerance.precision:<5} max|Δ| {m.max_abs:.2e}  top-1 agree {m.agreement:.3f}  "
                      f"acc {m.accuracy if m.accuracy is not None else float('nan'):.3f}"
                      + ("" if result else f"  MISMATCH ({result.failures[0]})"))
-    info = {"artifact": eager.name, "backend": "eager", "precision": "fp32",
-            "weights_sha256": sha256_file(Path(build_dir) / eager.path),
-            "accuracy": float((refs["real"].argmax(1) == labels).mean())}
+    info = reference_info(eager, sha256_file(Path(build_dir) / eager.path), refs, labels)
     return ParityReport(model=model, build_dir=None, source="build", dataset=dataset, samples=int(len(images)),
                         inputs=[s.summary() for s in sets], reference=info, results=results,
                         seconds=time.perf_counter() - started)

@@ -43,6 +43,7 @@ from exporter.comparison import (
     compare_variant,
     make_input_sets,
     not_run,
+    reference_info,
     reference_outputs,
     run_batches,
 )
@@ -126,13 +127,6 @@ def _reference_outputs(runner: Runner, eager: Artifact, sets: list[InputSet], la
     refs = reference_outputs(sets, lambda s: cache.get(
         input_key(reference_id, s.images), lambda: run_batches(runner, s.images, chunks(len(s.images), max_batch))))
     return refs, reference_info(eager, weights_digest, refs, labels)
-
-
-def reference_info(eager: Artifact, weights_digest: str, refs: dict[str, np.ndarray],
-                   labels: np.ndarray | None) -> dict[str, Any]:
-    """What a parity report says about its reference."""
-    return {"artifact": eager.name, "backend": "eager", "precision": "fp32", "weights_sha256": weights_digest,
-            "accuracy": float((refs["real"].argmax(1) == labels).mean()) if labels is not None else None}
 
 
 # --- choosing what to verify ----------------------------------------------------------------------------------

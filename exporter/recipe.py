@@ -3,15 +3,13 @@ the machine puts on it (epochs, steps, input size, threads, one batch's memory),
 
 from __future__ import annotations
 
-import contextlib
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from exporter.errors import UsageError
-from exporter.machine import cpu_flags, usable_cores
+from exporter.machine import available_memory_bytes, cpu_flags, usable_cores
 
 CPU_BUDGET_TEST_IMAGES = 128  # test images evaluated per epoch under a step-capped CPU budget
 MAX_EPOCHS = 10_000
@@ -193,17 +191,9 @@ def check_threads(threads: int | None) -> None:
                          f"usable cores), got {threads}")
 
 
-def _available_memory() -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 def check_batch_memory(input_shape: tuple[int, int, int], batch_size: int) -> None:
     """Refuse a batch whose float32 input alone would not fit in the memory available now."""
-    available = _available_memory()
+    available = available_memory_bytes()
     needed = batch_size * math.prod(input_shape) * 4
     if available is not None and needed > available:
         raise UsageError(

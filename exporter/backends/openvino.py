@@ -316,11 +316,9 @@ def _fp32_layers(model: Any) -> list[str]:
         if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
             continue
         weight = op.input_value(1).get_node()
-        while weight.get_type_name() in ("Convert", "Reshape", "Unsqueeze", "Multiply", "Subtract"):
-            if weight.get_type_name() == "Multiply":  # dequantization scale: the weight path was quantized
-                break
+        while weight.get_type_name() in ("Convert", "Reshape", "Unsqueeze", "Subtract"):
             weight = weight.input_value(0).get_node()
-        if weight.get_type_name() not in ("FakeQuantize", "Multiply"):
+        if weight.get_type_name() not in ("FakeQuantize", "Multiply"):  # Multiply: a dequantization scale
             found.append(op.get_friendly_name())
     return found
 
