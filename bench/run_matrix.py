@@ -2,7 +2,7 @@
 """Run the whole latency matrix on this machine and write `bench/results/<machine>-<date>.{md,json,csv,png}`.
 
 For every model (default: DEFAULT_MODELS that have a build) × every artifact of its latest build × every batch
-size, with one timing method (`exporter.bench`): optional tuning first (`--tune`), then the benchmark, then
+size, with one timing method (`exporter.benchmark`): optional tuning first (`--tune`), then the benchmark, then
 `exporter select` under the budget (default: ≤ 0.5 % top-1 flips at batch 1), then one report across models.
 
     .venv/bin/python bench/run_matrix.py                       # the default matrix (< 25 min on 2 idle cores)
@@ -77,7 +77,7 @@ def _exporter(*args: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from exporter.bench import BenchSettings, bench_build, check_device
+    from exporter.benchmark import BenchSettings, bench_build, check_device
     from exporter.errors import ExporterError
     from exporter.machine import machine_slug
     from exporter.manifest import load_build, update_manifest

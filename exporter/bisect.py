@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import Artifact, Variant
+from exporter.backends.base import Artifact, BisectionUnsupported, Variant
 from exporter.backends.eager import leaf_module_outputs
 from exporter.judge import Tolerance, json_float
 from exporter.manifest import Build
@@ -143,6 +143,9 @@ def bisect_variant(variant: Variant, build: Build, reference_model: Any, batch: 
                    input_set: str) -> Bisection:
     """Layer-by-layer comparison of one variant against eager on `batch` (BisectionUnsupported where its
     runtime exposes no intermediate outputs)."""
+    if reference_model is None:
+        raise BisectionUnsupported("the build has no PyTorch model (an ONNX source), so there are no layers to "
+                                   "bisect against")
     reference = leaf_module_outputs(reference_model, batch)
     kinds = {name: type(m).__name__ for name, m in reference_model.named_modules()}
     with variant.runner(build.dir, device="cpu") as runner:

@@ -40,7 +40,8 @@ class BuildOptions:
     int8: bool = False
     strict: bool = False
     input_size: int | None = None  # square H = W; only without a checkpoint (a checkpoint fixes it)
-    num_classes: int | None = None  # only with untrained (a checkpoint fixes it)
+    input_shape: tuple[int, int, int] | None = None  # C, H, W: a model source's example input (overrides input_size)
+    num_classes: int | None = None  # untrained or a bare state dict only (an exporter checkpoint fixes it)
     parity_samples: int = 32
     calibration_samples: int = 256
     seed: int = 0
@@ -99,21 +100,108 @@ def _from_checkpoint(path: Path, opts: BuildOptions, *, trained_now: bool) -> We
                    recipe=dict(sidecar.get("recipe") or {}))
 
 
-def _untrained(opts: BuildOptions) -> Weights:
+def _fresh_shape(opts: BuildOptions, dataset_channels: int) -> tuple[int, int, int]:
+    """The input of a model without an exporter checkpoint: --input-shape, else colour data makes a 3-channel model
+    (as `train` does) and --input-size the square size, else the spec's default."""
     spec = get_spec(opts.model)
+    if opts.input_shape is not None:
+        shape = tuple(int(d) for d in opts.input_shape)
+    else:
+        channels = 3 if dataset_channels == 3 else spec.input_shape[0]
+        size = opts.input_size
+        shape = (channels, size, size) if size else (channels, *spec.input_shape[1:])
+    check_input_shape(opts.model, shape)
+    return shape  # type: ignore[return-value]
+
+
+def _untrained(opts: BuildOptions) -> Weights:
     test = load_split(opts.data, "test")
-    channels = 3 if test.channels == 3 else spec.input_shape[0]
-    size = opts.input_size
-    input_shape = (channels, size, size) if size else (channels, *spec.input_shape[1:])
-    check_input_shape(opts.model, input_shape)
+    input_shape = _fresh_shape(opts, test.channels)
     num_classes = opts.num_classes or test.num_classes
-    class_names = test.class_names if num_classes == test.num_classes else [str(i) for i in range(num_classes)]
     torch.manual_seed(opts.seed)
-    model = create_model(opts.model, in_channels=channels, num_classes=num_classes)
-    info = {"source": "untrained", "trained": False, "seed": opts.seed, "checkpoint": None, "sha256": None,
-            "train_accuracy": None, "test_accuracy": None}
+    model = create_model(opts.model, in_channels=input_shape[0], num_classes=num_classes).eval()
+    if get_spec(opts.model).source in ("file", "python"):  # a factory or object may keep its own head
+        with torch.no_grad():
+            num_classes = int(model(torch.zeros((1, *input_shape))).shape[-1])
+    class_names = test.class_names if num_classes == test.num_classes else [str(i) for i in range(num_classes)]
+    if get_spec(opts.model).source == "python":  # an object passed to exporter.build(): exported as it is
+        info = {"source": "python object", "trained": None, "checkpoint": None, "sha256": None,
+                "train_accuracy": None, "test_accuracy": None}
+    else:
+        info = {"source": "untrained", "trained": False, "seed": opts.seed, "checkpoint": None, "sha256": None,
+                "train_accuracy": None, "test_accuracy": None}
     return Weights(model=model.eval(), input_shape=input_shape, num_classes=num_classes, class_names=class_names,
                    info=info, dataset=opts.data)
+
+
+def is_bare_state_dict(path: Path) -> bool:
+    """A weights file without an exporter sidecar: a plain state dict (safetensors, or a `weights_only` torch file)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".json":
+        return False
+    _, sidecar = resolve_checkpoint(path)
+    return path.is_file() and not sidecar.exists()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (a corrupt or pickled-object file: one line either way)
+        raise BuildError(f"{path}: not a safetensors or weights_only state dict ({type(exc).__name__}: "
+                         f"{(str(exc).splitlines() or [''])[0][:160]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BuildError(f"{path}: holds no state dict (a mapping of names to tensors)")
+    return state
+
+
+def _from_state_dict(path: Path, opts: BuildOptions) -> Weights:
+    """A bare state dict: the class count is --num-classes, else whichever of the data set's, the model's own and the
+    one the tensors' head shows matches the tensors."""
+    state = _read_state_dict(path)
+    test = load_split(opts.data, "test")
+    input_shape = _fresh_shape(opts, test.channels)
+    candidates = [opts.num_classes] if opts.num_classes else list(dict.fromkeys([test.num_classes,
+                                                                                 get_spec(opts.model).num_classes]))
+    problem = ""
+    for num_classes in candidates:  # grows by the head's width found below (at most once per width)
+        with torch.device("meta"):
+            expected = create_model(opts.model, in_channels=input_shape[0], num_classes=num_classes).state_dict()
+        problem = _state_mismatch(expected, state)
+        if not problem:
+            break
+        head = next((k for k, v in expected.items() if k in state and v.ndim >= 1 and v.shape[0] == num_classes
+                     and state[k].shape[1:] == v.shape[1:] and state[k].shape[0] != num_classes), None)
+        if head is not None and not opts.num_classes and int(state[head].shape[0]) not in candidates:
+            candidates.append(int(state[head].shape[0]))
+    else:
+        raise BuildError(f"{path}: does not fit {opts.model} with {' or '.join(map(str, candidates))} classes: "
+                         f"{problem}")
+    model = create_model(opts.model, in_channels=input_shape[0], num_classes=num_classes)
+    model.load_state_dict(state)
+    class_names = test.class_names if num_classes == test.num_classes else [str(i) for i in range(num_classes)]
+    info = {"source": "state dict", "checkpoint": str(path), "sha256": sha256_file(path), "trained": True,
+            "dataset": None, "epochs": None, "steps": None, "train_accuracy": None, "test_accuracy": None,
+            "created": None}
+    return Weights(model=model.eval(), input_shape=input_shape, num_classes=num_classes, class_names=class_names,
+                   info=info, dataset=opts.data)
+
+
+def _state_mismatch(expected: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        return f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            return f"{key} has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)}"
+    return ""
 
 
 BATCH_MEMORY_SHARE = 4  # one input batch may take at most 1/4 of the available memory (outputs, copies, runtimes)
@@ -133,9 +221,8 @@ def check_inputs(opts: BuildOptions) -> None:
     """What a build can check before it writes or prints anything, each refused in one line: the checkpoint, the
     data set (readable, enough test images for the quick parity check, no colour images into a 1-channel
     checkpoint), the input size, and one input batch of the largest size against the memory available."""
-    spec = get_spec(opts.model)
     checkpoint, sidecar = _existing_checkpoint(opts), None
-    if checkpoint is not None:
+    if checkpoint is not None and not is_bare_state_dict(checkpoint):
         _, sidecar = load_checkpoint(checkpoint, expect_model=opts.model)
     dataset = opts.data if opts.data is not None or sidecar is None else _dataset_arg(sidecar)
     test = load_split(dataset, "test")
@@ -143,11 +230,9 @@ def check_inputs(opts: BuildOptions) -> None:
         input_shape = tuple(int(d) for d in sidecar["input_shape"])
         _check_checkpoint_size(checkpoint, input_shape, opts)
         check_channels(test, input_shape[0])
-    else:  # untrained or trained first: colour data makes a 3-channel model (as `_untrained` and `train` do)
-        channels = 3 if test.channels == 3 else spec.input_shape[0]
-        size = opts.input_size
-        input_shape = (channels, size, size) if size else (channels, *spec.input_shape[1:])
-        check_input_shape(opts.model, input_shape)
+    else:  # untrained, a bare state dict, or trained first
+        input_shape = _fresh_shape(opts, test.channels)
+        check_channels(test, input_shape[0])
     static = opts.batch or (1 if opts.max_batch == 1 else None)
     largest, flag = (static, "--batch") if opts.batch else (opts.max_batch, "--max-batch")
     per_image = math.prod(input_shape) * 4
@@ -170,10 +255,19 @@ def resolve_weights(opts: BuildOptions, say: Callable[[str], None]) -> Weights:
                      "every artifact is marked untrained")
         return _untrained(opts)
     if opts.checkpoint is not None:
+        if is_bare_state_dict(Path(opts.checkpoint)):
+            return _from_state_dict(Path(opts.checkpoint), opts)
         return _from_checkpoint(Path(opts.checkpoint), opts, trained_now=False)
     weights_path, sidecar_path = checkpoint_paths(opts.model, opts.artifacts_dir)
     if weights_path.exists() or sidecar_path.exists():
         return _from_checkpoint(weights_path, opts, trained_now=False)
+    if get_spec(opts.model).source == "python":
+        return _untrained(opts)
+    if get_spec(opts.model).source != "zoo":
+        say(f"  {opts.model}: no checkpoint (pretrained weights cannot be downloaded here): exporting randomly "
+            f"initialised weights (seed {opts.seed}); pass --checkpoint FILE or run `exporter train {opts.model}` "
+            "first for trained ones")
+        return _untrained(opts)
     say(f"  no checkpoint for {opts.model} in {opts.artifacts_dir}: training it first with the default "
                  f"budget (`exporter train {opts.model}`; pass --untrained to skip)")
     train(opts.model, data=opts.data, resize=opts.input_size, seed=opts.seed, artifacts_dir=opts.artifacts_dir,

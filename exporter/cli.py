@@ -18,6 +18,7 @@ from exporter.cli_options import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_PARTIAL,
+    MODEL_HELP,
     Parser,
     add_artifacts_option,
     add_json_option,
@@ -31,6 +32,7 @@ from exporter.cli_options import (
     positive_int,
     print_table,
     seed,
+    shape_option,
 )
 from exporter.errors import ExporterError, UsageError, one_line
 from exporter.fileio import check_writable
@@ -46,6 +48,8 @@ def _add_list_parser(sub: argparse._SubParsersAction) -> None:
         "multiply-accumulates of one forward pass at the default input (batch 1), computed from the model.",
     )
     p.add_argument("models", nargs="*", metavar="MODEL", help="only these models (default: all)")
+    p.add_argument("--torchvision", action="store_true",
+                   help="list torchvision's classification models instead (usable as torchvision:NAME)")
     add_json_option(p, "a list")
     p.set_defaults(handler=_cmd_list)
 
@@ -53,6 +57,15 @@ def _add_list_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_list(args: argparse.Namespace) -> int:
     from exporter.models import get_spec, list_models, model_summary
 
+    if args.torchvision:
+        from exporter.models.sources import torchvision_classification_models
+
+        names = [f"torchvision:{name}" for name in torchvision_classification_models()]
+        if args.json:
+            print(json.dumps(names, indent=2))
+        else:
+            print("\n".join(names))
+        return EXIT_OK
     names = [get_spec(name).name for name in args.models] or list_models()
     rows = [model_summary(name) for name in names]
     if args.json:
@@ -82,11 +95,13 @@ def _add_build_parser(sub: argparse._SubParsersAction) -> None:
         "symlink to the newest good build; a failed build leaves nothing behind.",
         epilog="Backends this machine cannot run are skipped with the reason, unless named in --backends.",
     )
-    p.add_argument("model", metavar="MODEL", help="registered model name (see `exporter list`)")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--backends", metavar="A,B",
                    help="only these stages (inductor, aoti, onnx, onnxruntime, openvino, tensorrt); a named stage "
                    "that cannot run is an error")
-    p.add_argument("--checkpoint", metavar="PATH", help="weights to export (default: ARTIFACTS/MODEL/checkpoint.*)")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="weights to export: an exporter checkpoint, or a bare state dict (.safetensors, or a "
+                   "weights_only torch file) for a model source (default: ARTIFACTS/MODEL/checkpoint.*)")
     p.add_argument("--untrained", action="store_true",
                    help="export randomly initialised weights without training; every artifact is marked untrained")
     p.add_argument("--data", metavar="DIR",
@@ -100,7 +115,12 @@ def _add_build_parser(sub: argparse._SubParsersAction) -> None:
                    help="also build an int8 QDQ ONNX calibrated on real training images")
     p.add_argument("--input-size", type=positive_int, metavar="N",
                    help="square input size for an untrained or newly trained model (a checkpoint fixes it)")
-    p.add_argument("--num-classes", type=positive_int, metavar="N", help="class count of an --untrained model")
+    p.add_argument("--input-shape", type=shape_option, metavar="C,H,W",
+                   help="example input of a model source (torchvision:, timm:, file.py:factory) or an untrained "
+                   "model, e.g. 3,160,160 (default: the file's INPUT_SHAPE, or the model's own input)")
+    p.add_argument("--num-classes", type=positive_int, metavar="N",
+                   help="class count of an --untrained model, a model source or a bare state dict (default: the "
+                   "data set's)")
     p.add_argument("--strict", action="store_true",
                    help="lint warnings, failed backends and parity mismatches become errors")
     p.add_argument("--parity-samples", type=positive_int, default=32, metavar="N",
@@ -117,7 +137,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         model=args.model, backends=parse_backends(args.backends),
         checkpoint=Path(args.checkpoint) if args.checkpoint else None, untrained=args.untrained, data=args.data,
         artifacts_dir=artifacts_dir(args), batch=args.batch, max_batch=args.max_batch, fp16=args.fp16,
-        int8=args.int8, strict=args.strict, input_size=args.input_size, num_classes=args.num_classes,
+        int8=args.int8, strict=args.strict, input_size=args.input_size, input_shape=args.input_shape,
+        num_classes=args.num_classes,
         parity_samples=args.parity_samples, seed=args.seed)
     result = build(opts)
     summary = result.summary()
@@ -131,7 +152,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
                  "status": (p.get("status") or "-").upper()}
                 for a in summary["artifacts"] for p in [a["parity"] or {}]]
         print_table(rows, [("name", "artifact"), ("backend", "backend"), ("precision", "precision"),
-                           ("size", "size"), ("class", "judged as"), ("max_abs", "max|Δ| vs eager"),
+                           ("size", "size"), ("class", "judged as"), ("max_abs", "max|Δ| vs reference"),
                            ("top1", "top-1 agree"), ("status", "parity")])
         for skip in result.manifest["skipped"]:
             print(f"skipped {skip['backend']}: {skip['reason']}")
@@ -139,7 +160,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
             print(f"FAILED {fail['backend']}: {fail['error']}")
         print(f"manifest: {result.manifest_path}")
         weights = result.manifest["weights"]
-        if weights.get("trained"):
+        if weights.get("trained") is None:
+            print(f"weights: {weights['source']} ({weights.get('checkpoint') or 'as given'}): whether they are "
+                  "trained is not recorded")
+        elif weights.get("trained"):
             accuracy = weights.get("test_accuracy")
             print(f"weights: {weights['source']} ({weights.get('checkpoint')}), test accuracy "
                   + (f"{accuracy:.3f}" if isinstance(accuracy, float) else "not recorded")
@@ -213,7 +237,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(f"{report.model}: {build.dir} — parity vs eager fp32 on {report.samples} {report.dataset} test images "
+        reference = f"{report.reference['artifact']} ({report.reference.get('backend')} fp32)"
+        print(f"{report.model}: {build.dir} — parity vs {reference} on {report.samples} {report.dataset} test images "
               "(errors: real images + batch sweep; zeros/large inputs are in parity.json)")
         print_table(parity.report_rows(report), parity.TABLE_COLUMNS)
         print()
@@ -289,7 +314,7 @@ def _bench_rows(results: dict) -> list[dict]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from exporter.bench import BenchSettings, bench_build, check_device
+    from exporter.benchmark import BenchSettings, bench_build, check_device
     from exporter.manifest import load_build
     from exporter.report import models_with_builds
     from exporter.tuning import tune_build
@@ -429,7 +454,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "(--threads, --resize, --epochs, --max-steps). A checkpoint with a better test accuracy than this run's "
         "is kept unless --force. SIGTERM stops the run with one line naming the last saved epoch (exit code 143).",
     )
-    p.add_argument("model", metavar="MODEL", help="registered model name (see `exporter list`)")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--data", metavar="DIR", help="IDX or image-folder data set (default: the embedded digits5k)")
     p.add_argument("--epochs", type=positive_int, metavar="N", help="epochs (default: the seed's, or the CPU budget)")
     p.add_argument("--lr", type=positive_float, metavar="LR", help="SGD learning rate (default: the seed's)")

@@ -49,6 +49,22 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
 COUNT_LIMIT = 10**7  # no count option means anything beyond this; bigger values are typos
 
 
+MODEL_HELP = ("a registered model (see `exporter list`), or a model source: torchvision:NAME, timm:NAME, "
+              "path/to/file.py:factory (a function returning an nn.Module), or path/to/model.onnx")
+
+
+def shape_option(text: str) -> tuple[int, int, int]:
+    """`C,H,W` → a tuple of three positive integers."""
+    parts = [p.strip() for p in text.replace("x", ",").replace("×", ",").split(",")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) <= 0 or max(shape) > COUNT_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (three positive integers, e.g. 3,224,224), got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

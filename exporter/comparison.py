@@ -131,7 +131,8 @@ def reference_outputs(sets: list[InputSet], compute: Callable[[InputSet], np.nda
 def reference_info(eager: Artifact, weights_digest: str, refs: dict[str, np.ndarray],
                    labels: np.ndarray | None) -> dict[str, Any]:
     """What a parity report says about its reference."""
-    return {"artifact": eager.name, "backend": "eager", "precision": "fp32", "weights_sha256": weights_digest,
+    return {"artifact": eager.name, "backend": eager.backend, "precision": eager.precision,
+            "weights_sha256": weights_digest,
             "accuracy": float((refs["real"].argmax(1) == labels).mean()) if labels is not None else None}
 
 

@@ -51,6 +51,7 @@ from exporter.build_inputs import (
     BuildOptions,
     Weights,
     check_inputs,
+    is_bare_state_dict,
     resolve_weights,
 )
 from exporter.comparison import (
@@ -181,8 +182,18 @@ def _check_options(opts: BuildOptions) -> None:
                          f"trains at is 224), got {opts.input_size}")
     if opts.untrained and opts.checkpoint is not None:
         raise UsageError("--untrained and --checkpoint contradict each other; pick one")
-    if opts.num_classes is not None and not opts.untrained:
-        raise UsageError("--num-classes applies to --untrained builds only (a checkpoint fixes the class count)")
+    if opts.input_shape is not None:
+        shape = tuple(opts.input_shape)
+        if len(shape) != 3 or any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in shape):
+            raise UsageError(f"--input-shape must be C,H,W positive integers, got {opts.input_shape!r}")
+        if max(shape[1:]) > MAX_INPUT_SIZE:
+            raise UsageError(f"--input-shape: H and W must be at most {MAX_INPUT_SIZE} pixels, got {shape}")
+        if opts.input_size is not None:
+            raise UsageError("--input-shape and --input-size contradict each other; pick one")
+    bare = opts.checkpoint is not None and is_bare_state_dict(Path(opts.checkpoint))
+    if opts.num_classes is not None and not (opts.untrained or bare or get_spec(opts.model).source != "zoo"):
+        raise UsageError("--num-classes applies to --untrained builds, bare state dicts and model sources only (an "
+                         "exporter checkpoint fixes the class count)")
     if opts.backends is not None:
         parse_backends(",".join(opts.backends))
 
@@ -323,10 +334,12 @@ def build(opts: BuildOptions) -> BuildResult:
     _check_options(opts)
     spec = get_spec(opts.model)  # unknown model: one line, exit 2, before anything is written
     opts = dataclasses.replace(opts, model=spec.name, backends=list(opts.backends) if opts.backends else None)
+    if spec.source == "onnx":
+        opts = _onnx_source_options(opts, spec)
     progress = Progress(opts.progress)
     started = time.perf_counter()
     check_inputs(opts)  # checkpoint, data, input size, batch memory: one line each, before any output
-    model_dir = Path(opts.artifacts_dir) / opts.model
+    model_dir = Path(opts.artifacts_dir) / spec.folder
     created = not model_dir.exists()
     _prepare_model_dir(model_dir)
     _remove_stale_temp_dirs(model_dir)
@@ -340,6 +353,19 @@ def build(opts: BuildOptions) -> BuildResult:
         if isinstance(exc, SystemExit) and exc.code == SIGTERM_EXIT_CODE:
             raise BuildInterrupted("interrupted by SIGTERM; the partial build was removed") from None
         raise
+
+
+def _onnx_source_options(opts: BuildOptions, spec: ModelSpec) -> BuildOptions:
+    """An ONNX file fixes the input and, when its batch dimension is a number, the batch; it has no weights to
+    train or choose."""
+    for flag, value in (("--checkpoint", opts.checkpoint), ("--input-size", opts.input_size),
+                        ("--input-shape", opts.input_shape), ("--num-classes", opts.num_classes)):
+        if value is not None:
+            raise UsageError(f"{flag} does not apply to an ONNX file (the file fixes its weights and shapes)")
+    static = spec.origin.get("static_batch")
+    if static and opts.batch not in (None, static):
+        raise UsageError(f"{Path(spec.name).name} has a fixed batch of {static}; drop --batch or pass --batch {static}")
+    return dataclasses.replace(opts, batch=static or opts.batch, untrained=False)
 
 
 @contextlib.contextmanager
@@ -379,7 +405,7 @@ def _build(opts: BuildOptions, spec: ModelSpec, model_dir: Path, progress: Progr
             opts.backends = ["onnx", *opts.backends]
 
     with progress.stage("weights"):
-        weights = resolve_weights(opts, progress.say)
+        weights = _onnx_weights(opts, spec) if spec.source == "onnx" else resolve_weights(opts, progress.say)
     build_id = _build_id(weights.info.get("sha256"), opts)
     tmp_dir = model_dir / f".tmp-{build_id}-{platform.node()}-{os.getpid()}"
     tmp_dir.mkdir()
@@ -401,6 +427,16 @@ def _build(opts: BuildOptions, spec: ModelSpec, model_dir: Path, progress: Progr
     return BuildResult(build_dir=final, manifest=manifest, parity=parity)
 
 
+def _onnx_weights(opts: BuildOptions, spec: ModelSpec) -> Weights:
+    """An ONNX file's "weights": no PyTorch model; the file's input shape and class count."""
+    test = load_split(opts.data, "test")
+    names = test.class_names if spec.num_classes == test.num_classes else [str(i) for i in range(spec.num_classes)]
+    info = {"source": "onnx file", "checkpoint": spec.name, "sha256": spec.origin.get("sha256"), "trained": None,
+            "train_accuracy": None, "test_accuracy": None}
+    return Weights(model=None, input_shape=spec.input_shape, num_classes=spec.num_classes, class_names=names,
+                   info=info, dataset=opts.data)
+
+
 def _traced_program(out_dir: Path, opts: BuildOptions, weights: Weights, static: int | None, max_batch: int,
                     progress: Progress) -> tuple[Any, list[Any], dict[str, Any]]:
     """Lint the model, `torch.export` it, lint the program and check it against eager; saves the program."""
@@ -411,25 +447,36 @@ def _traced_program(out_dir: Path, opts: BuildOptions, weights: Weights, static:
             progress.say(f"  ⚠ {finding}")
         check_strict(findings, opts.strict)
 
-    with progress.stage("torch.export", f"batch {static if static else f'dynamic 1..{max_batch}'}"):
-        diagnostics: dict[str, Any] = {}
-        program = trace(model, input_shape, static_batch=static, max_batch=max_batch, diagnostics=diagnostics)
-        exported_findings = lint_exported(program, dynamic_batch=static is None)
-        for finding in exported_findings:
-            progress.say(f"  ⚠ {finding}")
-        check_strict(exported_findings, opts.strict)
-        _check_program_batches(program, model, input_shape, (static,) if static else (1, 3))
-        torch.export.save(program, str(out_dir / PROGRAM_FILE))
+    diagnostics: dict[str, Any] = {}
+    try:
+        with progress.stage("torch.export", f"batch {static if static else f'dynamic 1..{max_batch}'}"):
+            program = trace(model, input_shape, static_batch=static, max_batch=max_batch, diagnostics=diagnostics)
+            exported_findings = lint_exported(program, dynamic_batch=static is None)
+            for finding in exported_findings:
+                progress.say(f"  ⚠ {finding}")
+            check_strict(exported_findings, opts.strict)
+            _check_program_batches(program, model, input_shape, (static,) if static else (1, 3))
+            torch.export.save(program, str(out_dir / PROGRAM_FILE))
+    except BuildError as exc:
+        # The stages that do not need the program still build: torch.compile tolerates graph breaks, the ONNX
+        # exporter and OpenVINO convert the model themselves; AOTInductor fails with this reason.
+        if opts.strict or (opts.backends is not None and "aoti" in opts.backends):
+            raise
+        (out_dir / PROGRAM_FILE).unlink(missing_ok=True)
+        diagnostics.setdefault("export", {})["error"] = str(exc)
+        progress.say(f"  ✗ torch.export FAILED: {exc} (the other stages go on without the program)")
+        return None, findings, diagnostics
     return program, findings + exported_findings, diagnostics
 
 
 def _reference_artifact(out_dir: Path, opts: BuildOptions, weights: Weights) -> Artifact:
     """The eager reference: the exact weights every artifact was made from."""
-    if weights.info.get("checkpoint"):
+    if weights.info["source"] in ("checkpoint", "trained now"):  # an exporter checkpoint: the same bytes
         shutil.copyfile(weights.info["checkpoint"], out_dir / WEIGHTS_FILE)
-    else:
+    else:  # random init, a bare state dict (maybe a pickle-format torch file) or a Python object
         state = {k: v.detach().contiguous().clone() for k, v in weights.model.state_dict().items()}
-        save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"model": opts.model, "untrained": "true"})
+        save_file(state, str(out_dir / WEIGHTS_FILE),
+                  metadata={"model": opts.model, "untrained": str(weights.info["source"] == "untrained").lower()})
     return Artifact(name="eager", backend="eager", path=WEIGHTS_FILE, precision="fp32",
                     options={"model": opts.model, "in_channels": weights.input_shape[0],
                              "num_classes": weights.num_classes},
@@ -459,6 +506,13 @@ def _run_stages(ctx: BuildContext, opts: BuildOptions, progress: Progress
         if opts.backends is not None and name not in opts.backends:
             continue
         named = opts.backends is not None
+        if ctx.onnx_source is not None and stage.needs_torch:
+            reason = "the model is an ONNX file: there is no PyTorch model to compile"
+            if named:
+                raise BuildError(f"backend {name} was asked for but {reason}")
+            skipped.append({"backend": name, "reason": reason})
+            progress.say(f"  – {name} skipped: {reason}")
+            continue
         try:
             with progress.stage(name):
                 produced = list(stage.export(ctx))
@@ -488,8 +542,12 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpe
     """Write every file of the build into `out_dir`; returns (manifest, quick parity document)."""
     static = opts.batch or (1 if opts.max_batch == 1 else None)  # a batch range 1..1 is a static batch
     max_batch = static or opts.max_batch
-    program, findings, diagnostics = _traced_program(out_dir, opts, weights, static, max_batch, progress)
-    eager = _reference_artifact(out_dir, opts, weights)
+    onnx_source = Path(spec.name) if spec.source == "onnx" else None
+    if onnx_source is None:
+        program, findings, diagnostics = _traced_program(out_dir, opts, weights, static, max_batch, progress)
+        first = [_reference_artifact(out_dir, opts, weights)]
+    else:  # the ONNX file is the model: nothing to trace; its reference comes from the onnx stage
+        program, findings, diagnostics, first = None, [], {}, []
     calibration = None
     if opts.int8:
         with progress.stage("calibration data", f"{opts.calibration_samples} training images"):
@@ -497,10 +555,14 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpe
     ctx = BuildContext(model_name=opts.model, model=weights.model, input_shape=weights.input_shape, out_dir=out_dir,
                        exported_program=program, static_batch=static, max_batch=max_batch, fp16=opts.fp16,
                        int8=opts.int8, calibration=calibration, metadata=_metadata(opts, spec, weights, build_id),
-                       artifacts=[eager], diagnostics=diagnostics)
+                       artifacts=first, diagnostics=diagnostics, onnx_source=onnx_source)
     skipped, failed = _run_stages(ctx, opts, progress)
+    if onnx_source is None and program is None:
+        failed.insert(0, {"backend": "torch.export", "error": diagnostics["export"]["error"]})
+    reference = _reference_of(ctx)
+    ctx.artifacts = [reference, *(a for a in ctx.artifacts if a is not reference)]
 
-    with progress.stage("quick parity", f"{len(ctx.artifacts)} artifacts vs eager fp32"):
+    with progress.stage("quick parity", f"{len(ctx.artifacts) - 1} artifacts vs {reference.name} fp32"):
         n = max(static, opts.parity_samples - opts.parity_samples % static) if static else opts.parity_samples
         images, labels, dataset = sample_images(weights.dataset, "test", weights.input_shape, n, seed=opts.seed)
         report = quick_parity(out_dir, ctx.artifacts, images, labels, model=opts.model,
@@ -514,6 +576,17 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpe
     manifest["parity"] = parity_summary(parity)
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return manifest, parity
+
+
+def _reference_of(ctx: BuildContext) -> Artifact:
+    """What the build judges every artifact against: the eager weights; for an ONNX file, the ONNX reference
+    evaluator where it is fast enough, else ONNX Runtime fp32 (the manifest's `reference` says which)."""
+    if ctx.onnx_source is None:
+        return ctx.artifacts[0]
+    for name in ("onnx-reference", "onnx-fp32"):
+        if ctx.artifact(name) is not None:
+            return ctx.artifact(name)
+    raise BuildError(f"{ctx.onnx_source.name}: the onnx stage produced nothing to compare against (see above)")
 
 
 def _manifest(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpec, weights: Weights,
@@ -540,6 +613,9 @@ def _manifest(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpec,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": opts.model,
         "family": spec.family,
+        "source": spec.source,
+        "origin": spec.origin,
+        "reference": ctx.artifacts[0].name,
         "untrained": untrained,
         "dataset": weights.dataset,
         "input_shape": list(input_shape),
@@ -553,7 +629,7 @@ def _manifest(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpec,
         "options": {"backends": opts.backends, "fp16": opts.fp16, "int8": opts.int8, "strict": opts.strict,
                     "seed": opts.seed},
         "weights": weights.info,
-        "exported_program": PROGRAM_FILE,
+        "exported_program": PROGRAM_FILE if ctx.exported_program is not None else None,
         "files": files,
         "artifacts": artifact_entries,
         "skipped": skipped,

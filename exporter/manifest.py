@@ -118,6 +118,16 @@ class Build:
         names = ", ".join(a.name for a in self.artifacts) or "none"
         raise ManifestError(f"build {self.dir} has no artifact {name!r} (it has: {names})")
 
+    @property
+    def reference(self) -> Artifact | None:
+        """The artifact every other one is judged against: the manifest's `reference` (an ONNX source's build names
+        its ONNX reference evaluator or ONNX Runtime fp32), else the eager fp32 weights; None when neither exists."""
+        named = self.manifest.get("reference")
+        for artifact in self.artifacts:
+            if (artifact.name == named) if named else (artifact.backend == "eager" and artifact.precision == "fp32"):
+                return artifact
+        return None
+
     def runner(self, artifact: Artifact | str) -> Runner:
         """An inactive Runner for one of the build's artifacts."""
         if isinstance(artifact, str):
@@ -168,13 +178,16 @@ def resolve_build(target: str | Path, artifacts_dir: Path | None = None) -> Path
     """The build directory a user means: a model name (→ its `latest` build), a model dir, or a build dir."""
     artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()
     text = str(target)
+    from exporter.models.sources import is_source
+
+    source = not isinstance(target, Path) and is_source(text) and not Path(text).is_dir()
     is_path = isinstance(target, Path) or "/" in text or os.sep in text
-    if not is_path:
+    if source or not is_path:
         from exporter.models import MODELS, get_spec
 
-        if text in MODELS or not Path(text).is_dir():
+        if source or text in MODELS or not Path(text).is_dir():
             spec = get_spec(text)  # an unknown model name raises UnknownModelError naming close matches
-            model_dir = Path(artifacts_dir) / spec.name
+            model_dir = Path(artifacts_dir) / spec.folder
             if not (model_dir / LATEST_NAME).is_symlink() and not (model_dir / LATEST_NAME).exists():
                 raise ManifestError(f"no build of {spec.name} in {artifacts_dir} "
                                     f"(run `exporter build {spec.name}` first)")

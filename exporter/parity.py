@@ -132,13 +132,14 @@ def _reference_outputs(runner: Runner, eager: Artifact, sets: list[InputSet], la
 # --- choosing what to verify ----------------------------------------------------------------------------------
 
 
-def select_variants(artifacts: list[Artifact], names: Iterable[str] | None) -> list[tuple[Variant, bool]]:
+def select_variants(artifacts: list[Artifact], names: Iterable[str] | None,
+                    reference: Artifact | None = None) -> list[tuple[Variant, bool]]:
     """(variant, requested) pairs for `--backends` (artifact or backend names); all but the reference by default.
 
     A real backend this build has no artifact for becomes a placeholder that is reported as not run.
     """
     if not names:
-        return [(Variant(a), False) for a in artifacts if not _is_reference(a)]
+        return [(Variant(a), False) for a in artifacts if reference is None or a.name != reference.name]
     chosen: list[tuple[Variant, bool]] = []
     for name in names:
         matches = [a for a in artifacts if name in (a.name, a.backend)]
@@ -152,10 +153,6 @@ def select_variants(artifacts: list[Artifact], names: Iterable[str] | None) -> l
             continue
         chosen += [(Variant(a), True) for a in matches if all(a is not c.artifact for c, _ in chosen)]
     return chosen
-
-
-def _is_reference(artifact: Artifact) -> bool:
-    return artifact.backend == "eager" and artifact.precision == "fp32"
 
 
 def batch_limits(build: Build) -> tuple[int, int | None]:
@@ -191,16 +188,17 @@ def verify_build(build: Build, *, backends: Iterable[str] | None = None, variant
                          f"{'×'.join(map(str, input_shape))}")
     max_batch, static_batch = batch_limits(build)
     sets = make_input_sets(images, labels, max_batch=max_batch, static_batch=static_batch, seed=seed)
-    chosen = [(v, True) for v in variants] if variants is not None else select_variants(build.artifacts, backends)
-    eager = next((a for a in build.artifacts if _is_reference(a)), None)
+    eager = build.reference
     if eager is None:
         raise ParityError(f"build {build.dir} has no eager fp32 weights artifact, so there is no reference")
+    chosen = ([(v, True) for v in variants] if variants is not None
+              else select_variants(build.artifacts, backends, eager))
     reference_runner = runner_for(eager, build.dir)
     try:
         reference_runner.activate()
     except ExporterError as exc:
-        raise ParityError(f"the reference ({eager.name}, eager fp32) cannot run, so nothing can be verified: "
-                          f"{exc}") from exc
+        raise ParityError(f"the reference ({eager.name}, {eager.backend} {eager.precision}) cannot run, so nothing "
+                          f"can be verified: {exc}") from exc
     cache = ReferenceCache(Path(build.dir) / REFERENCE_CACHE_FILE if cache_reference else None)
     try:
         refs, info = _reference_outputs(reference_runner, eager, sets, labels, max_batch, cache)
@@ -219,7 +217,7 @@ def verify_build(build: Build, *, backends: Iterable[str] | None = None, variant
                 result, outputs = compare_variant(variant, build.dir, sets, refs, static_batch=static_batch,
                                                   overrides=overrides, requested=requested, progress=bar)
                 if result.sets and (bisect or result.status == FAIL):
-                    _bisect_into(result, outputs, refs, sets, build, reference_runner.model)
+                    _bisect_into(result, outputs, refs, sets, build, getattr(reference_runner, "model", None))
                 results.append(result)
     finally:
         reference_runner.deactivate()
@@ -289,7 +287,8 @@ def report_rows(report: ParityReport) -> list[dict[str, str]]:
     """One table row per artifact: the worst error over the real images and the batch sweep (the adversarial
     sets' logits are orders of magnitude larger, so their errors are judged scaled and listed in the JSON),
     top-1/top-5/KL/accuracy on the real images."""
-    rows = [{"artifact": report.reference["artifact"], "backend": "eager", "precision": "fp32", "class": "-",
+    rows = [{"artifact": report.reference["artifact"], "backend": report.reference.get("backend", "eager"),
+             "precision": report.reference.get("precision", "fp32"), "class": "-",
              "status": "reference",
              "acc": _fmt(report.reference.get("accuracy"), ".4f")}]
     for r in report.results:

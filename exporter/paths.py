@@ -29,8 +29,18 @@ def default_artifacts_dir() -> Path:
 
 
 def model_dir(model: str, artifacts_dir: str | Path | None = None) -> Path:
-    """`<artifacts>/<model>/`: the directory holding everything written for one model (None: the default root)."""
-    return (Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()) / model
+    """`<artifacts>/<model>/`: the directory holding everything written for one model (None: the default root).
+
+    A model source (`torchvision:NAME`, `file.py:factory`, …) gets its spec's folder name, free of `:` and `/`.
+    """
+    from exporter.models.sources import is_source
+
+    folder = model
+    if is_source(model):
+        from exporter.models import get_spec
+
+        folder = get_spec(model).folder
+    return (Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()) / folder
 
 
 def checkpoint_paths(model: str, artifacts_dir: str | Path | None = None) -> tuple[Path, Path]:

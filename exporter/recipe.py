@@ -111,10 +111,11 @@ def _cpu_values(spec: Any, *, epochs: int | None, lr: float | None, batch_size: 
         "batch_size": int(batch_size if batch_size is not None else cpu.batch_size),
         "max_steps": max_steps if max_steps is not None else cpu.max_steps,
         "test_images": test_images, "lr": float(lr if lr is not None else cpu.lr), "resize": target,
-        "optimizer": "SGD", "momentum": 0.9, "nesterov": True, "weight_decay": cpu.weight_decay,
+        "optimizer": cpu.optimizer, "momentum": 0.9 if cpu.optimizer == "SGD" else None,
+        "nesterov": cpu.optimizer == "SGD", "weight_decay": cpu.weight_decay,
         "schedule": "one-cycle", "warmup": cpu.warmup, "loss": "cross_entropy",
         "label_smoothing": cpu.label_smoothing, "zero_init_residuals": zero_init,
-        "init": "xavier_normal_" + (" + zero-init residuals" if zero_init else ""),
+        "init": cpu.init + (" + zero-init residuals" if zero_init else ""),
         "autocast": "bf16" if bf16_autocast_supported(device) else None,
         "channels_last": True, "budget": "recipe", "from_cpu_budget": [],
     }

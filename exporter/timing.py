@@ -229,8 +229,9 @@ def activation_bytes_per_image(model: Any, input_shape: tuple[int, int, int]) ->
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
+        parameter = next(model.parameters(), None)  # meta, or a model source's real tensors
         with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device="meta"))
+            model(torch.zeros((1, *input_shape), device=parameter.device if parameter is not None else "meta"))
     finally:
         for handle in handles:
             handle.remove()

@@ -71,10 +71,22 @@ TEST_SUBSET_SEED = 0  # which test images a --test-images subset holds (fixed, s
 # --- helpers -----------------------------------------------------------------------------------------------------
 
 
-def _init_weights(module: nn.Module) -> None:
-    # The seed's train_ch6: Xavier-normal weights for every Linear and Conv2d, biases left at PyTorch's default.
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.xavier_normal_(module.weight)
+INITS = ("xavier_normal_", "kaiming_normal_", "model's own")
+
+
+def _init_weights(net: nn.Module, init: str) -> None:
+    """The seed's train_ch6: Xavier-normal weights for every Linear and Conv2d, biases left at PyTorch's default.
+
+    "kaiming_normal_" (fan-in, ReLU gain) instead keeps the signal's variance through deep ReLU stacks without
+    BatchNorm, where Xavier's halves it at every layer; "model's own" keeps the library's init (model sources)."""
+    if init == "model's own":
+        return
+    for module in net.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if init.startswith("kaiming_normal_"):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            else:
+                nn.init.xavier_normal_(module.weight)
 
 
 def _now() -> str:
@@ -216,7 +228,7 @@ class Trainer:
         self.test_index = test_subset(len(self.test_data), self.recipe["test_images"])
         torch.manual_seed(self.seed)  # the init draws from the global generator (as the seed's net.apply did)
         self.net = create_model(self.model, in_channels=self.input_shape[0], num_classes=self.num_classes)
-        self.net.apply(_init_weights)
+        _init_weights(self.net, self.recipe.get("init", "xavier_normal_"))
         if self.recipe.get("zero_init_residuals") and hasattr(self.net, "zero_init_residuals"):
             self.net.zero_init_residuals()
         self.net.to(self.device, memory_format=torch.channels_last if self.recipe["channels_last"]
@@ -224,9 +236,13 @@ class Trainer:
         self.ddp_net: nn.Module = self.net
         decayed = [p for p in self.net.parameters() if p.ndim > 1]  # no weight decay on biases and norms
         rest = [p for p in self.net.parameters() if p.ndim <= 1]
-        self.optimizer = torch.optim.SGD(
-            [{"params": decayed, "weight_decay": self.recipe["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
-            lr=self.recipe["lr"], momentum=self.recipe["momentum"], nesterov=self.recipe["nesterov"])
+        groups = [{"params": decayed, "weight_decay": self.recipe["weight_decay"]},
+                  {"params": rest, "weight_decay": 0.0}]
+        if self.recipe["optimizer"] == "AdamW":  # the CPU recipe of the nets without BatchNorm
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=self.recipe["lr"])
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=self.recipe["lr"], momentum=self.recipe["momentum"],
+                                             nesterov=self.recipe["nesterov"])
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.recipe["label_smoothing"])
         self.sampler = DistributedSampler(range(len(self.train_data)), num_replicas=self.world,
                                           rank=self.dist.rank, shuffle=True, seed=self.seed, drop_last=False)
@@ -302,7 +318,8 @@ class Trainer:
                  + f": {recipe['name']} recipe, lr={recipe['lr']} batch={recipe['batch_size']} "
                  + f"epochs={recipe['epochs']}" + (f" max_steps={recipe['max_steps']}" if recipe["max_steps"] else "")
                  + (f", sizes {' → '.join(f'{size}px×{count}' for size, count in recipe['stages'])}, "
-                    f"{recipe['optimizer']} momentum {recipe['momentum']}, {recipe['schedule']} lr, "
+                    f"{recipe['optimizer']}" + (f" momentum {recipe['momentum']}" if recipe.get("momentum") else "")
+                    + f", {recipe['schedule']} lr, "
                     f"autocast {recipe['autocast'] or 'off (fp32)'}" if recipe["name"] == "cpu" else ""))
 
     def epoch_batches(self, epoch: int, *, capped: bool = True) -> list[np.ndarray]:

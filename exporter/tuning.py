@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from exporter.backends import Variant, get_backend
-from exporter.bench import TUNED, model_costs, targets_for_build
+from exporter.benchmark import TUNED, model_costs, targets_for_build
 from exporter.machine import machine_slug, set_threads
 from exporter.manifest import Build, update_manifest
 from exporter.parity import save_report, verify_build

@@ -347,7 +347,7 @@ def _verify_read_only(env: Env) -> list[str]:
 
 
 def _bench_read_only(env: Env) -> list[str]:
-    from exporter import bench
+    from exporter import benchmark as bench
 
     read_only(env, env.good.build)
     env.forbid(bench, "bench_build")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from exporter.bench import BenchSettings, bench_build
+from exporter.benchmark import BenchSettings, bench_build
 from exporter.cli import main
 from exporter.report import report
-from tests.test_bench import FAST, TINY_MODEL, make_tiny_build, noise_tolerated
+from tests.test_benchmark import FAST, TINY_MODEL, make_tiny_build, noise_tolerated
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

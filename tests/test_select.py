@@ -9,7 +9,7 @@ import pytest
 
 from exporter.cli import main
 from exporter.select import Budget, SelectError, describe_choice, parse_budget, select_artifact, select_build
-from tests.test_bench import TINY_MODEL, make_tiny_build, noise_tolerated
+from tests.test_benchmark import TINY_MODEL, make_tiny_build, noise_tolerated
 
 
 def _cell(label: str, p50: float, parity: dict | None, *, batch: int = 1, status: str = "ok", **extra) -> dict:

@@ -12,7 +12,7 @@ import pytest
 
 from exporter import tuning
 from exporter.backends import BACKENDS, Artifact, Variant
-from exporter.bench import BenchSettings, targets_for_build
+from exporter.benchmark import BenchSettings, targets_for_build
 from exporter.comparison import Overrides
 from exporter.machine import machine_info
 from exporter.manifest import load_build, update_manifest
@@ -20,7 +20,7 @@ from exporter.parity import save_report, verify_build
 from exporter.results import parity_of, parity_records, write_bench
 from exporter.select import parse_budget, select_build
 from tests.parity_builds import copy_build, own_build  # noqa: F401  (fixture)
-from tests.test_bench import FAST, TINY_MODEL, _need, make_tiny_build
+from tests.test_benchmark import FAST, TINY_MODEL, _need, make_tiny_build
 
 ONNX = Artifact("onnx-fp32", "onnxruntime", "model.onnx", "fp32")
 IR = Artifact("openvino-fp32", "openvino", "openvino/model.xml", "fp32", options={"inference_precision": "f32"})

@@ -122,7 +122,10 @@ def export_aoti(ctx: BuildContext) -> list[Artifact]:
     artifacts = []
     if ctx.device == "cpu":
         if ctx.exported_program is None:
-            raise RuntimeError("export_aoti needs the build's ExportedProgram")
+            from exporter.errors import ExporterError
+
+            raise ExporterError("AOTInductor compiles the build's ExportedProgram, and torch.export failed (see "
+                                "the torch.export entry)")
         start = time.perf_counter()
         torch._inductor.aoti_compile_and_package(ctx.exported_program, package_path=str(ctx.out_dir / PACKAGE_FILE))
         ctx.diagnostics["aoti"]["compile_s"] = round(time.perf_counter() - start, 3)

@@ -104,6 +104,7 @@ class BuildContext:
     int8: bool = False
     calibration: np.ndarray | None = None  # real training images, float32 NCHW, for int8 calibration
     metadata: dict[str, str] = field(default_factory=dict)  # model name, recipe, scaling, class names, hashes
+    onnx_source: Path | None = None  # an ONNX file given as the model: no PyTorch model, no traced program
     device: str = "cpu"
     artifacts: list[Artifact] = field(default_factory=list)  # produced so far (later stages find the ONNX here)
     warnings: list[str] = field(default_factory=list)
@@ -328,16 +329,19 @@ class Stage:
     name: str
     export: ExportFunction
     needs_onnx: bool = False  # converts the onnx stage's file: `--backends NAME` adds onnx
+    needs_torch: bool = True  # needs the PyTorch model (so a build of an ONNX file skips it)
 
 
 STAGES: dict[str, Stage] = {}  # in build order (registration order: later stages read earlier artifacts)
 
 
-def register_stage(name: str, *, needs_onnx: bool = False) -> Callable[[ExportFunction], ExportFunction]:
-    """Decorator registering a backend module's export function as a build stage named `name`."""
+def register_stage(name: str, *, needs_onnx: bool = False,
+                   needs_torch: bool = True) -> Callable[[ExportFunction], ExportFunction]:
+    """Decorator registering a backend module's export function as a build stage named `name`; `needs_torch=False`
+    for a stage that also works from an ONNX file alone (`BuildContext.onnx_source`)."""
     def wrap(function: ExportFunction) -> ExportFunction:
         if name in STAGES:
             raise ValueError(f"build stage {name!r} is registered twice")
-        STAGES[name] = Stage(name, function, needs_onnx)
+        STAGES[name] = Stage(name, function, needs_onnx, needs_torch)
         return function
     return wrap

@@ -48,6 +48,9 @@ FP16_FILE = "model.fp16.onnx"
 # alexnet (0.94 GMACs) 0.56 s. Above this many multiply-accumulates per image a parity run over a few hundred
 # images takes minutes, so builds skip its artifact for bigger models (the runner still works on them).
 REFERENCE_MAX_MACS = 400_000_000
+# For an ONNX file given as the model (no MAC count from PyTorch) the evaluator is timed on one image instead:
+# slower than this per image and ONNX Runtime fp32 becomes the reference (the build says so).
+REFERENCE_MAX_SECONDS = 1.0
 
 
 class OnnxExportError(ExporterError):
@@ -137,9 +140,11 @@ def check_and_save(model: Any, path: Path) -> Any:
     return inferred
 
 
-@register_stage("onnx")
+@register_stage("onnx", needs_torch=False)
 def export_onnx(ctx: BuildContext) -> list[Artifact]:
     """Export `ctx` to `model.onnx` (and `model.fp16.onnx` with `ctx.fp16`) and return the runnable artifacts."""
+    if ctx.onnx_source is not None:
+        return _import_onnx_source(ctx)
     onnx = import_optional("onnx")
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
@@ -186,6 +191,84 @@ def export_onnx(ctx: BuildContext) -> list[Artifact]:
     if ctx.fp16:
         artifacts.append(export_onnx_fp16(ctx, fp32))
     return artifacts
+
+
+def _import_onnx_source(ctx: BuildContext) -> list[Artifact]:
+    """An ONNX file given as the model: checked and copied as `model.onnx` with the build's metadata added to its
+    own; the ONNX reference evaluator joins when it runs one image within REFERENCE_MAX_SECONDS."""
+    import time
+
+    onnx = import_optional("onnx")
+    source = Path(ctx.onnx_source)
+    try:
+        model = onnx.load(str(source))
+    except Exception as exc:  # noqa: BLE001
+        raise OnnxExportError(f"{source.name} cannot be loaded: {_root_cause(exc)}") from exc
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.update(_metadata(ctx, "fp32"))
+    meta.update(input_name=model.graph.input[0].name, output_name=model.graph.output[0].name,
+                source_file=str(source))
+    set_metadata(model, meta)
+    fp32 = check_and_save(model, ctx.out_dir / FP32_FILE)
+    opset = next((o.version for o in fp32.opset_import if o.domain in ("", "ai.onnx")), None)
+    info: dict[str, Any] = {"opset": opset, "ir_version": fp32.ir_version, "nodes": len(fp32.graph.node),
+                            "onnx_version": onnx.__version__, "source_file": str(source)}
+    ctx.diagnostics["onnx"] = info
+    artifacts = [Artifact(name="onnx-fp32", backend="onnxruntime", path=FP32_FILE, precision="fp32",
+                          notes=[f"{source.name} as given (opset {opset}); ONNX Runtime CPU execution provider"])]
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(str(ctx.out_dir / FP32_FILE))
+    image = np.random.default_rng(0).random((ctx.static_batch or 1, *ctx.input_shape), dtype=np.float32)
+    started = time.perf_counter()
+    try:
+        with np.errstate(all="ignore"):
+            evaluator.run(None, {evaluator.input_names[0]: image})
+    except Exception as exc:  # noqa: BLE001  (an op the evaluator lacks: the runtimes are compared without it)
+        info["reference_skipped"] = f"the ONNX reference evaluator cannot run it: {_root_cause(exc)}"
+        return artifacts + ([export_onnx_fp16(ctx, fp32)] if ctx.fp16 else [])
+    seconds = (time.perf_counter() - started) / (ctx.static_batch or 1)
+    info["reference_seconds_per_image"] = round(seconds, 3)
+    if seconds <= REFERENCE_MAX_SECONDS:
+        artifacts.insert(0, Artifact(name="onnx-reference", backend="onnx_reference", path=FP32_FILE,
+                                     precision="fp32",
+                                     notes=["onnx.reference.ReferenceEvaluator: independent numpy oracle"]))
+    else:
+        info["reference_skipped"] = (f"the numpy reference evaluator takes {seconds:.1f} s per image (limit "
+                                     f"{REFERENCE_MAX_SECONDS:.1f} s)")
+    if ctx.fp16:
+        artifacts.append(export_onnx_fp16(ctx, fp32))
+    return artifacts
+
+
+def graph_costs(path: Path) -> tuple[int, int]:
+    """(MACs, bytes of all node outputs) of one image through an ONNX file, from its shapes at batch 1: the
+    multiply-accumulates of its Conv, Gemm and MatMul nodes, as `count_macs` counts a PyTorch model's."""
+    onnx = import_optional("onnx")
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if dims and not dims[0].HasField("dim_value"):
+        dims[0].dim_value = 1
+    batch = dims[0].dim_value if dims else 1
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
+              for v in (*model.graph.value_info, *model.graph.output, *model.graph.input)}
+    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
+    macs = activation = 0
+    for node in model.graph.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        if not out or 0 in out:
+            continue
+        elements = int(np.prod(out))
+        activation += sum(int(np.prod(shapes[o])) * 4 for o in node.output if shapes.get(o) and 0 not in shapes[o])
+        weight = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        if node.op_type == "Conv" and weight:
+            macs += elements * int(np.prod(weight[1:]))
+        elif node.op_type in ("Gemm", "MatMul") and weight:
+            transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+            macs += elements * int(weight[-1] if transposed else weight[-2] if len(weight) > 1 else weight[0])
+    return macs // max(batch, 1), activation // max(batch, 1)
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -277,7 +277,7 @@ def _onnx_input(ctx: BuildContext) -> Path:
     return ctx.out_dir / artifact.path
 
 
-@register_stage("onnxruntime", needs_onnx=True)
+@register_stage("onnxruntime", needs_onnx=True, needs_torch=False)
 def export_onnxruntime(ctx: BuildContext) -> list[Artifact]:
     """With `ctx.int8` the calibrated QDQ int8 model; on a GPU machine the CUDA / TensorRT provider artifacts.
 

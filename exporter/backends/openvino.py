@@ -257,7 +257,7 @@ def _save_ir(ov: Any, model: Any, target_dir: Path, *, compress_to_fp16: bool) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@register_stage("openvino")
+@register_stage("openvino", needs_torch=False)
 def export_openvino(ctx: BuildContext) -> list[Artifact]:
     """Convert the model to OpenVINO IR (fp32 weights; with `ctx.fp16` also fp16-compressed weights)."""
     ov = import_optional("openvino")
@@ -339,8 +339,13 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         raise BackendUnavailable("openvino int8 needs at least 8 calibration images")
     held_back = max(len(images) // 4, 4)
     calibration, validation = images[:-held_back], images[-held_back:]
-    with torch.no_grad():
-        reference = ctx.model(torch.from_numpy(np.ascontiguousarray(validation))).argmax(1).numpy()
+    if ctx.model is not None:
+        with torch.no_grad():
+            reference = ctx.model(torch.from_numpy(np.ascontiguousarray(validation))).argmax(1).numpy()
+    else:  # an ONNX source: the fp32 IR is the reference
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        reference = np.array([int(np.argmax(np.asarray(compiled(validation[i:i + 1])[0])))
+                              for i in range(len(validation))])
     items = [(validation[i:i + 1], int(reference[i])) for i in range(len(validation))]
     calibration_data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
     quantized = nncf.quantize(model, calibration_data, subset_size=len(calibration))

@@ -348,7 +348,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-@register_stage("tensorrt", needs_onnx=True)
+@register_stage("tensorrt", needs_onnx=True, needs_torch=False)
 def export_tensorrt(ctx: BuildContext) -> list[Artifact]:
     """Build the strongly typed TensorRT engines (fp32; fp16 / int8 when asked) with sidecars; unavailable
     without CUDA. A precision that fails is recorded and skipped; only when none builds is it an error."""

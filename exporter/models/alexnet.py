@@ -31,7 +31,8 @@ class AlexNet(nn.Sequential):
                 seed_examples_per_s=3433,
                 recipe=Recipe(lr=0.01, batch_size=256, epochs=10, resize=224,
                               cpu_epochs=1, cpu_max_steps=30, cpu_batch_size=64),
-                cpu_recipe=CpuRecipe(stages=((1.0, 3),), batch_size=64, lr=0.02))  # fixed input: no resizing
+                cpu_recipe=CpuRecipe(stages=((1.0, 3),), batch_size=64, lr=5e-4, optimizer="AdamW",
+                                     weight_decay=0.05, init="kaiming_normal_"))  # fixed input: no resizing
 def alexnet(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """AlexNet (d2l), ReLU, max-pooling and dropout, 224×224 input."""
     return AlexNet(in_channels=in_channels, num_classes=num_classes)

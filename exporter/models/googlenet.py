@@ -57,7 +57,8 @@ class GoogLeNet(nn.Sequential):
 @register_model(family="googlenet", seed="001 §5", input_shape=(1, 96, 96), seed_test_acc=0.893,
                 seed_examples_per_s=720,
                 recipe=Recipe(lr=0.1, batch_size=128, epochs=10, resize=96, cpu_epochs=2, cpu_batch_size=128),
-                cpu_recipe=CpuRecipe(stages=((0.5, 4), (1.0, 2)), batch_size=64, lr=0.05))
+                cpu_recipe=CpuRecipe(stages=((0.5, 6), (1.0, 5)), batch_size=64, lr=2e-3, optimizer="AdamW",
+                                     weight_decay=0.05, init="kaiming_normal_"))
 def googlenet(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """GoogLeNet (d2l): nine Inception blocks, 96×96 input."""
     return GoogLeNet(in_channels=in_channels, num_classes=num_classes)

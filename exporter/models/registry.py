@@ -57,10 +57,14 @@ class CpuRecipe:
     warmup: float = 0.25  # fraction of the steps spent warming up
     label_smoothing: float = 0.0
     max_steps: int | None = None  # cuts the last stage short (the deep extras' budget)
+    init: str = "xavier_normal_"  # the seed's; "kaiming_normal_" for deep ReLU nets without BatchNorm
+    optimizer: str = "SGD"  # SGD with Nesterov momentum; "AdamW" (per-weight step sizes) for nets without BatchNorm
 
     def __post_init__(self) -> None:
         if not self.stages or self.stages[-1][0] != 1.0:
             raise ValueError("a CPU recipe's last stage must train at the full input size (1.0)")
+        if self.optimizer not in ("SGD", "AdamW"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: SGD or AdamW")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,16 @@ class ModelSpec:
     # Inputs are images scaled to [0, 1] (torchvision ToTensor), no mean/std normalisation: the seeds' recipe.
     input_scaling: str = "pixels/255, no mean/std"
     cpu_recipe: CpuRecipe | None = None  # None: the seed's recipe is the default on a CPU too
+    # Where the code comes from: "zoo" (registered here), or a model source (`exporter.models.sources`):
+    # "torchvision", "timm", "file", "python" or "onnx"; `origin` says which (library version, file and its hash).
+    source: str = "zoo"
+    dir_name: str = ""  # the model's folder under the artifacts root (a registered model's: its name)
+    origin: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def folder(self) -> str:
+        """The model's folder name under the artifacts root (no `:` or `/`, unlike a source's name)."""
+        return self.dir_name or self.name
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -128,7 +142,12 @@ def list_models() -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The spec of a registered model; an unknown name raises naming the close matches."""
+    """The spec of a registered model or a model source (`torchvision:NAME`, `timm:NAME`, `file.py:factory`,
+    `model.onnx`); an unknown name raises naming the close matches."""
+    from exporter.models.sources import is_source, source_spec
+
+    if isinstance(name, str) and is_source(name):
+        return source_spec(name)
     try:
         return MODELS[name]
     except KeyError:
@@ -152,28 +171,33 @@ def create_model(
 
 def _forward_shape(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """Output shape of `model` on a meta tensor of `shape`, or None when the shape does not fit."""
+    parameter = next(model.parameters(), None)  # a Python object's copy (a model source) keeps real tensors
+    device = parameter.device if parameter is not None else torch.device("meta")
     try:
         with torch.no_grad():
-            return tuple(model(torch.empty(shape, device="meta")).shape)
-    except (RuntimeError, ValueError, IndexError):
+            return tuple(model(torch.zeros(shape, device=device)).shape)
+    except (RuntimeError, ValueError, IndexError, AssertionError):  # AssertionError: torch._assert on a size
         return None
 
 
 @functools.lru_cache(maxsize=None)
 def valid_sizes(name: str, in_channels: int, limit: int = 512) -> tuple[int, ...]:
-    """Square input sizes (H = W) in 1..limit that the model accepts."""
+    """Square input sizes (H = W) in 1..limit that the model accepts (every 8th size for a model source, whose
+    forward pass may be large)."""
+    step = 1 if get_spec(name).source == "zoo" else 8
     with torch.device("meta"):
         model = create_model(name, in_channels=in_channels).eval()
-    return tuple(s for s in range(1, limit + 1) if _forward_shape(model, (1, in_channels, s, s)))
+    return tuple(s for s in range(step, limit + 1, step) if _forward_shape(model, (1, in_channels, s, s)))
 
 
 def _describe_sizes(sizes: tuple[int, ...]) -> str:
     if not sizes:
         return "no square size up to 512 fits"
+    step = min((b - a for a, b in zip(sizes, sizes[1:])), default=1)
     runs, start = [], sizes[0]
     for prev, cur in zip(sizes, sizes[1:] + (None,)):
-        if cur != prev + 1:
-            runs.append(f"{start}" if start == prev else f"{start}–{prev}")
+        if cur != prev + step:
+            runs.append(f"{start}" if start == prev else f"{start}–{prev}" + (f" (every {step})" if step > 1 else ""))
             start = cur
     return ", ".join(runs)
 
@@ -183,6 +207,11 @@ def check_input_shape(name: str, shape: tuple[int, int, int], *, in_channels: in
     spec = get_spec(name)
     if len(shape) != 3 or any(int(d) <= 0 for d in shape):
         raise InputShapeError(f"{name}: input shape must be C,H,W with positive sizes, got {shape}")
+    if spec.source == "onnx":  # the file fixes its input
+        if tuple(int(d) for d in shape) != spec.input_shape:
+            raise InputShapeError(f"{name}: the ONNX file takes {'×'.join(map(str, spec.input_shape))} inputs, "
+                                  f"not {'×'.join(map(str, shape))}")
+        return
     channels = shape[0] if in_channels is None else in_channels
     if channels != shape[0]:
         raise InputShapeError(f"{name}: model has {channels} input channels but the input has {shape[0]}")
@@ -190,6 +219,8 @@ def check_input_shape(name: str, shape: tuple[int, int, int], *, in_channels: in
         model = create_model(name, in_channels=channels).eval()
     if _forward_shape(model, (1, *shape)) is not None:
         return
+    if spec.source != "zoo" and _forward_shape(create_model(name, in_channels=channels).eval(), (1, *shape)):
+        return  # a model source whose code cannot run on meta tensors (data-dependent control flow)
     sizes = valid_sizes(name, channels)
     smallest = f"{channels}×{sizes[0]}×{sizes[0]}" if sizes else "none"
     raise InputShapeError(

@@ -43,7 +43,8 @@ _VGG_SMALL_RECIPE = Recipe(lr=0.05, batch_size=256, epochs=10, resize=224, cpu_e
 
 
 @register_model(family="vgg", seed="001 §3", input_shape=(1, 224, 224), recipe=_VGG_RECIPE,
-                cpu_recipe=CpuRecipe(stages=((1.0, 1),), batch_size=32, lr=0.01))  # fixed input: no resizing
+                cpu_recipe=CpuRecipe(stages=((1.0, 1),), batch_size=32, lr=2e-4, optimizer="AdamW",
+                                     weight_decay=0.05, init="kaiming_normal_"))  # fixed input: no resizing
 def vgg11(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """VGG-11: conv_arch ((1,64),(1,128),(2,256),(2,512),(2,512))."""
     return VGG(VGG11_ARCH, in_channels=in_channels, num_classes=num_classes)
@@ -51,7 +52,8 @@ def vgg11(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
 
 @register_model(family="vgg", seed="001 §3", input_shape=(1, 224, 224), seed_test_acc=0.894,
                 seed_examples_per_s=1852, recipe=_VGG_SMALL_RECIPE,
-                cpu_recipe=CpuRecipe(stages=((1.0, 3),), batch_size=64, lr=0.02))
+                cpu_recipe=CpuRecipe(stages=((1.0, 3),), batch_size=64, lr=5e-4, optimizer="AdamW",
+                                     weight_decay=0.05, init="kaiming_normal_"))
 def vgg11_small(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """VGG-11 with every channel count divided by 4 (the one d2l trains)."""
     arch = tuple((convs, channels // 4) for convs, channels in VGG11_ARCH)

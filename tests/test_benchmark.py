@@ -1,4 +1,4 @@
-"""`exporter bench` (`exporter/bench.py`): what a build's bench times, each cell's parity record, the merge into
+"""`exporter bench` (`exporter/benchmark.py`): what a build's bench times, each cell's parity record, the merge into
 `bench.json`, and the command line. The timing method itself is tested in `test_timing.py`, the GEMM peak in
 `test_machine.py` and `--tune` in `test_tuning.py`."""
 
@@ -13,10 +13,10 @@ from typing import Iterator
 
 import pytest
 
-from exporter import bench, timing
+from exporter import benchmark as bench, timing
 from exporter.backends import BACKENDS
 from exporter.backends.base import Artifact
-from exporter.bench import BenchSettings
+from exporter.benchmark import BenchSettings
 from exporter.cli import main
 from exporter.errors import UsageError
 from exporter.machine import machine_slug

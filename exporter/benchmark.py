@@ -8,6 +8,7 @@ batch sizes never wipes what it did not measure. `--tune` (see `exporter.tuning`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -65,7 +66,12 @@ def targets_for_build(build: Build, backends: Iterable[str] | None = None, *, tu
 
 
 def model_costs(build: Build) -> tuple[int, int]:
-    """(MACs, bytes of all layer outputs) of one image through the build's model, computed on meta tensors."""
+    """(MACs, bytes of all layer outputs) of one image through the build's model, computed on meta tensors (from
+    the ONNX graph's shapes for a build of an ONNX file)."""
+    if build.manifest.get("source") == "onnx":
+        from exporter.backends.onnx import FP32_FILE, graph_costs
+
+        return graph_costs(Path(build.dir) / FP32_FILE)
     with torch.device("meta"):
         net = create_model(build.model, in_channels=build.input_shape[0], num_classes=build.num_classes).eval()
     return count_macs(net, (1, *build.input_shape)), activation_bytes_per_image(net, build.input_shape)

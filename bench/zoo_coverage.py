@@ -1,0 +1,234 @@
+"""Which torchvision classification models build, verify and bench on which backend — and why the others fail.
+
+    .venv/bin/python bench/zoo_coverage.py                          # every model (the full table)
+    .venv/bin/python bench/zoo_coverage.py --models resnet18,vit_b_16 # only these; merged into the existing rows
+
+Each model runs as `exporter build torchvision:NAME --json` in its own process (fresh memory, a time limit),
+then `exporter bench` at batch 1 with a short budget (0.3 s of timed calls per artifact); the build is deleted
+afterwards. The build is untrained (no weights can be downloaded here), static batch 1, at a reduced input
+(`--size`, 96 px by default: op support, not resolution, is what is tested) unless the model only takes its own
+size. Backends are ONNX (dynamo exporter),
+ONNX Runtime, OpenVINO and — with `--with-compile` — torch.compile (inductor) and AOTInductor, which add minutes per
+model on 2 cores. Rows accumulate in `bench/results/zoo-coverage.json`; `zoo-coverage.md` is rendered from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from exporter.fileio import atomic_write_text  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+FAST_BACKENDS = ("onnx", "onnxruntime", "openvino")
+COMPILE_BACKENDS = ("inductor", "aoti")
+COLUMNS = ("torch.export", "onnx-fp32", "onnx-reference", "openvino-fp32", "openvino-bf16", "inductor", "aoti")
+STAGE_COLUMNS = {"onnx": ("onnx-fp32", "onnx-reference"), "onnxruntime": ("onnx-fp32",),
+                 "openvino": ("openvino-fp32", "openvino-bf16"), "inductor": ("inductor",), "aoti": ("aoti",)}
+
+
+def _run(cmd: list[str], timeout: float) -> tuple[int | None, str, str, float]:
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired as exc:
+        return None, exc.stdout or "", exc.stderr or "", time.perf_counter() - started
+    return proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - started
+
+
+def _error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    return (lines[-1] if lines else (stderr.strip().splitlines() or ["no output"])[-1])[:300]
+
+
+def _input_size(name: str, size: int) -> list[str]:
+    """`--input-shape 3,SIZE,SIZE` when the model takes it, else nothing (its own input)."""
+    from exporter.models import check_input_shape
+    from exporter.models.registry import InputShapeError
+
+    try:
+        check_input_shape(f"torchvision:{name}", (3, size, size))
+    except InputShapeError:
+        return []
+    return ["--input-shape", f"3,{size},{size}"]
+
+
+def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: float, bench_timeout: float) -> dict:
+    """Build, verify (the build's quick parity on real images) and bench one torchvision model; one row."""
+    row: dict = {"model": name, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with tempfile.TemporaryDirectory(prefix="zoo-coverage-") as art:
+        shape = _input_size(name, size)
+        cmd = [sys.executable, "-m", "exporter", "build", f"torchvision:{name}", "--untrained", "--batch", "1",
+               "--backends", ",".join(backends), "--parity-samples", "8", "--artifacts", art, "--json", *shape]
+        code, out, err, seconds = _run(cmd, build_timeout)
+        row.update(build_seconds=round(seconds, 1), input=shape[1] if shape else "own size")
+        if code is None:
+            row["error"] = f"build exceeded {build_timeout:.0f} s"
+            return row
+        if not out.strip():
+            row["error"] = _error_line(err)
+            return row
+        summary = json.loads(out)
+        row["input"] = "×".join(map(str, json.loads(Path(summary["manifest"]).read_text())["input_shape"]))
+        cells: dict[str, dict] = {}
+        failed = {f["backend"]: f["error"] for f in summary["failed"]}
+        skipped = {s["backend"]: s["reason"] for s in summary["skipped"]}
+        cells["torch.export"] = ({"status": "fail", "reason": failed["torch.export"]} if "torch.export" in failed
+                                 else {"status": "ok"})
+        for artifact in summary["artifacts"]:
+            parity = artifact["parity"] or {}
+            if parity.get("status") == "reference":
+                continue
+            cells[artifact["name"]] = {"status": parity.get("status", "?"), "reason": parity.get("reason"),
+                                       "max_abs": parity.get("max_abs")}
+        for backend, error in failed.items():
+            for column in STAGE_COLUMNS.get(backend, ()):
+                cells.setdefault(column, {"status": "fail", "reason": f"{backend}: {error}"})
+        for backend, reason in skipped.items():
+            for column in STAGE_COLUMNS.get(backend, ()):
+                cells.setdefault(column, {"status": "skipped", "reason": reason})
+        row["cells"] = cells
+        bench = [sys.executable, "-m", "exporter", "bench", f"torchvision:{name}", "--batch-sizes", "1",
+                 "--budget", "0.3", "--min-runs", "5", "--warmup", "2", "--no-overhead", "--gemm-size", "512",
+                 "--artifacts", art, "--json"]
+        code, out, err, seconds = _run(bench, bench_timeout)
+        row["bench_seconds"] = round(seconds, 1)
+        if code is None or not out.strip():
+            row["bench_error"] = f"bench exceeded {bench_timeout:.0f} s" if code is None else _error_line(err)
+        else:
+            for cell in json.loads(out)["cells"]:
+                target = cells.setdefault(cell["label"], {"status": "reference"})
+                target["p50_ms"] = cell.get("p50_ms")
+                if cell.get("status") != "ok":
+                    target["bench_error"] = cell.get("error")
+    return row
+
+
+def _cell_text(cell: dict | None) -> str:
+    if cell is None:
+        return "not run"
+    status = cell["status"]
+    text = {"pass": "✓", "ok": "✓", "reference": "ref"}.get(status, status.upper())
+    if cell.get("p50_ms") is not None:
+        text += f" {cell['p50_ms']:.1f} ms"
+    if cell.get("bench_error"):
+        text += " (bench failed)"
+    return text
+
+
+def render(rows: dict[str, dict], meta: dict) -> str:
+    from exporter.models.sources import torchvision_classification_models
+
+    every = torchvision_classification_models()
+    lines = [
+        "# torchvision classification models: what builds, verifies and benches where",
+        "",
+        "Produced by `.venv/bin/python bench/zoo_coverage.py` (re-run it to refresh; `--models a,b` re-runs some). "
+        "Each row is `exporter build torchvision:NAME --untrained --batch 1` (random weights: nothing can be "
+        "downloaded here) at the *input* shown — a reduced size where the model takes it, since op support and "
+        "not resolution is tested — then `exporter bench --batch-sizes 1`. A cell is the artifact's verdict from "
+        "the build's quick parity check against eager PyTorch fp32 (8 real digits5k test images and a batch of "
+        "one, the judge of `exporter verify`) with its batch-1 p50 latency; `FAIL` / `skipped` cells have their "
+        "reason under the table. *torch.export* is the program AOTInductor compiles; when it fails the other "
+        f"backends still build. Backends run: {', '.join(meta['backends'])}; "
+        + ("" if "inductor" in meta["backends"] else "torch.compile (inductor) and AOTInductor were not run in "
+           "this table's time budget (`exporter build torchvision:NAME` runs them). ")
+        + f"Machine: {meta['cpus']} CPU cores, torch {meta['torch']}, torchvision {meta['torchvision']}, "
+        f"last run {meta['date']}.",
+        "",
+    ]
+    columns = ["torch.export", *dict.fromkeys(c for b in meta["backends"] for c in STAGE_COLUMNS.get(b, ()))]
+    lines += ["| model | input | " + " | ".join(columns) + " | eager p50 | build s |",
+              "| --- | --- | " + " | ".join("---" for _ in columns) + " | ---: | ---: |"]
+    notes: list[str] = []
+    counts = {c: 0 for c in columns}
+    for name in every:
+        row = rows.get(name)
+        if row is None:
+            lines.append(f"| {name} | | " + " | ".join("not run" for _ in columns) + " | | |")
+            continue
+        if "error" in row:
+            notes.append(f"- **{name}**: the build failed: {row['error']}")
+            lines.append(f"| {name} | {row.get('input', '')} | " + " | ".join("FAIL¹" for _ in columns)
+                         + f" | | {row.get('build_seconds', '')} |")
+            continue
+        cells = row["cells"]
+        texts = []
+        for column in columns:
+            cell = cells.get(column)
+            text = _cell_text(cell)
+            if cell and cell["status"] in ("pass", "ok"):
+                counts[column] += 1
+            if cell and cell["status"] not in ("pass", "ok", "reference") and cell.get("reason"):
+                notes.append(f"- **{name}** {column}: {str(cell['reason'])[:300]}")
+            if cell and cell.get("bench_error"):
+                notes.append(f"- **{name}** {column} bench: {str(cell['bench_error'])[:300]}")
+            texts.append(text)
+        eager = cells.get("eager", {}).get("p50_ms")
+        if row.get("bench_error"):
+            notes.append(f"- **{name}** bench: {row['bench_error']}")
+        lines.append(f"| {name} | {row['input']} | " + " | ".join(texts)
+                     + f" | {f'{eager:.1f} ms' if eager is not None else '–'} | {row['build_seconds']:.0f} |")
+    done = sum(1 for n in every if n in rows)
+    lines += ["", f"{done} of {len(every)} models run; passing per column: "
+              + ", ".join(f"{c} {counts[c]}" for c in columns) + ".", "",
+              "¹ the whole build failed (reason below).", "", "## Why the others failed", ""]
+    lines += notes or ["Nothing failed."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from exporter.models.sources import torchvision_classification_models
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--models", metavar="A,B", help="torchvision names (default: every classification model)")
+    parser.add_argument("--size", type=int, default=96, help="input size where the model takes it (default 96)")
+    parser.add_argument("--with-compile", action="store_true", help="also build inductor and AOTInductor")
+    parser.add_argument("--build-timeout", type=float, default=300.0, help="seconds per build (default 300)")
+    parser.add_argument("--bench-timeout", type=float, default=180.0, help="seconds per bench (default 180)")
+    parser.add_argument("--results", default=str(RESULTS), metavar="DIR")
+    args = parser.parse_args(argv)
+    every = torchvision_classification_models()
+    names = [n.strip() for n in args.models.split(",")] if args.models else every
+    unknown = sorted(set(names) - set(every))
+    if unknown:
+        parser.error(f"not torchvision classification models: {', '.join(unknown)}")
+    backends = FAST_BACKENDS + (COMPILE_BACKENDS if args.with_compile else ())
+    store = Path(args.results) / "zoo-coverage.json"
+    saved = json.loads(store.read_text()) if store.exists() else {}
+    rows: dict[str, dict] = saved.get("rows", {})
+    import torch
+    import torchvision
+
+    meta = {"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "backends": list(backends),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    started = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name} …", file=sys.stderr, flush=True)
+        rows[name] = cover(name, size=args.size, backends=backends, build_timeout=args.build_timeout,
+                           bench_timeout=args.bench_timeout)
+        atomic_write_text(store, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(Path(args.results) / "zoo-coverage.md", render(rows, meta))
+        row = rows[name]
+        print(f"[{i}/{len(names)}] {name}: {row.get('error') or 'built'} ({row.get('build_seconds', 0):.0f} s)",
+              file=sys.stderr, flush=True)
+    print(f"{len(names)} model(s) in {(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
