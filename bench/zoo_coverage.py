@@ -71,7 +71,7 @@ def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: flo
     with tempfile.TemporaryDirectory(prefix="zoo-coverage-") as art:
         shape = _input_size(name, size)
         cmd = [sys.executable, "-m", "exporter", "build", f"torchvision:{name}", "--untrained", "--batch", "1",
-               "--backends", ",".join(backends), "--parity-samples", "8", "--artifacts", art, "--json", *shape]
+               "--backends", ",".join(backends), "--keep-going", "--parity-samples", "8", "--artifacts", art, "--json", *shape]
         code, out, err, seconds = _run(cmd, build_timeout)
         row.update(build_seconds=round(seconds, 1), input=shape[1] if shape else "own size")
         if code is None:

@@ -37,17 +37,21 @@ def build(model: Any, *, example_input: Any = None, fp16: bool = False, int8: bo
     from exporter.export import build as run_build
 
     shape = _input_shape(example_input)
+    name = options.pop("name", None)
     known = {f.name for f in dataclasses.fields(BuildOptions)} - {"model", "fp16", "int8", "input_shape"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise UsageError(f"unknown build option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    if isinstance(options.get("backends"), str):
+        options["backends"] = [b.strip() for b in options["backends"].split(",") if b.strip()]
     if isinstance(model, nn.Module):
         from exporter.models.sources import register_object
 
         if shape is None:
             raise UsageError("exporter.build(module) needs example_input (a tensor or a C,H,W shape)")
-        spec = register_object(model, shape, options.pop("name", None))
-        model = spec.name
+        model = register_object(model, shape, name).name
+    elif name is not None:
+        raise UsageError("name= names a module object; a model given by name already has one")
     elif not isinstance(model, str):
         raise UsageError(f"model must be a name, a model source or an nn.Module, not {type(model).__name__}")
     if shape is not None:
@@ -56,14 +60,15 @@ def build(model: Any, *, example_input: Any = None, fp16: bool = False, int8: bo
     return run_build(BuildOptions(model=model, fp16=fp16, int8=int8, **options))
 
 
-def verify(target: BuildResult | Build | str | Path, *, check: bool = False, **options: Any) -> ParityReport:
+def verify(target: BuildResult | Build | str | Path, *, check: bool = False, artifacts_dir: str | Path | None = None,
+           **options: Any) -> ParityReport:
     """Verify a build's artifacts against its reference; `check=True` raises ParityError on any failure.
 
     `options` are `exporter.parity.verify_build`'s (`samples`, `backends`, `bisect`, …).
     """
     from exporter.parity import save_report, verify_build
 
-    loaded = _load(target)
+    loaded = _load(target, artifacts_dir)
     options.setdefault("progress", False)
     report = verify_build(loaded, **options)
     save_report(report, loaded)
@@ -73,21 +78,23 @@ def verify(target: BuildResult | Build | str | Path, *, check: bool = False, **o
 
 
 def bench(target: BuildResult | Build | str | Path, *, batch_sizes: tuple[int, ...] = (1,),
-          backends: list[str] | None = None, **settings: Any) -> dict[str, Any]:
+          backends: list[str] | None = None, artifacts_dir: str | Path | None = None,
+          **settings: Any) -> dict[str, Any]:
     """Time a build's artifacts (the `exporter bench` results: cells with latency percentiles, throughput and each
     artifact's parity); `settings` are `exporter.timing.BenchSettings` fields."""
     from exporter.benchmark import bench_build
     from exporter.timing import BenchSettings
 
-    return bench_build(_load(target), BenchSettings(batch_sizes=tuple(batch_sizes), **settings), backends=backends)
+    return bench_build(_load(target, artifacts_dir), BenchSettings(batch_sizes=tuple(batch_sizes), **settings),
+                       backends=backends)
 
 
-def _load(target: BuildResult | Build | str | Path) -> Build:
+def _load(target: BuildResult | Build | str | Path, artifacts_dir: str | Path | None = None) -> Build:
     if isinstance(target, Build):
         return target
     if isinstance(target, BuildResult):
         return load_build(target.build_dir)
-    return load_build(target)
+    return load_build(target, Path(artifacts_dir) if artifacts_dir is not None else None)
 
 
 def _input_shape(example: Any) -> tuple[int, int, int] | None:

@@ -68,13 +68,19 @@ def targets_for_build(build: Build, backends: Iterable[str] | None = None, *, tu
 def model_costs(build: Build) -> tuple[int, int]:
     """(MACs, bytes of all layer outputs) of one image through the build's model, computed on meta tensors (from
     the ONNX graph's shapes for a build of an ONNX file)."""
-    if build.manifest.get("source") == "onnx":
-        from exporter.backends.onnx import FP32_FILE, graph_costs
+    from exporter.backends.onnx import FP32_FILE, graph_costs
 
-        return graph_costs(Path(build.dir) / FP32_FILE)
-    with torch.device("meta"):
-        net = create_model(build.model, in_channels=build.input_shape[0], num_classes=build.num_classes).eval()
-    return count_macs(net, (1, *build.input_shape)), activation_bytes_per_image(net, build.input_shape)
+    onnx_file = Path(build.dir) / FP32_FILE
+    if build.manifest.get("source") == "onnx":
+        return graph_costs(onnx_file)
+    try:
+        with torch.device("meta"):
+            net = create_model(build.model, in_channels=build.input_shape[0], num_classes=build.num_classes).eval()
+        return count_macs(net, (1, *build.input_shape)), activation_bytes_per_image(net, build.input_shape)
+    except Exception:  # a model source that cannot run on meta tensors or be re-created here: count its ONNX graph
+        if onnx_file.is_file():
+            return graph_costs(onnx_file)
+        raise
 
 
 def bench_build(build: Build, settings: BenchSettings, *, backends: Iterable[str] | None = None,

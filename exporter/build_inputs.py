@@ -39,6 +39,7 @@ class BuildOptions:
     fp16: bool = False
     int8: bool = False
     strict: bool = False
+    keep_going: bool = False  # a backend named in `backends` that fails is recorded, not fatal (coverage runs)
     input_size: int | None = None  # square H = W; only without a checkpoint (a checkpoint fixes it)
     input_shape: tuple[int, int, int] | None = None  # C, H, W: a model source's example input (overrides input_size)
     num_classes: int | None = None  # untrained or a bare state dict only (an exporter checkpoint fixes it)
@@ -70,6 +71,9 @@ def _dataset_arg(sidecar: dict[str, Any]) -> str | None:
 
 
 def _check_checkpoint_size(path: Path, input_shape: tuple[int, ...], opts: BuildOptions) -> None:
+    if opts.input_shape is not None and tuple(opts.input_shape) != tuple(input_shape):
+        raise BuildError(f"checkpoint {path} was trained at {'×'.join(map(str, input_shape))}, not "
+                         f"{'×'.join(map(str, opts.input_shape))}; drop --input-shape or retrain at that shape")
     if opts.input_size is not None and input_shape[1:] != (opts.input_size, opts.input_size):
         raise BuildError(f"checkpoint {path} was trained at {'×'.join(map(str, input_shape))}, not "
                          f"{opts.input_size}×{opts.input_size}; drop --input-size or retrain at that size")
@@ -124,9 +128,10 @@ def _untrained(opts: BuildOptions) -> Weights:
         with torch.no_grad():
             num_classes = int(model(torch.zeros((1, *input_shape))).shape[-1])
     class_names = test.class_names if num_classes == test.num_classes else [str(i) for i in range(num_classes)]
-    if get_spec(opts.model).source == "python":  # an object passed to exporter.build(): exported as it is
-        info = {"source": "python object", "trained": None, "checkpoint": None, "sha256": None,
-                "train_accuracy": None, "test_accuracy": None}
+    source = get_spec(opts.model).source
+    if source in ("python", "file"):  # an object or a factory's model: its own weights, trained or not
+        info = {"source": "python object" if source == "python" else "factory", "trained": None,
+                "checkpoint": None, "sha256": None, "train_accuracy": None, "test_accuracy": None}
     else:
         info = {"source": "untrained", "trained": False, "seed": opts.seed, "checkpoint": None, "sha256": None,
                 "train_accuracy": None, "test_accuracy": None}
@@ -261,7 +266,9 @@ def resolve_weights(opts: BuildOptions, say: Callable[[str], None]) -> Weights:
     weights_path, sidecar_path = checkpoint_paths(opts.model, opts.artifacts_dir)
     if weights_path.exists() or sidecar_path.exists():
         return _from_checkpoint(weights_path, opts, trained_now=False)
-    if get_spec(opts.model).source == "python":
+    if get_spec(opts.model).source in ("python", "file"):
+        what = "the object's" if get_spec(opts.model).source == "python" else "the factory's"
+        say(f"  {opts.model}: exporting {what} own weights (pass --checkpoint FILE for others)")
         return _untrained(opts)
     if get_spec(opts.model).source != "zoo":
         say(f"  {opts.model}: no checkpoint (pretrained weights cannot be downloaded here): exporting randomly "
@@ -270,6 +277,8 @@ def resolve_weights(opts: BuildOptions, say: Callable[[str], None]) -> Weights:
         return _untrained(opts)
     say(f"  no checkpoint for {opts.model} in {opts.artifacts_dir}: training it first with the default "
                  f"budget (`exporter train {opts.model}`; pass --untrained to skip)")
-    train(opts.model, data=opts.data, resize=opts.input_size, seed=opts.seed, artifacts_dir=opts.artifacts_dir,
+    shape = opts.input_shape
+    train(opts.model, data=opts.data, resize=shape[1] if shape else opts.input_size,
+          in_channels=shape[0] if shape else None, seed=opts.seed, artifacts_dir=opts.artifacts_dir,
           progress=opts.progress)
     return _from_checkpoint(weights_path, opts, trained_now=True)

@@ -123,6 +123,9 @@ def _add_build_parser(sub: argparse._SubParsersAction) -> None:
                    "data set's)")
     p.add_argument("--strict", action="store_true",
                    help="lint warnings, failed backends and parity mismatches become errors")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a backend named in --backends that fails or is unavailable is recorded in the manifest "
+                   "instead of stopping the build (exit status 3)")
     p.add_argument("--parity-samples", type=positive_int, default=32, metavar="N",
                    help="real test images for the quick parity check (default: 32)")
     p.add_argument("--seed", type=seed, default=0, help="seed for untrained weights and image sampling")
@@ -137,7 +140,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         model=args.model, backends=parse_backends(args.backends),
         checkpoint=Path(args.checkpoint) if args.checkpoint else None, untrained=args.untrained, data=args.data,
         artifacts_dir=artifacts_dir(args), batch=args.batch, max_batch=args.max_batch, fp16=args.fp16,
-        int8=args.int8, strict=args.strict, input_size=args.input_size, input_shape=args.input_shape,
+        int8=args.int8, strict=args.strict, keep_going=args.keep_going, input_size=args.input_size,
+        input_shape=args.input_shape,
         num_classes=args.num_classes,
         parity_samples=args.parity_samples, seed=args.seed)
     result = build(opts)

@@ -365,7 +365,12 @@ def _onnx_source_options(opts: BuildOptions, spec: ModelSpec) -> BuildOptions:
     static = spec.origin.get("static_batch")
     if static and opts.batch not in (None, static):
         raise UsageError(f"{Path(spec.name).name} has a fixed batch of {static}; drop --batch or pass --batch {static}")
-    return dataclasses.replace(opts, batch=static or opts.batch, untrained=False)
+    if opts.untrained:
+        raise UsageError("--untrained does not apply to an ONNX file (its weights are in the file)")
+    backends = opts.backends
+    if backends is not None and "onnx" not in backends:  # the onnx stage imports the file every other stage reads
+        backends = ["onnx", *backends]
+    return dataclasses.replace(opts, batch=static or opts.batch, backends=backends)
 
 
 @contextlib.contextmanager
@@ -457,13 +462,15 @@ def _traced_program(out_dir: Path, opts: BuildOptions, weights: Weights, static:
             check_strict(exported_findings, opts.strict)
             _check_program_batches(program, model, input_shape, (static,) if static else (1, 3))
             torch.export.save(program, str(out_dir / PROGRAM_FILE))
-    except BuildError as exc:
+    except Exception as exc:  # noqa: BLE001  (tracing, its checks or saving: user code can fail anywhere here)
         # The stages that do not need the program still build: torch.compile tolerates graph breaks, the ONNX
         # exporter and OpenVINO convert the model themselves; AOTInductor fails with this reason.
-        if opts.strict or (opts.backends is not None and "aoti" in opts.backends):
+        if opts.strict or (opts.backends is not None and "aoti" in opts.backends and not opts.keep_going):
             raise
         (out_dir / PROGRAM_FILE).unlink(missing_ok=True)
-        diagnostics.setdefault("export", {})["error"] = str(exc)
+        diagnostics.setdefault("export", {})["error"] = str(exc) if isinstance(exc, ExporterError) else \
+            f"torch.export failed: {one_line(exc)}"
+        exc = diagnostics["export"]["error"]
         progress.say(f"  ✗ torch.export FAILED: {exc} (the other stages go on without the program)")
         return None, findings, diagnostics
     return program, findings + exported_findings, diagnostics
@@ -491,8 +498,9 @@ def _metadata(opts: BuildOptions, spec: ModelSpec, weights: Weights, build_id: s
         "input_scaling": spec.input_scaling, "class_names": json.dumps(weights.class_names),
         "weights": "untrained" if untrained else "trained",
         "checkpoint_sha256": weights.info.get("sha256") or "none (untrained)",
-        "recipe": json.dumps(weights.recipe or {"lr": spec.recipe.lr, "batch_size": spec.recipe.batch_size,
-                                                "epochs": spec.recipe.epochs, "resize": spec.recipe.resize}),
+        "recipe": json.dumps(weights.recipe or ({"lr": spec.recipe.lr, "batch_size": spec.recipe.batch_size,
+                                                 "epochs": spec.recipe.epochs, "resize": spec.recipe.resize}
+                                                if spec.source == "zoo" else "unknown (not trained by exporter)")),
         "dataset": weights.info.get("dataset") or "none",
     }
 
@@ -517,7 +525,7 @@ def _run_stages(ctx: BuildContext, opts: BuildOptions, progress: Progress
             with progress.stage(name):
                 produced = list(stage.export(ctx))
         except BackendUnavailable as exc:
-            if named:
+            if named and not opts.keep_going:
                 raise BuildError(f"backend {name} was asked for but is unavailable: {exc}") from None
             skipped.append({"backend": name, "reason": str(exc)})
             progress.say(f"  – {name} skipped: {exc}")
@@ -526,7 +534,7 @@ def _run_stages(ctx: BuildContext, opts: BuildOptions, progress: Progress
             text = str(exc) if isinstance(exc, ExporterError) else one_line(exc)
             if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC: nothing later can be written either
                 raise
-            if named or opts.strict:
+            if (named and not opts.keep_going) or opts.strict:
                 raise BuildError(f"backend {name} failed: {text}") from exc
             failed.append({"backend": name, "error": text})
             progress.say(f"  ✗ {name} FAILED: {text}")

@@ -178,14 +178,18 @@ def resolve_build(target: str | Path, artifacts_dir: Path | None = None) -> Path
     """The build directory a user means: a model name (→ its `latest` build), a model dir, or a build dir."""
     artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()
     text = str(target)
-    from exporter.models.sources import is_source
+    from exporter.models.sources import is_source, source_folder
 
-    source = not isinstance(target, Path) and is_source(text) and not Path(text).is_dir()
+    if not isinstance(target, Path) and is_source(text) and not Path(text).is_dir():
+        model_dir = Path(artifacts_dir) / source_folder(text)  # the source itself need not exist any more
+        if not (model_dir / LATEST_NAME).is_symlink() and not (model_dir / LATEST_NAME).exists():
+            raise ManifestError(f"no build of {text} in {artifacts_dir} (run `exporter build {text}` first)")
+        return _build_in(model_dir)
     is_path = isinstance(target, Path) or "/" in text or os.sep in text
-    if source or not is_path:
+    if not is_path:
         from exporter.models import MODELS, get_spec
 
-        if source or text in MODELS or not Path(text).is_dir():
+        if text in MODELS or not Path(text).is_dir():
             spec = get_spec(text)  # an unknown model name raises UnknownModelError naming close matches
             model_dir = Path(artifacts_dir) / spec.folder
             if not (model_dir / LATEST_NAME).is_symlink() and not (model_dir / LATEST_NAME).exists():

@@ -33,13 +33,9 @@ def model_dir(model: str, artifacts_dir: str | Path | None = None) -> Path:
 
     A model source (`torchvision:NAME`, `file.py:factory`, …) gets its spec's folder name, free of `:` and `/`.
     """
-    from exporter.models.sources import is_source
+    from exporter.models.sources import is_source, source_folder
 
-    folder = model
-    if is_source(model):
-        from exporter.models import get_spec
-
-        folder = get_spec(model).folder
+    folder = source_folder(model) if is_source(model) else model
     return (Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()) / folder
 
 

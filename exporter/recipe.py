@@ -89,7 +89,8 @@ def _seed_values(spec: Any, *, epochs: int | None, lr: float | None, batch_size:
     }
     values.update(
         optimizer="SGD", momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant", loss="cross_entropy",
-        label_smoothing=0.0, init="xavier_normal_", autocast=None, channels_last=False,
+        label_smoothing=0.0, init="xavier_normal_" if spec.source == "zoo" else "model's own", autocast=None,
+        channels_last=False,
         stages=[[values["resize"], values["epochs"]]],
         budget="cpu" if from_budget else "seed", from_cpu_budget=from_budget,
     )

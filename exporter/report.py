@@ -88,15 +88,16 @@ def collect(build: Build) -> dict[str, Any]:
     }
 
 
-def models_with_builds(artifacts_dir: Path) -> list[str]:
-    """Names of the models that have a `latest` build in `artifacts_dir` (ReportError when none has)."""
-    models = sorted(p.name for p in Path(artifacts_dir).glob("*") if (p / LATEST_NAME).exists())
+def models_with_builds(artifacts_dir: Path) -> list[Path]:
+    """The model directories that have a `latest` build in `artifacts_dir` (ReportError when none has); a
+    directory, not a name, since a model source's folder (`torchvision-resnet18`) is not its name."""
+    models = sorted(p for p in Path(artifacts_dir).glob("*") if (p / LATEST_NAME).exists())
     if not models:
         raise ReportError(f"no builds in {artifacts_dir} (run `exporter build MODEL` first)")
     return models
 
 
-def builds_for(models: Sequence[str], artifacts_dir: Path) -> list[Build]:
+def builds_for(models: Sequence[str | Path], artifacts_dir: Path) -> list[Build]:
     """The latest build of each model (every model with a build when `models` is empty)."""
     models = list(models) or models_with_builds(artifacts_dir)
     # reports only read the saved JSON files, so the artifacts' hashes are not re-checked here

@@ -542,7 +542,12 @@ def train(
     """
     from exporter.models import get_spec
 
-    get_spec(model)
+    spec = get_spec(model)
+    if spec.source in ("onnx", "python"):
+        raise UsageError(f"{spec.name} cannot be trained here: "
+                         + ("an ONNX file has no PyTorch model" if spec.source == "onnx" else
+                            "a Python object is trained in your own code (then export it with exporter.build)"))
+    model = spec.name  # a source's canonical name (an absolute path for file.py:factory), as `build` looks it up
     started = time.perf_counter()
     with SigtermGuard(paths.state_dir(model, artifacts_dir)) as guard:
         run_device = pick_device(device)

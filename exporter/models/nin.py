@@ -38,8 +38,8 @@ class NiN(nn.Sequential):
                 seed_examples_per_s=2613,
                 recipe=Recipe(lr=0.1, batch_size=256, epochs=10, resize=224,
                               cpu_epochs=1, cpu_max_steps=30, cpu_batch_size=64),
-                cpu_recipe=CpuRecipe(stages=((0.43, 5), (1.0, 1)), batch_size=64, lr=1e-3, optimizer="AdamW",
-                                     weight_decay=0.05, init="kaiming_normal_"))
+                cpu_recipe=CpuRecipe(stages=((1.0, 3),), batch_size=64, lr=1e-3, optimizer="AdamW",
+                                     weight_decay=0.05, init="kaiming_normal_"))  # no BatchNorm: no resizing
 def nin(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """Network in Network: NiN blocks and global average pooling, no linear layer."""
     return NiN(in_channels=in_channels, num_classes=num_classes)

@@ -86,13 +86,27 @@ def _dir_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
 
+def source_folder(name: str) -> str:
+    """A source's folder under the artifacts root, from its name alone (no import, no file read): the stem and
+    a hash of the resolved path for files, the name with `:` replaced otherwise."""
+    text = name.strip()
+    if text.lower().endswith(".onnx"):
+        path = str(Path(text).expanduser().resolve())
+        return f"{_dir_name(Path(path).stem)}.onnx-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    path, _, factory = text.rpartition(":")
+    if path.endswith(".py"):
+        path = str(Path(path).expanduser().resolve())
+        return f"{_dir_name(Path(path).stem)}.{factory}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    return _dir_name(text)
+
+
 def _spec(name: str, *, family: str, input_shape: tuple[int, int, int], builder: Callable[..., nn.Module],
           description: str, num_classes: int = 1000, dir_name: str | None = None,
           origin: dict[str, Any] | None = None) -> ModelSpec:
     return ModelSpec(name=name, family=family, seed=name, input_shape=input_shape, num_classes=num_classes,
                      recipe=dataclasses.replace(SOURCE_RECIPE, resize=input_shape[1]), description=description,
                      builder=builder, cpu_recipe=SOURCE_CPU_RECIPE,
-                     source=family, dir_name=dir_name or _dir_name(name), origin=origin or {})
+                     source=family, dir_name=dir_name or source_folder(name), origin=origin or {})
 
 
 # --- torchvision ------------------------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ def _file_spec(path: str, factory: str) -> ModelSpec:
     name = f"{path}:{factory}"
     return _spec(name, family="file", input_shape=shape, builder=build, num_classes=_default_classes(build, shape),
                  description=(inspect.getdoc(function) or f"{file.name}:{factory}").splitlines()[0],
-                 dir_name=f"{_dir_name(file.stem)}.{factory}-{hashlib.sha256(path.encode()).hexdigest()[:8]}",
+                 dir_name=source_folder(name),
                  origin={"file": path, "factory": factory, "sha256": digest})
 
 
@@ -254,8 +268,11 @@ def register_object(model: nn.Module, input_shape: tuple[int, int, int], name: s
     """A spec for an in-memory module (this process only): `python:NAME`. Its builder returns a copy of it."""
     import copy
 
-    label = name or type(model).__name__
-    key = f"python:{_dir_name(label)}"
+    if name:
+        key = f"python:{_dir_name(name)}"
+    else:  # two objects of one class (different heads, different layers) must not share a folder or a spec
+        layout = [type(model).__qualname__, *[(k, tuple(v.shape)) for k, v in model.state_dict().items()]]
+        key = f"python:{_dir_name(type(model).__name__)}-{hashlib.sha256(repr(layout).encode()).hexdigest()[:8]}"
     template = copy.deepcopy(model).cpu().eval()
 
     def build(*, in_channels: int = input_shape[0], num_classes: int | None = None, **options: Any) -> nn.Module:
@@ -316,7 +333,7 @@ def _onnx_spec(path: str) -> ModelSpec:
     digest = hashlib.sha256(file.read_bytes()).hexdigest()
     return _spec(path, family="onnx", input_shape=(int(shape[1]), int(shape[2]), int(shape[3])), builder=build,
                  num_classes=int(classes), description=f"ONNX file {file.name}",
-                 dir_name=f"{_dir_name(file.stem)}.onnx-{hashlib.sha256(path.encode()).hexdigest()[:8]}",
+                 dir_name=source_folder(path),
                  origin={"file": path, "sha256": digest, "input_name": inputs[0].name,
                          "output_name": model.graph.output[0].name,
                          "static_batch": shape[0] if shape[0] else None})

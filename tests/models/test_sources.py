@@ -135,7 +135,7 @@ def test_file_source_builds_verifies_and_benches(user_file: Path, tmp_path: Path
     assert Path(summary["build_dir"]).parent.name == get_spec(name).folder
     manifest = json.loads(Path(summary["manifest"]).read_text())
     assert manifest["source"] == "file" and manifest["origin"]["factory"] == "make" and manifest["reference"] == "eager"
-    assert manifest["weights"]["source"] == "untrained" and manifest["input_shape"] == [1, 20, 20]
+    assert manifest["weights"]["source"] == "factory" and manifest["input_shape"] == [1, 20, 20]
     assert main(["verify", name, "--artifacts", art, "--samples", "8"]) == 0
     assert "parity vs eager (eager fp32)" in capsys.readouterr().out
     assert main(["bench", name, "--artifacts", art, "--batch-sizes", "1", "--json"]) in (0, 3)

@@ -1,0 +1,153 @@
+"""Parity on real weights: build every trained model and verify every artifact on real test images.
+
+    .venv/bin/python bench/parity_all.py                        # every model with a checkpoint in artifacts/
+    .venv/bin/python bench/parity_all.py --models resnet18,densenet
+
+For each model with a checkpoint (`bench/train_all.py` writes them), runs `exporter build MODEL --fp16 --int8
+--backends …` and `exporter verify MODEL --samples N --json` in their own processes, and renders the verdicts into
+`bench/results/parity.md` (rows kept in `parity.json` there; `--models` re-runs some and merges).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from exporter.fileio import atomic_write_text  # noqa: E402
+from exporter.models import list_models  # noqa: E402
+from exporter.paths import checkpoint_paths  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+BACKENDS = "inductor,onnx,onnxruntime,openvino"
+
+
+def _run(cmd: list[str], timeout: float) -> tuple[int | None, str, str]:
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired:
+        return None, "", f"exceeded {timeout:.0f} s"
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    return (lines[-1] if lines else (stderr.strip().splitlines() or ["no output"])[-1])[:300]
+
+
+def check_model(name: str, *, artifacts: Path, samples: int, backends: str, timeout: float) -> dict:
+    """Build (fp16 + int8) and verify one trained model; the verify report's per-artifact rows."""
+    started = time.perf_counter()
+    row: dict = {"model": name, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    build = [sys.executable, "-m", "exporter", "build", name, "--fp16", "--int8", "--backends", backends,
+             "--artifacts", str(artifacts), "--json"]
+    code, out, err = _run(build, timeout)
+    if not out.strip():
+        row["error"] = f"build: {_error(err)}"
+        return row
+    summary = json.loads(out)
+    row["failed"] = summary["failed"]
+    verify = [sys.executable, "-m", "exporter", "verify", name, "--samples", str(samples), "--artifacts",
+              str(artifacts), "--json"]
+    code, out, err = _run(verify, timeout)
+    if not out.strip():
+        row["error"] = f"verify: {_error(err)}"
+        return row
+    report = json.loads(out)
+    row.update(reference=report["reference"], samples=report["samples"], dataset=report["dataset"],
+               passed=report["passed"], seconds=round(time.perf_counter() - started, 1),
+               results=[{"label": r["label"], "backend": r["backend"], "precision": r["precision"],
+                         "executed": r["executed_precision"], "judged_as": r["judged_as"], "status": r["status"],
+                         "reason": r["reason"], "failures": r["failures"][:2], **r["summary"]}
+                        for r in report["results"]])
+    return row
+
+
+def _f(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "–"
+
+
+def render(rows: dict[str, dict], meta: dict) -> str:
+    lines = [
+        "# Parity on trained weights",
+        "",
+        "Produced by `.venv/bin/python bench/parity_all.py` after `bench/train_all.py`. Each model's checkpoint "
+        f"is built with `exporter build MODEL --fp16 --int8 --backends {meta['backends']}` and checked with "
+        f"`exporter verify MODEL --samples {meta['samples']}`: every artifact against eager PyTorch fp32 on real "
+        "digits5k test images, a batch sweep and adversarial inputs, judged in its precision's class "
+        "(`exporter/judge.py`). *max abs* and *min cos* are over the real images and the batch sweep; *top-1* is "
+        "the agreement with eager's class (*flips* images differ); *acc* is the artifact's own test accuracy "
+        "and *Δacc* its drop against eager's, in points. AOTInductor compiles the same inductor code as "
+        "torch.compile and is left out of this run for time.",
+        "",
+        f"Machine: {meta['cpus']} CPU cores, torch {meta['torch']}, last run {meta['date']}.",
+        "",
+        "| model | eager acc | artifact | runs in | judged as | verdict | max abs | min cos | top-1 (flips) | acc "
+        "| Δacc |",
+        "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    findings = []
+    order = [n for n in list_models() if n in rows] + sorted(set(rows) - set(list_models()))
+    for name in order:
+        row = rows[name]
+        if "error" in row:
+            lines.append(f"| {name} | | failed: {row['error'].replace('|', '/')} | | | | | | | | |")
+            continue
+        eager_acc = _f(row["reference"].get("accuracy"), ".3f")
+        for r in row["results"]:
+            top1 = (f"{1 - r['flips'] / r['samples']:.3f} ({r['flips']})" if r.get("samples") else "–")
+            drop = _f(r["acc_drop"] * 100 if isinstance(r.get("acc_drop"), (int, float)) else None, ".1f")
+            lines.append(f"| {name} | {eager_acc} | {r['label']} | {r['executed']} | {r['judged_as']} "
+                         f"| {r['status'].upper()} | {_f(r.get('max_abs'), '.2e')} | {_f(r.get('min_cosine'), '.5f')} "
+                         f"| {top1} | {_f(r.get('accuracy'), '.3f')} | {drop} |")
+            if r["status"] != "pass":
+                findings.append(f"- **{name} {r['label']}** ({r['status']}): "
+                                + (r.get("reason") or "; ".join(r.get("failures") or []) or "see parity.json"))
+        for failure in row.get("failed") or []:
+            findings.append(f"- **{name}** build stage {failure['backend']} failed: {failure['error']}")
+    lines += ["", "## Findings", ""] + (findings or ["Every artifact of every model passed its class."])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--models", metavar="A,B", help="model names (default: every model with a checkpoint)")
+    parser.add_argument("--artifacts", default=str(REPO / "artifacts"), metavar="DIR")
+    parser.add_argument("--samples", type=int, default=256, help="real test images per verify (default 256)")
+    parser.add_argument("--backends", default=BACKENDS, help=f"build stages (default {BACKENDS})")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per build or verify (default 900)")
+    parser.add_argument("--results", default=str(RESULTS), metavar="DIR")
+    args = parser.parse_args(argv)
+    artifacts = Path(args.artifacts)
+    names = ([n.strip() for n in args.models.split(",")] if args.models
+             else [n for n in list_models() if checkpoint_paths(n, artifacts)[0].exists()])
+    store = Path(args.results) / "parity.json"
+    rows: dict[str, dict] = json.loads(store.read_text())["rows"] if store.exists() else {}
+    import torch
+
+    meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "backends": args.backends, "samples": args.samples,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name} …", file=sys.stderr, flush=True)
+        rows[name] = check_model(name, artifacts=artifacts, samples=args.samples, backends=args.backends,
+                                 timeout=args.timeout)
+        atomic_write_text(store, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(Path(args.results) / "parity.md", render(rows, meta))
+        row = rows[name]
+        print(f"[{i}/{len(names)}] {name}: {row.get('error') or ('PASS' if row['passed'] else 'FAIL')}",
+              file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
