@@ -20,7 +20,12 @@ from exporter.manifest import Build, update_manifest
 from exporter.models import count_macs, create_model
 from exporter.results import parity_of, parity_records, write_bench
 from exporter.timing import (  # noqa: F401  (BenchSettings, BenchError, run_bench: this stage's public API)
-    BenchError, BenchSettings, BenchTarget, activation_bytes_per_image, check_device, run_bench,
+    BenchError,
+    BenchSettings,
+    BenchTarget,
+    activation_bytes_per_image,
+    check_device,
+    run_bench,
 )
 
 ORACLE_BACKENDS = ("onnx_reference",)  # benchmarked only when named with --backends

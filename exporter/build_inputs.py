@@ -3,6 +3,7 @@ checkpoint, the model's own checkpoint, a fresh training run, or randomly initia
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,8 +160,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001  (a corrupt or pickled-object file: one line either way)
         raise BuildError(f"{path}: not a safetensors or weights_only state dict ({type(exc).__name__}: "
                          f"{(str(exc).splitlines() or [''])[0][:160]})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for key in ("state_dict", "model", "model_state_dict"):  # training scripts' checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if isinstance(state, dict) and state and all(str(k).startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from a DistributedDataParallel wrapper
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BuildError(f"{path}: holds no state dict (a mapping of names to tensors)")
     return state
@@ -282,3 +287,31 @@ def resolve_weights(opts: BuildOptions, say: Callable[[str], None]) -> Weights:
           in_channels=shape[0] if shape else None, seed=opts.seed, artifacts_dir=opts.artifacts_dir,
           progress=opts.progress)
     return _from_checkpoint(weights_path, opts, trained_now=True)
+
+
+def onnx_source_options(opts: BuildOptions, spec: Any) -> BuildOptions:
+    """An ONNX file fixes the input and, when its batch dimension is a number, the batch; it has no weights to
+    train or choose."""
+    for flag, value in (("--checkpoint", opts.checkpoint), ("--input-size", opts.input_size),
+                        ("--input-shape", opts.input_shape), ("--num-classes", opts.num_classes)):
+        if value is not None:
+            raise UsageError(f"{flag} does not apply to an ONNX file (the file fixes its weights and shapes)")
+    static = spec.origin.get("static_batch")
+    if static and opts.batch not in (None, static):
+        raise UsageError(f"{Path(spec.name).name} has a fixed batch of {static}; drop --batch or pass --batch {static}")
+    if opts.untrained:
+        raise UsageError("--untrained does not apply to an ONNX file (its weights are in the file)")
+    backends = opts.backends
+    if backends is not None and "onnx" not in backends:  # the onnx stage imports the file every other stage reads
+        backends = ["onnx", *backends]
+    return dataclasses.replace(opts, batch=static or opts.batch, backends=backends)
+
+
+def onnx_weights(opts: BuildOptions, spec: Any) -> Weights:
+    """An ONNX file's "weights": no PyTorch model; the file's input shape and class count."""
+    test = load_split(opts.data, "test")
+    names = test.class_names if spec.num_classes == test.num_classes else [str(i) for i in range(spec.num_classes)]
+    info = {"source": "onnx file", "checkpoint": spec.name, "sha256": spec.origin.get("sha256"), "trained": None,
+            "train_accuracy": None, "test_accuracy": None}
+    return Weights(model=None, input_shape=spec.input_shape, num_classes=spec.num_classes, class_names=names,
+                   info=info, dataset=opts.data)

@@ -162,6 +162,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
             print(f"skipped {skip['backend']}: {skip['reason']}")
         for fail in result.manifest["failed"]:
             print(f"FAILED {fail['backend']}: {fail['error']}")
+        for warning in result.manifest.get("warnings") or []:
+            print(f"warning: {warning}")
         print(f"manifest: {result.manifest_path}")
         weights = result.manifest["weights"]
         if weights.get("trained") is None:

@@ -52,6 +52,8 @@ from exporter.build_inputs import (
     Weights,
     check_inputs,
     is_bare_state_dict,
+    onnx_source_options,
+    onnx_weights,
     resolve_weights,
 )
 from exporter.comparison import (
@@ -78,6 +80,7 @@ from exporter.manifest import (
 from exporter.models import get_spec
 from exporter.models.registry import ModelSpec
 from exporter.results import parity_summary, write_parity
+from exporter.tracing import check_program_batches, trace
 
 STAGE_NAMES = tuple(STAGES)
 MAX_INPUT_SIZE = 1024  # as `exporter train --resize`: 4.6× the largest input any model here trains at (224)
@@ -225,59 +228,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-# --- tracing ---------------------------------------------------------------------------------------------------
-
-
-def trace(model: Any, input_shape: tuple[int, int, int], *, static_batch: int | None, max_batch: int,
-          diagnostics: dict[str, Any] | None = None) -> Any:
-    """`torch.export` the model once, with a dynamic batch dimension 1..max_batch unless `static_batch`.
-
-    The Dynamo tracer (`strict=True`, what torch.compile uses) goes first; if it cannot trace the code, the
-    non-strict tracer is tried and the fallback is recorded in `diagnostics["export"]`.
-    """
-    example_batch = static_batch or 2  # torch.export specialises a batch of 1
-    example = torch.rand((example_batch, *input_shape), generator=torch.Generator().manual_seed(0))
-    dynamic_shapes = None if static_batch else ({0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))},)
-    info: dict[str, Any] = {"example_batch": example_batch, "dynamic_batch": static_batch is None}
-    if diagnostics is not None:
-        diagnostics["export"] = info
-    errors = []
-    for strict in (True, False):
-        try:
-            program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes, strict=strict)
-        except Exception as exc:  # noqa: BLE001  (reported below, or by the fallback's success)
-            errors.append(exc)
-            info[f"{'strict' if strict else 'non_strict'}_error"] = _first_line(exc)
-            continue
-        info["tracer"] = "dynamo (strict)" if strict else "non-strict (Dynamo could not trace the code)"
-        return program
-    exc = errors[-1]
-    text = f"{exc}"
-    hint = (" (the code fixes the batch size: fix it or build with --batch N)"
-            if "Constraints violated" in text or "specializ" in text else "")
-    raise BuildError(f"torch.export failed for the model: {_first_line(errors[0])}{hint}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
-
-
-def _check_program_batches(program: Any, model: Any, input_shape: tuple[int, int, int], batches: tuple[int, ...]) -> None:
-    """The traced program must match eager at each batch size (catches a silently specialised batch)."""
-    module = program.module()
-    for batch in batches:
-        x = torch.rand((batch, *input_shape), generator=torch.Generator().manual_seed(batch))
-        with torch.no_grad():
-            try:
-                got = module(x)
-            except Exception as exc:
-                raise BuildError(f"the traced program fails at batch {batch}: "
-                                 f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}") from exc
-            want = model(x)
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-            raise BuildError(f"the traced program differs from the model at batch {batch}")
-
-
 # --- quick parity --------------------------------------------------------------------------------------------
 
 
@@ -335,7 +285,7 @@ def build(opts: BuildOptions) -> BuildResult:
     spec = get_spec(opts.model)  # unknown model: one line, exit 2, before anything is written
     opts = dataclasses.replace(opts, model=spec.name, backends=list(opts.backends) if opts.backends else None)
     if spec.source == "onnx":
-        opts = _onnx_source_options(opts, spec)
+        opts = onnx_source_options(opts, spec)
     progress = Progress(opts.progress)
     started = time.perf_counter()
     check_inputs(opts)  # checkpoint, data, input size, batch memory: one line each, before any output
@@ -353,24 +303,6 @@ def build(opts: BuildOptions) -> BuildResult:
         if isinstance(exc, SystemExit) and exc.code == SIGTERM_EXIT_CODE:
             raise BuildInterrupted("interrupted by SIGTERM; the partial build was removed") from None
         raise
-
-
-def _onnx_source_options(opts: BuildOptions, spec: ModelSpec) -> BuildOptions:
-    """An ONNX file fixes the input and, when its batch dimension is a number, the batch; it has no weights to
-    train or choose."""
-    for flag, value in (("--checkpoint", opts.checkpoint), ("--input-size", opts.input_size),
-                        ("--input-shape", opts.input_shape), ("--num-classes", opts.num_classes)):
-        if value is not None:
-            raise UsageError(f"{flag} does not apply to an ONNX file (the file fixes its weights and shapes)")
-    static = spec.origin.get("static_batch")
-    if static and opts.batch not in (None, static):
-        raise UsageError(f"{Path(spec.name).name} has a fixed batch of {static}; drop --batch or pass --batch {static}")
-    if opts.untrained:
-        raise UsageError("--untrained does not apply to an ONNX file (its weights are in the file)")
-    backends = opts.backends
-    if backends is not None and "onnx" not in backends:  # the onnx stage imports the file every other stage reads
-        backends = ["onnx", *backends]
-    return dataclasses.replace(opts, batch=static or opts.batch, backends=backends)
 
 
 @contextlib.contextmanager
@@ -410,7 +342,7 @@ def _build(opts: BuildOptions, spec: ModelSpec, model_dir: Path, progress: Progr
             opts.backends = ["onnx", *opts.backends]
 
     with progress.stage("weights"):
-        weights = _onnx_weights(opts, spec) if spec.source == "onnx" else resolve_weights(opts, progress.say)
+        weights = onnx_weights(opts, spec) if spec.source == "onnx" else resolve_weights(opts, progress.say)
     build_id = _build_id(weights.info.get("sha256"), opts)
     tmp_dir = model_dir / f".tmp-{build_id}-{platform.node()}-{os.getpid()}"
     tmp_dir.mkdir()
@@ -432,16 +364,6 @@ def _build(opts: BuildOptions, spec: ModelSpec, model_dir: Path, progress: Progr
     return BuildResult(build_dir=final, manifest=manifest, parity=parity)
 
 
-def _onnx_weights(opts: BuildOptions, spec: ModelSpec) -> Weights:
-    """An ONNX file's "weights": no PyTorch model; the file's input shape and class count."""
-    test = load_split(opts.data, "test")
-    names = test.class_names if spec.num_classes == test.num_classes else [str(i) for i in range(spec.num_classes)]
-    info = {"source": "onnx file", "checkpoint": spec.name, "sha256": spec.origin.get("sha256"), "trained": None,
-            "train_accuracy": None, "test_accuracy": None}
-    return Weights(model=None, input_shape=spec.input_shape, num_classes=spec.num_classes, class_names=names,
-                   info=info, dataset=opts.data)
-
-
 def _traced_program(out_dir: Path, opts: BuildOptions, weights: Weights, static: int | None, max_batch: int,
                     progress: Progress) -> tuple[Any, list[Any], dict[str, Any]]:
     """Lint the model, `torch.export` it, lint the program and check it against eager; saves the program."""
@@ -460,7 +382,7 @@ def _traced_program(out_dir: Path, opts: BuildOptions, weights: Weights, static:
             for finding in exported_findings:
                 progress.say(f"  ⚠ {finding}")
             check_strict(exported_findings, opts.strict)
-            _check_program_batches(program, model, input_shape, (static,) if static else (1, 3))
+            check_program_batches(program, model, input_shape, (static,) if static else (1, 3))
             torch.export.save(program, str(out_dir / PROGRAM_FILE))
     except Exception as exc:  # noqa: BLE001  (tracing, its checks or saving: user code can fail anywhere here)
         # The stages that do not need the program still build: torch.compile tolerates graph breaks, the ONNX
@@ -468,10 +390,9 @@ def _traced_program(out_dir: Path, opts: BuildOptions, weights: Weights, static:
         if opts.strict or (opts.backends is not None and "aoti" in opts.backends and not opts.keep_going):
             raise
         (out_dir / PROGRAM_FILE).unlink(missing_ok=True)
-        diagnostics.setdefault("export", {})["error"] = str(exc) if isinstance(exc, ExporterError) else \
-            f"torch.export failed: {one_line(exc)}"
-        exc = diagnostics["export"]["error"]
-        progress.say(f"  ✗ torch.export FAILED: {exc} (the other stages go on without the program)")
+        reason = str(exc) if isinstance(exc, ExporterError) else f"torch.export failed: {one_line(exc)}"
+        diagnostics.setdefault("export", {})["error"] = reason
+        progress.say(f"  ✗ torch.export FAILED: {reason} (the other stages go on without the program)")
         return None, findings, diagnostics
     return program, findings + exported_findings, diagnostics
 

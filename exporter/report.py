@@ -350,7 +350,7 @@ def write_reports(reports: Sequence[dict[str, Any]], out_dir: Path, stem: str, *
 
 def report(models: Sequence[str], *, artifacts_dir: Path | None = None, out_dir: Path | None = None
            ) -> dict[str, dict[str, Path]]:
-    """One report per model (`<out>/<model>.*`) and, for several models, one across them (`<out>/index.*`)."""
+    """One report per model (`<out>/<model folder>.*`) and, for several models, one across them (`<out>/index.*`)."""
     artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()
     builds = builds_for(models, artifacts_dir)
     out_dir = Path(out_dir) if out_dir else Path(artifacts_dir) / "reports"
@@ -358,7 +358,9 @@ def report(models: Sequence[str], *, artifacts_dir: Path | None = None, out_dir:
     for build in builds:
         with _saved_results_of(build):
             data = collect(build)
-            written[data["model"]] = write_reports([data], out_dir, data["model"], title=f"{data['model']} report")
+            # the model's folder name: a source's name (torchvision:x, /abs/net.py:make) is no file name
+            written[data["model"]] = write_reports([data], out_dir, Path(build.dir).parent.name,
+                                                   title=f"{data['model']} report")
         collected.append(data)
     if len(collected) > 1:
         with _saved_results_of(None):

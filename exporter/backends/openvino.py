@@ -39,7 +39,7 @@ from exporter.backends.base import (
     register_stage,
 )
 from exporter.backends.onnx import module_outputs
-from exporter.errors import UsageError
+from exporter.errors import UsageError, one_line
 
 IR_DIR = "openvino"
 IR_FP16_DIR = "openvino-fp16"
@@ -294,6 +294,9 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
         except BackendUnavailable as exc:  # NNCF missing: the other OpenVINO artifacts still count
             int8_info["skipped"] = str(exc)
             ctx.warnings.append(f"openvino-int8 not built: {exc}")
+        except Exception as exc:  # noqa: BLE001  (NNCF failing on one model must not cost the fp32/bf16 IR)
+            int8_info["error"] = one_line(exc)
+            ctx.warnings.append(f"openvino-int8 not built: NNCF failed: {one_line(exc)}")
     ctx.diagnostics["openvino"] = {
         "int8": int8_info,
         "openvino_version": ov.__version__, "converted_from": source, "cpu_bf16": bf16,
@@ -303,10 +306,14 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
     return artifacts
 
 
-def _agreement(compiled: Any, items: list[tuple[np.ndarray, int]]) -> float:
-    """Top-1 agreement of a compiled OpenVINO model with the fp32 reference's classes (NNCF's validation metric)."""
-    hits = sum(int(np.argmax(np.asarray(compiled(x)[0])) == label) for x, label in items)
-    return hits / max(len(items), 1)
+def _agreement(compiled: Any, items: Any) -> float:
+    """Top-1 agreement of a compiled OpenVINO model with the fp32 reference's classes (NNCF's validation metric;
+    NNCF passes an iterable without a length)."""
+    hits = total = 0
+    for x, label in items:
+        hits += int(np.argmax(np.asarray(compiled(x)[0])) == label)
+        total += 1
+    return hits / max(total, 1)
 
 
 def _fp32_layers(model: Any) -> list[str]:

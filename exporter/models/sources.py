@@ -142,9 +142,8 @@ def _timm_spec(name: str) -> ModelSpec:
         import timm
     except ImportError:
         raise UsageError(f"timm:{name} needs the timm library: pip install 'exporter[timm]'") from None
-    known = timm.list_models()
-    if name not in known:
-        raise _unknown("timm", name, known, "timm.list_models() lists them")
+    if not timm.is_model(name):  # accepts pretrained tags too (resnet50.a1_in1k)
+        raise _unknown("timm", name, timm.list_models(), "timm.list_models() lists them")
     config = timm.models.get_pretrained_cfg(name)
     shape = tuple(int(d) for d in (getattr(config, "input_size", None) or DEFAULT_INPUT))
 
@@ -316,6 +315,9 @@ def _onnx_spec(path: str) -> ModelSpec:
     if len(inputs) != 1 or len(model.graph.output) != 1:
         raise ModelSourceError(f"{file.name} has {len(inputs)} inputs and {len(model.graph.output)} outputs; "
                                "exporter takes image classifiers with one image input and one logits output")
+    if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ModelSourceError(f"{file.name}: input {inputs[0].name!r} must be float32 images (N×C×H×W), got "
+                               f"{onnx.TensorProto.DataType.Name(inputs[0].type.tensor_type.elem_type)}")
     dims = inputs[0].type.tensor_type.shape.dim
     shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     if len(shape) != 4 or any(d is None for d in shape[1:]):

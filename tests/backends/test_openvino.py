@@ -115,3 +115,15 @@ def test_bad_runner_options_are_one_line_usage_errors(onnx_build) -> None:
     with OpenVinoRunner(path, performance_hint="latency", num_streams=1, inference_num_threads=1) as runner:
         assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
         assert runner.infer(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, TEST_NUM_CLASSES)
+
+
+def test_int8_agreement_takes_nncf_iterables() -> None:
+    """NNCF's accuracy control hands the validation function an iterable without a length."""
+    from exporter.backends.openvino import _agreement
+
+    def compiled(x: np.ndarray) -> list[np.ndarray]:
+        return [np.eye(3, dtype=np.float32)[[int(x.sum()) % 3]]]
+
+    items = [(np.full((1, 1), v, np.float32), label) for v, label in ((0, 0), (1, 1), (2, 0), (4, 1))]
+    assert _agreement(compiled, iter(items)) == 0.75
+    assert _agreement(compiled, []) == 0.0

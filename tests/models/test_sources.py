@@ -15,6 +15,7 @@ from torch import nn
 import exporter
 from exporter.cli import main
 from exporter.errors import UsageError
+from exporter.fileio import sha256_file as sha256_of
 from exporter.manifest import load_build
 from exporter.models import create_model, get_spec
 from exporter.models.registry import UnknownModelError
@@ -141,6 +142,9 @@ def test_file_source_builds_verifies_and_benches(user_file: Path, tmp_path: Path
     assert main(["bench", name, "--artifacts", art, "--batch-sizes", "1", "--json"]) in (0, 3)
     cells = json.loads(capsys.readouterr().out)["cells"]
     assert {c["label"] for c in cells} >= {"eager", "onnx-fp32"}
+    assert main(["report", "--artifacts", art]) == 0  # every model with a build: found by folder, not by name
+    assert (Path(art) / "reports" / f"{get_spec(name).folder}.md").is_file()
+    assert sorted(p.name for p in user_file.parent.iterdir() if p.suffix in (".md", ".json", ".csv")) == []
 
 
 def test_bare_state_dict_checkpoint(user_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -156,6 +160,11 @@ def test_bare_state_dict_checkpoint(user_file: Path, tmp_path: Path, capsys: pyt
 
     exported.load_state_dict(load_file(str(result.build_dir / "weights.safetensors")))
     assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), net.state_dict().values()))
+    wrapped = {"model": {f"module.{k}": v for k, v in net.state_dict().items()}, "epoch": 3}  # a training script's
+    torch.save(wrapped, tmp_path / "wrapped.pt")
+    again = exporter.build(name, checkpoint=tmp_path / "wrapped.pt", artifacts_dir=tmp_path / "art2",
+                           backends=["onnx"], parity_samples=8, max_batch=8)
+    assert again.manifest["weights"]["sha256"] == sha256_of(tmp_path / "wrapped.pt")
     torch.save({"0.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
     code = main(["build", name, "--checkpoint", str(tmp_path / "wrong.pt"), "--artifacts", str(tmp_path / "b"), *FAST])
     assert code != 0 and re.search(r"does not fit .* with 10 classes: missing", _error(capsys))
