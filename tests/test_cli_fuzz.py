@@ -464,7 +464,7 @@ CASES: list[Case] = [
       r"--untrained and --checkpoint contradict each other"),
     C("num-classes-without-untrained", 0, "--num-classes for a checkpoint build",
       _args("build", MODEL, "--num-classes", "3", "--artifacts", "{root}"), 2,
-      r"--num-classes applies to --untrained builds only"),
+      r"--num-classes applies to --untrained builds, bare state dicts and model sources only"),
     C("bench-model-and-all", 0, "bench with MODEL and --all", _args("bench", MODEL, "--all", "--artifacts", "{root}"),
       2, r"give MODEL or BUILD_DIR arguments, or --all \(not both\)"),
     C("batch-sizes-zero", 0, "--batch-sizes 1,0",
