@@ -86,8 +86,11 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         "digits5k test images, a batch sweep and adversarial inputs, judged in its precision's class "
         "(`exporter/judge.py`). *max abs* and *min cos* are over the real images and the batch sweep; *top-1* is "
         "the agreement with eager's class (*flips* images differ); *acc* is the artifact's own test accuracy "
-        "and *Δacc* its drop against eager's, in points. AOTInductor compiles the same inductor code as "
-        "torch.compile and is left out of this run for time.",
+        "and *Δacc* its drop against eager's, in points. "
+        + ("" if "inductor" in meta["backends"] and "aoti" in meta["backends"] else
+           "Stages left out of this run for time (2 cores): "
+           + ", ".join(b for b in ("inductor", "aoti") if b not in meta["backends"])
+           + " (`exporter build MODEL` builds and checks them)."),
         "",
         f"Machine: {meta['cpus']} CPU cores, torch {meta['torch']}, last run {meta['date']}.",
         "",
