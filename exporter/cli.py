@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -556,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"exporter {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `exporter list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_OK
     except (OSError, MemoryError) as exc:  # the machine, not the input: a full disk, a lost mount, no memory
         print(f"exporter {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
