@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-timeout", type=float, default=300.0, help="seconds per build (default 300)")
     parser.add_argument("--bench-timeout", type=float, default=180.0, help="seconds per bench (default 180)")
     parser.add_argument("--results", default=str(RESULTS), metavar="DIR")
+    parser.add_argument("--missing", action="store_true", help="only the models without a row yet")
     args = parser.parse_args(argv)
     every = torchvision_classification_models()
     names = [n.strip() for n in args.models.split(",")] if args.models else every
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     store = Path(args.results) / "zoo-coverage.json"
     saved = json.loads(store.read_text()) if store.exists() else {}
     rows: dict[str, dict] = saved.get("rows", {})
+    if args.missing:
+        names = [n for n in names if n not in rows]
     import torch
     import torchvision
 

@@ -166,7 +166,15 @@ def create_model(
     for label, value in (("in_channels", in_channels), ("num_classes", num_classes)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise UsageError(f"{name}: {label} must be a positive integer, got {value!r}")
-    return spec.builder(in_channels=in_channels, num_classes=num_classes, **options)
+    try:
+        return spec.builder(in_channels=in_channels, num_classes=num_classes, **options)
+    except Exception:
+        if spec.source == "zoo" or torch.get_default_device().type != "meta":
+            raise
+    # A library model whose constructor computes with tensors (torchvision's RegNets) cannot be built on the meta
+    # device: build it on the CPU (callers run it on its parameters' device).
+    with torch.device("cpu"):
+        return spec.builder(in_channels=in_channels, num_classes=num_classes, **options)
 
 
 def _forward_shape(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
