@@ -310,3 +310,10 @@ def test_a_file_source_trains_like_the_zoo(user_file: Path, tmp_path: Path) -> N
     result = exporter.build(f"{user_file}:make", artifacts_dir=tmp_path, backends=["onnx"], parity_samples=4,
                             max_batch=4)
     assert result.manifest["weights"]["source"] == "checkpoint" and result.manifest["weights"]["trained"]
+
+
+def test_a_library_model_that_cannot_be_built_on_meta_still_resolves() -> None:
+    from exporter.models import check_input_shape, model_summary
+
+    check_input_shape("torchvision:regnet_y_400mf", (3, 64, 64))  # its constructor calls .tolist() on tensors
+    assert model_summary("torchvision:regnet_y_400mf")["macs"] > 0
