@@ -19,8 +19,11 @@ Runner options: `inference_precision` ("f32", "bf16", "f16"; default from the ar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +309,21 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
     return artifacts
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """NNCF draws its progress bars on stdout, which `--json` keeps for the result: send them to stderr (at the file
+    descriptor, since its console may hold the stream it found at import)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _agreement(compiled: Any, items: Any) -> float:
     """Top-1 agreement of a compiled OpenVINO model with the fp32 reference's classes (NNCF's validation metric;
     NNCF passes an iterable without a length)."""
@@ -355,7 +373,8 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
                               for i in range(len(validation))])
     items = [(validation[i:i + 1], int(reference[i])) for i in range(len(validation))]
     calibration_data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
-    quantized = nncf.quantize(model, calibration_data, subset_size=len(calibration))
+    with _stdout_to_stderr():
+        quantized = nncf.quantize(model, calibration_data, subset_size=len(calibration))
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "f32"}
     agreement = _agreement(core.compile_model(quantized, "CPU", config), items)
@@ -363,9 +382,10 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
                 calibration_images=len(calibration), held_back_images=len(validation),
                 default_agreement=agreement)
     if agreement < INT8_MIN_AGREEMENT:
-        controlled = nncf.quantize_with_accuracy_control(
-            model, calibration_data, nncf.Dataset(items), validation_fn=_agreement, max_drop=INT8_MAX_DROP,
-            drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
+        with _stdout_to_stderr():
+            controlled = nncf.quantize_with_accuracy_control(
+                model, calibration_data, nncf.Dataset(items), validation_fn=_agreement, max_drop=INT8_MAX_DROP,
+                drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
         controlled_agreement = _agreement(core.compile_model(controlled, "CPU", config), items)
         info.update(method="nncf.quantize_with_accuracy_control (our top-1 agreement with fp32 on held-back "
                            f"images, max drop {INT8_MAX_DROP})", agreement=controlled_agreement)

@@ -127,3 +127,17 @@ def test_int8_agreement_takes_nncf_iterables() -> None:
     items = [(np.full((1, 1), v, np.float32), label) for v, label in ((0, 0), (1, 1), (2, 0), (4, 1))]
     assert _agreement(compiled, iter(items)) == 0.75
     assert _agreement(compiled, []) == 0.0
+
+
+def test_nncf_progress_stays_off_json_stdout(tmp_path) -> None:
+    """NNCF draws progress bars on stdout; `exporter build --json` must still print one JSON document there."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "exporter", "build", "lenet_bn", "--untrained", "--int8",
+                           "--backends", "onnx,openvino", "--parity-samples", "8", "--max-batch", "8",
+                           "--artifacts", str(tmp_path), "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert "openvino-int8" in {a["name"] for a in summary["artifacts"]}
