@@ -108,7 +108,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         eager_acc = _f(row["reference"].get("accuracy"), ".3f")
         for r in row["results"]:
             top1 = (f"{1 - r['flips'] / r['samples']:.3f} ({r['flips']})" if r.get("samples") else "–")
-            drop = _f(r["acc_drop"] * 100 if isinstance(r.get("acc_drop"), (int, float)) else None, ".1f")
+            drop = _f(r.get("acc_drop"), ".1f")  # in points already
             lines.append(f"| {name} | {eager_acc} | {r['label']} | {r['executed']} | {r['judged_as']} "
                          f"| {r['status'].upper()} | {_f(r.get('max_abs'), '.2e')} | {_f(r.get('min_cosine'), '.5f')} "
                          f"| {top1} | {_f(r.get('accuracy'), '.3f')} | {drop} |")
@@ -130,12 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default=BACKENDS, help=f"build stages (default {BACKENDS})")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per build or verify (default 900)")
     parser.add_argument("--results", default=str(RESULTS), metavar="DIR")
+    parser.add_argument("--render-only", action="store_true", help="re-render parity.md from parity.json")
     args = parser.parse_args(argv)
     artifacts = Path(args.artifacts)
     names = ([n.strip() for n in args.models.split(",")] if args.models
              else [n for n in list_models() if checkpoint_paths(n, artifacts)[0].exists()])
     store = Path(args.results) / "parity.json"
-    rows: dict[str, dict] = json.loads(store.read_text())["rows"] if store.exists() else {}
+    saved = json.loads(store.read_text()) if store.exists() else {}
+    rows: dict[str, dict] = saved.get("rows", {})
+    if args.render_only:
+        atomic_write_text(Path(args.results) / "parity.md", render(rows, saved["meta"]))
+        return 0
     import torch
 
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "backends": args.backends, "samples": args.samples,
