@@ -43,7 +43,7 @@ class BuildOptions:
     keep_going: bool = False  # a backend named in `backends` that fails is recorded, not fatal (coverage runs)
     input_size: int | None = None  # square H = W; only without a checkpoint (a checkpoint fixes it)
     input_shape: tuple[int, int, int] | None = None  # C, H, W: a model source's example input (overrides input_size)
-    num_classes: int | None = None  # untrained or a bare state dict only (an exporter checkpoint fixes it)
+    num_classes: int | None = None  # untrained, a model source or a bare state dict (an exporter checkpoint fixes it)
     parity_samples: int = 32
     calibration_samples: int = 256
     seed: int = 0
@@ -125,11 +125,11 @@ def _untrained(opts: BuildOptions) -> Weights:
     num_classes = opts.num_classes or test.num_classes
     torch.manual_seed(opts.seed)
     model = create_model(opts.model, in_channels=input_shape[0], num_classes=num_classes).eval()
-    if get_spec(opts.model).source in ("file", "python"):  # a factory or object may keep its own head
+    source = get_spec(opts.model).source
+    if source in ("file", "python"):  # a factory or object may keep its own head
         with torch.no_grad():
             num_classes = int(model(torch.zeros((1, *input_shape))).shape[-1])
     class_names = test.class_names if num_classes == test.num_classes else [str(i) for i in range(num_classes)]
-    source = get_spec(opts.model).source
     if source in ("python", "file"):  # an object or a factory's model: its own weights, trained or not
         info = {"source": "python object" if source == "python" else "factory", "trained": None,
                 "checkpoint": None, "sha256": None, "train_accuracy": None, "test_accuracy": None}
