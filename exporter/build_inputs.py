@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from exporter.checkpoint import load_checkpoint, resolve_checkpoint
+from exporter.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
 from exporter.data import DIGITS5K, check_channels, load_split
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import sha256_file
@@ -85,7 +85,7 @@ def _from_checkpoint(path: Path, opts: BuildOptions, *, trained_now: bool) -> We
     input_shape = tuple(int(d) for d in sidecar["input_shape"])
     _check_checkpoint_size(path, input_shape, opts)
     model = create_model(opts.model, in_channels=int(sidecar["in_channels"]), num_classes=int(sidecar["num_classes"]))
-    model.load_state_dict(state)
+    load_weights(model, state)
     weights_path, _ = resolve_checkpoint(path)
     info = {
         "source": "trained now" if trained_now else "checkpoint",
@@ -194,7 +194,7 @@ def _from_state_dict(path: Path, opts: BuildOptions) -> Weights:
         raise BuildError(f"{path}: does not fit {opts.model} with {' or '.join(map(str, candidates))} classes: "
                          f"{problem}")
     model = create_model(opts.model, in_channels=input_shape[0], num_classes=num_classes)
-    model.load_state_dict(state)
+    load_weights(model, state)
     class_names = test.class_names if num_classes == test.num_classes else [str(i) for i in range(num_classes)]
     info = {"source": "state dict", "checkpoint": str(path), "sha256": sha256_file(path), "trained": True,
             "dataset": None, "epochs": None, "steps": None, "train_accuracy": None, "test_accuracy": None,

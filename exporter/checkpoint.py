@@ -212,13 +212,26 @@ def load_checkpoint(path: Path, *, expect_model: str | None = None) -> tuple[dic
     return state, sidecar
 
 
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`model.load_state_dict(state)` for tensors read from a file: safetensors keeps no `_metadata`, and some
+    modules' loaders require their version in it (torchvision's MNASNet), so the model's own is attached."""
+    from collections import OrderedDict
+
+    own = getattr(model.state_dict(), "_metadata", None)
+    if own is not None and getattr(state, "_metadata", None) is None:
+        state = OrderedDict(state)
+        state._metadata = own  # type: ignore[attr-defined]
+    model.load_state_dict(state)
+    return model
+
+
 def load_trained_model(path: Path, *, expect_model: str | None = None) -> tuple[nn.Module, dict]:
     """Build the checkpoint's model, load its weights and return it in eval() mode with the sidecar."""
     from exporter.models import create_model
 
     state, sidecar = load_checkpoint(path, expect_model=expect_model)
     model = create_model(sidecar["model"], in_channels=sidecar["in_channels"], num_classes=sidecar["num_classes"])
-    model.load_state_dict(state)
+    load_weights(model, state)
     return model.eval(), sidecar
 
 

@@ -20,7 +20,9 @@ def load_torch_model(path, *, model: str, in_channels: int, num_classes: int, de
     from exporter.models import create_model
 
     net = create_model(model, in_channels=in_channels, num_classes=num_classes, **options)
-    net.load_state_dict(load_file(str(path)))
+    from exporter.checkpoint import load_weights
+
+    load_weights(net, load_file(str(path)))
     return net.eval().to(device)
 
 

@@ -317,3 +317,16 @@ def test_a_library_model_that_cannot_be_built_on_meta_still_resolves() -> None:
 
     check_input_shape("torchvision:regnet_y_400mf", (3, 64, 64))  # its constructor calls .tolist() on tensors
     assert model_summary("torchvision:regnet_y_400mf")["macs"] > 0
+
+
+def test_weights_load_into_a_module_that_wants_its_version(tmp_path: Path) -> None:
+    """safetensors keeps no `_metadata`; torchvision's MNASNet refuses a state dict without its version."""
+    from safetensors.torch import load_file, save_file
+
+    from exporter.checkpoint import load_weights
+
+    net = create_model("torchvision:mnasnet0_5", num_classes=TEST_NUM_CLASSES)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    fresh = create_model("torchvision:mnasnet0_5", num_classes=TEST_NUM_CLASSES)
+    load_weights(fresh, load_file(str(tmp_path / "w.safetensors")))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
