@@ -139,6 +139,8 @@ def select_variants(artifacts: list[Artifact], names: Iterable[str] | None,
     A real backend this build has no artifact for becomes a placeholder that is reported as not run.
     """
     if not names:
+        if reference is None:  # the eager fp32 weights, as in a build whose manifest names no other reference
+            reference = next((a for a in artifacts if a.backend == "eager" and a.precision == "fp32"), None)
         return [(Variant(a), False) for a in artifacts if reference is None or a.name != reference.name]
     chosen: list[tuple[Variant, bool]] = []
     for name in names:
