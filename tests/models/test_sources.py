@@ -284,6 +284,7 @@ def make():
 '''
 
 
+@pytest.mark.slow  # every stage, inductor compile included; a fresh-clone run segfaulted later in test_cli_fuzz
 def test_a_model_torch_export_cannot_trace_still_builds_the_others(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "branchy.py"
