@@ -20,6 +20,7 @@ Runner options: `inference_precision` ("f32", "bf16", "f16"; default from the ar
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -66,10 +67,19 @@ def ov_type_to_precision(value: Any) -> str:
     return names[text]
 
 
+@functools.lru_cache(maxsize=1)
+def shared_core() -> Any:
+    """The process's one `ov.Core`, never released.
+
+    When the last Core dies OpenVINO unloads its CPU plugin, which had installed a signal alternate stack on the
+    main thread; Python's next SIGTERM handler then runs on freed memory and the process segfaults.
+    """
+    return import_optional("openvino").Core()
+
+
 def cpu_supports_bf16(core: Any = None) -> bool:
     """Whether OpenVINO's CPU plugin reports native bf16 (AVX-512 bf16 or AMX) on this machine."""
-    ov = import_optional("openvino")
-    core = core or ov.Core()
+    core = core or shared_core()
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
@@ -86,10 +96,10 @@ class OpenVinoRunner(Runner):
     @classmethod
     def available_impl(cls, device: str) -> str | None:
         try:
-            import openvino as ov
+            import openvino  # noqa: F401
         except ImportError as exc:
             return f"openvino is not installed ({exc})"
-        if "CPU" not in ov.Core().available_devices:
+        if "CPU" not in shared_core().available_devices:
             return "OpenVINO reports no CPU device"
         return None
 
@@ -120,8 +130,7 @@ class OpenVinoRunner(Runner):
         return config
 
     def activate_impl(self) -> None:
-        ov = import_optional("openvino")
-        core = ov.Core()
+        core = shared_core()
         model = core.read_model(str(self.path))
         self.compiled = core.compile_model(model, self.options.get("device_name", "CPU"), self.compile_config())
         self._executed = ov_type_to_precision(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
@@ -162,7 +171,7 @@ class OpenVinoRunner(Runner):
                                   "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        compiled = ov.Core().compile_model(ov.Model([ops.matmul(a, b, False, False)], [a]), "CPU", config)
+        compiled = shared_core().compile_model(ov.Model([ops.matmul(a, b, False, False)], [a]), "CPU", config)
         if ov_type_to_precision(compiled.get_property("INFERENCE_PRECISION_HINT")) != precision:
             return None  # this CPU would run another precision: no peak for this one
         request, x = compiled.create_infer_request(), rng.random((size, size), dtype=np.float32)
@@ -195,10 +204,9 @@ class OpenVinoRunner(Runner):
                       reference_model: Any) -> tuple[dict[str, list[np.ndarray]], str]:
         """The IR itself with the ONNX tensors it kept made extra outputs (so compressed weights and the IR's own
         graph are compared); an IR that kept none runs the instrumented ONNX in OpenVINO instead."""
-        ov = import_optional("openvino")
         if onnx_source is None:
             raise BisectionUnsupported("openvino: the build has no ONNX file whose tensors map to PyTorch modules")
-        core, config = ov.Core(), {"INFERENCE_PRECISION_HINT": self.inference_precision}
+        core, config = shared_core(), {"INFERENCE_PRECISION_HINT": self.inference_precision}
         used_ir = False
 
         def outputs_of(compiled: Any) -> dict[str, np.ndarray]:
@@ -273,7 +281,7 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
     model.set_rt_info(ctx.model_name, ["exporter", "model_name"])
     model.set_rt_info("NCHW", ["exporter", "input_layout"])
 
-    core = ov.Core()
+    core = shared_core()
     _save_ir(ov, model, ctx.out_dir / IR_DIR, compress_to_fp16=False)
     ir = f"{IR_DIR}/{IR_FILE}"
     artifacts = [Artifact(name="openvino-fp32", backend="openvino", path=ir, precision="fp32",
@@ -368,14 +376,14 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         with torch.no_grad():
             reference = ctx.model(torch.from_numpy(np.ascontiguousarray(validation))).argmax(1).numpy()
     else:  # an ONNX source: the fp32 IR is the reference
-        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = shared_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         reference = np.array([int(np.argmax(np.asarray(compiled(validation[i:i + 1])[0])))
                               for i in range(len(validation))])
     items = [(validation[i:i + 1], int(reference[i])) for i in range(len(validation))]
     calibration_data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
     with _stdout_to_stderr():
         quantized = nncf.quantize(model, calibration_data, subset_size=len(calibration))
-    core = ov.Core()
+    core = shared_core()
     config = {"INFERENCE_PRECISION_HINT": "f32"}
     agreement = _agreement(core.compile_model(quantized, "CPU", config), items)
     info.update(method="nncf.quantize (default: MinMax, symmetric int8 weights per channel)",

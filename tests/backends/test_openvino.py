@@ -141,3 +141,10 @@ def test_nncf_progress_stays_off_json_stdout(tmp_path) -> None:
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     summary = json.loads(proc.stdout)
     assert "openvino-int8" in {a["name"] for a in summary["artifacts"]}
+
+
+def test_one_core_serves_the_whole_process() -> None:
+    # A released Core unloads the CPU plugin and leaves Python's signal handlers on a freed alternate stack.
+    from exporter.backends.openvino import shared_core
+
+    assert shared_core() is shared_core()

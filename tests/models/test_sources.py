@@ -23,10 +23,6 @@ from exporter.models.sources import is_source, torchvision_classification_models
 from exporter.paths import model_dir
 from tests.conftest import TEST_NUM_CLASSES
 
-# In the default run this module was followed by a segmentation fault in tests/test_cli_fuzz.py (reproduced with
-# `pytest tests/models tests/test_cli_fuzz.py`; cause not found yet): until it is, these run with `make test-slow`.
-pytestmark = pytest.mark.slow
-
 FAST = ["--backends", "onnx,onnxruntime", "--parity-samples", "8", "--max-batch", "8"]
 USER_MODEL = '''
 """A small user model."""
@@ -288,7 +284,6 @@ def make():
 '''
 
 
-@pytest.mark.slow  # every stage, inductor compile included; a fresh-clone run segfaulted later in test_cli_fuzz
 def test_a_model_torch_export_cannot_trace_still_builds_the_others(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "branchy.py"
