@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from exporter.fileio import atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from bench.common import RESULTS, atomic_write_text, error_line, run_exporter  # noqa: E402
 MODES = ("untrained", "trained", "checkpoint")
 STAGES = ("weights", "lint", "torch.export", "inductor", "aoti", "onnx", "onnxruntime", "openvino", "tensorrt",
           "quick parity")
@@ -41,22 +38,16 @@ def _human_bytes(n: float) -> str:
 
 def run_build(model: str, mode: str, artifacts: Path, extra: list[str], timeout: float) -> dict:
     """One `exporter build` process; returns a result row (status "ok" or "error" with the error line)."""
-    cmd = [sys.executable, "-m", "exporter", "build", model, "--json", "--artifacts", str(artifacts), *extra]
-    if mode == "untrained":
-        cmd.append("--untrained")
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
+    args = [model, *(["--untrained"] if mode == "untrained" else []), *extra]
+    build = run_exporter(["build", *args, "--json", "--artifacts", str(artifacts)], timeout)
+    if build.code is None:
         return {"model": model, "mode": mode, "status": "error", "error": f"timed out after {timeout:.0f}s",
-                "wall_s": round(time.perf_counter() - start, 1)}
-    wall = round(time.perf_counter() - start, 1)
-    row = {"model": model, "mode": mode, "wall_s": wall, "flags": extra,
-           "command": "exporter build " + " ".join([model, *(["--untrained"] if mode == "untrained" else []), *extra])}
-    if proc.returncode != 0:
-        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()] or proc.stderr.splitlines()[-1:]
-        return row | {"status": "error", "error": (errors[-1] if errors else f"exit {proc.returncode}")[:300]}
-    summary = json.loads(proc.stdout)
+                "wall_s": round(build.seconds, 1)}
+    row = {"model": model, "mode": mode, "wall_s": round(build.seconds, 1), "flags": extra,
+           "command": "exporter build " + " ".join(args)}
+    if build.code != 0:
+        return row | {"status": "error", "error": error_line(build.stderr)}
+    summary = json.loads(build.stdout)
     manifest = json.loads(Path(summary["manifest"]).read_text())
     files = manifest["files"]
     return row | {
@@ -142,7 +133,6 @@ def machine_facts() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(ROOT))
     from exporter.models import get_spec, list_models
     from exporter.paths import default_artifacts_dir
 

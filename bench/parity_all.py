@@ -13,56 +13,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.fileio import atomic_write_text  # noqa: E402
+from bench.common import REPO, RESULTS, atomic_write_text, error_line, run_exporter, run_rows  # noqa: E402
 from exporter.models import list_models  # noqa: E402
 from exporter.paths import checkpoint_paths  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
 BACKENDS = "inductor,onnx,onnxruntime,openvino"
-
-
-def _run(cmd: list[str], timeout: float) -> tuple[int | None, str, str]:
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-    except subprocess.TimeoutExpired:
-        return None, "", f"exceeded {timeout:.0f} s"
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def _error(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if "error:" in line]
-    return (lines[-1] if lines else (stderr.strip().splitlines() or ["no output"])[-1])[:300]
 
 
 def check_model(name: str, *, artifacts: Path, samples: int, backends: str, timeout: float) -> dict:
     """Build (fp16 + int8) and verify one trained model; the verify report's per-artifact rows."""
     started = time.perf_counter()
     row: dict = {"model": name, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    build = [sys.executable, "-m", "exporter", "build", name, "--fp16", "--int8", "--backends", backends,
-             "--artifacts", str(artifacts), "--json"]
-    code, out, err = _run(build, timeout)
-    if not out.strip():
-        row["error"] = f"build: {_error(err)}"
+    build = run_exporter(["build", name, "--fp16", "--int8", "--backends", backends, "--artifacts", str(artifacts),
+                          "--json"], timeout)
+    if not build.stdout.strip():
+        row["error"] = f"build: {_failure(build, timeout)}"
         return row
-    summary = json.loads(out)
+    summary = json.loads(build.stdout)
     row["failed"] = summary["failed"]
-    verify = [sys.executable, "-m", "exporter", "verify", name, "--samples", str(samples), "--artifacts",
-              str(artifacts), "--json"]
-    code, out, err = _run(verify, timeout)
-    if not out.strip():
-        row["error"] = f"verify: {_error(err)}"
+    verify = run_exporter(["verify", name, "--samples", str(samples), "--artifacts", str(artifacts), "--json"],
+                          timeout)
+    if not verify.stdout.strip():
+        row["error"] = f"verify: {_failure(verify, timeout)}"
         return row
-    report = json.loads(out)
+    report = json.loads(verify.stdout)
     row.update(reference=report["reference"], samples=report["samples"], dataset=report["dataset"],
                passed=report["passed"], seconds=round(time.perf_counter() - started, 1),
                results=[{"label": r["label"], "backend": r["backend"], "precision": r["precision"],
@@ -70,6 +51,10 @@ def check_model(name: str, *, artifacts: Path, samples: int, backends: str, time
                          "reason": r["reason"], "failures": r["failures"][:2], **r["summary"]}
                         for r in report["results"]])
     return row
+
+
+def _failure(finished, timeout: float) -> str:
+    return f"exceeded {timeout:.0f} s" if finished.code is None else error_line(finished.stderr)
 
 
 def _f(value, spec: str) -> str:
@@ -145,15 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "backends": args.backends, "samples": args.samples,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    for i, name in enumerate(names, 1):
-        print(f"[{i}/{len(names)}] {name} …", file=sys.stderr, flush=True)
-        rows[name] = check_model(name, artifacts=artifacts, samples=args.samples, backends=args.backends,
-                                 timeout=args.timeout)
-        atomic_write_text(store, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        atomic_write_text(Path(args.results) / "parity.md", render(rows, meta))
-        row = rows[name]
-        print(f"[{i}/{len(names)}] {name}: {row.get('error') or ('PASS' if row['passed'] else 'FAIL')}",
-              file=sys.stderr, flush=True)
+    run_rows(names, rows, lambda name: check_model(name, artifacts=artifacts, samples=args.samples,
+                                                   backends=args.backends, timeout=args.timeout),
+             store=store, header=meta, render=render,
+             outcome=lambda row: row.get("error") or ("PASS" if row["passed"] else "FAIL"))
     return 0
 
 

@@ -22,13 +22,10 @@ import time
 from collections import deque
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.fileio import atomic_write_text  # noqa: E402
+from bench.common import REPO, RESULTS, run_rows  # noqa: E402
 from exporter.models import get_spec, list_models  # noqa: E402
-
-RESULTS = REPO / "bench" / "results"
 
 
 def train_one(name: str, *, artifacts: Path, seed: int, threads: int | None, extra: list[str]) -> dict:
@@ -127,6 +124,13 @@ def render(rows: dict[str, dict], machine: dict) -> str:
     return "\n".join(lines)
 
 
+def _outcome(row: dict) -> str:
+    outcome = row.get("error") or f"test acc {row['test_accuracy']:.3f}, {row['examples_per_s']:.1f} ex/s"
+    if row.get("checkpoint_action") == "kept":  # `exporter train` kept a better checkpoint already there
+        outcome += "; kept the better existing checkpoint (pass --force to replace it)"
+    return f"{outcome} ({row['wall_seconds']:.0f} s)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -150,18 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "torch": torch.__version__,
                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     started = time.perf_counter()
-    for i, name in enumerate(names, 1):
-        print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
-        rows[name] = train_one(name, artifacts=Path(args.artifacts), seed=args.seed, threads=args.threads,
-                               extra=extra)
-        # Write after every model so an interrupted full run keeps what finished.
-        atomic_write_text(store, json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-        atomic_write_text(results / "training.md", render(rows, machine))
-        row = rows[name]
-        outcome = row.get("error") or f"test acc {row['test_accuracy']:.3f}, {row['examples_per_s']:.1f} ex/s"
-        if row.get("checkpoint_action") == "kept":  # `exporter train` kept a better checkpoint already there
-            outcome += "; kept the better existing checkpoint (pass --force to replace it)"
-        print(f"[{i}/{len(names)}] {name}: {outcome} ({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
+    run_rows(names, rows, lambda name: train_one(name, artifacts=Path(args.artifacts), seed=args.seed,
+                                                 threads=args.threads, extra=extra),
+             store=store, header=machine, header_key="machine", render=render, outcome=_outcome)
     print(f"{len(names)} model(s) in {(time.perf_counter() - started) / 60:.1f} min → {results / 'training.md'}",
           file=sys.stderr)
     return 1 if any("error" in rows[name] for name in names) else 0

@@ -18,39 +18,21 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.fileio import atomic_write_text  # noqa: E402
+from bench.common import RESULTS, error_line, run_exporter, run_rows  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
 FAST_BACKENDS = ("onnx", "onnxruntime", "openvino")
 COMPILE_BACKENDS = ("inductor", "aoti")
 COLUMNS = ("torch.export", "onnx-fp32", "onnx-reference", "openvino-fp32", "openvino-bf16", "inductor", "aoti")
 STAGE_COLUMNS = {"onnx": ("onnx-fp32", "onnx-reference"), "onnxruntime": ("onnx-fp32",),
                  "openvino": ("openvino-fp32", "openvino-bf16"), "inductor": ("inductor",), "aoti": ("aoti",)}
-
-
-def _run(cmd: list[str], timeout: float) -> tuple[int | None, str, str, float]:
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-    except subprocess.TimeoutExpired as exc:
-        return None, exc.stdout or "", exc.stderr or "", time.perf_counter() - started
-    return proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - started
-
-
-def _error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if "error:" in line]
-    return (lines[-1] if lines else (stderr.strip().splitlines() or ["no output"])[-1])[:300]
 
 
 def _input_size(name: str, size: int) -> list[str]:
@@ -70,17 +52,17 @@ def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: flo
     row: dict = {"model": name, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with tempfile.TemporaryDirectory(prefix="zoo-coverage-") as art:
         shape = _input_size(name, size)
-        cmd = [sys.executable, "-m", "exporter", "build", f"torchvision:{name}", "--untrained", "--batch", "1",
-               "--backends", ",".join(backends), "--keep-going", "--parity-samples", "8", "--artifacts", art, "--json", *shape]
-        code, out, err, seconds = _run(cmd, build_timeout)
-        row.update(build_seconds=round(seconds, 1), input=shape[1] if shape else "own size")
-        if code is None:
+        build = run_exporter(["build", f"torchvision:{name}", "--untrained", "--batch", "1", "--backends",
+                              ",".join(backends), "--keep-going", "--parity-samples", "8", "--artifacts", art,
+                              "--json", *shape], build_timeout)
+        row.update(build_seconds=round(build.seconds, 1), input=shape[1] if shape else "own size")
+        if build.code is None:
             row["error"] = f"build exceeded {build_timeout:.0f} s"
             return row
-        if not out.strip():
-            row["error"] = _error_line(err)
+        if not build.stdout.strip():
+            row["error"] = error_line(build.stderr)
             return row
-        summary = json.loads(out)
+        summary = json.loads(build.stdout)
         row["input"] = "×".join(map(str, json.loads(Path(summary["manifest"]).read_text())["input_shape"]))
         cells: dict[str, dict] = {}
         failed = {f["backend"]: f["error"] for f in summary["failed"]}
@@ -100,15 +82,15 @@ def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: flo
             for column in STAGE_COLUMNS.get(backend, ()):
                 cells.setdefault(column, {"status": "skipped", "reason": reason})
         row["cells"] = cells
-        bench = [sys.executable, "-m", "exporter", "bench", f"torchvision:{name}", "--batch-sizes", "1",
-                 "--budget", "0.3", "--min-runs", "5", "--warmup", "2", "--no-overhead", "--gemm-size", "512",
-                 "--artifacts", art, "--json"]
-        code, out, err, seconds = _run(bench, bench_timeout)
-        row["bench_seconds"] = round(seconds, 1)
-        if code is None or not out.strip():
-            row["bench_error"] = f"bench exceeded {bench_timeout:.0f} s" if code is None else _error_line(err)
+        bench = run_exporter(["bench", f"torchvision:{name}", "--batch-sizes", "1", "--budget", "0.3", "--min-runs",
+                              "5", "--warmup", "2", "--no-overhead", "--gemm-size", "512", "--artifacts", art,
+                              "--json"], bench_timeout)
+        row["bench_seconds"] = round(bench.seconds, 1)
+        if bench.code is None or not bench.stdout.strip():
+            row["bench_error"] = (f"bench exceeded {bench_timeout:.0f} s" if bench.code is None
+                                  else error_line(bench.stderr))
         else:
-            for cell in json.loads(out)["cells"]:
+            for cell in json.loads(bench.stdout)["cells"]:
                 target = cells.setdefault(cell["label"], {"status": "reference"})
                 target["p50_ms"] = cell.get("p50_ms")
                 if cell.get("status") != "ok":
@@ -220,15 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             "torchvision": torchvision.__version__, "backends": list(backends),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     started = time.perf_counter()
-    for i, name in enumerate(names, 1):
-        print(f"[{i}/{len(names)}] {name} …", file=sys.stderr, flush=True)
-        rows[name] = cover(name, size=args.size, backends=backends, build_timeout=args.build_timeout,
-                           bench_timeout=args.bench_timeout)
-        atomic_write_text(store, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        atomic_write_text(Path(args.results) / "zoo-coverage.md", render(rows, meta))
-        row = rows[name]
-        print(f"[{i}/{len(names)}] {name}: {row.get('error') or 'built'} ({row.get('build_seconds', 0):.0f} s)",
-              file=sys.stderr, flush=True)
+    run_rows(names, rows, lambda name: cover(name, size=args.size, backends=backends,
+                                             build_timeout=args.build_timeout, bench_timeout=args.bench_timeout),
+             store=store, header=meta, render=render,
+             outcome=lambda row: f"{row.get('error') or 'built'} ({row.get('build_seconds', 0):.0f} s)")
     print(f"{len(names)} model(s) in {(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr)
     return 0
 

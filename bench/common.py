@@ -1,0 +1,64 @@
+"""What the bench scripts share: one `exporter` subprocess with a timeout, its error line, and the per-model loop
+that saves the results after every model (so an interrupted run keeps what finished)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from exporter.fileio import atomic_write_text  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One finished (or timed-out: `code` None) subprocess."""
+
+    code: int | None
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def run_exporter(args: list[str], timeout: float) -> Finished:
+    """`python -m exporter ARGS` from the repository root, captured, killed after `timeout` seconds."""
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "exporter", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired as exc:
+        return Finished(None, _text(exc.stdout), _text(exc.stderr), time.perf_counter() - started)
+    return Finished(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - started)
+
+
+def _text(value: str | bytes | None) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value or ""
+
+
+def error_line(stderr: str) -> str:
+    """The last `error:` line of a command's stderr (else its last line), at most 300 characters."""
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    return (lines[-1] if lines else (stderr.strip().splitlines() or ["no output"])[-1])[:300]
+
+
+def run_rows(names: list[str], rows: dict[str, dict], work: Callable[[str], dict], *, store: Path,
+             header: dict, render: Callable[[dict[str, dict], dict], str], outcome: Callable[[dict], str],
+             header_key: str = "meta") -> None:
+    """`rows[name] = work(name)` for each name, writing `store` (JSON) and its rendered `.md` after each one."""
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name} …", file=sys.stderr, flush=True)
+        rows[name] = work(name)
+        atomic_write_text(store, json.dumps({header_key: header, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(store.with_suffix(".md"), render(rows, header))
+        print(f"[{i}/{len(names)}] {name}: {outcome(rows[name])}", file=sys.stderr, flush=True)
