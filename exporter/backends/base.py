@@ -28,6 +28,9 @@ from exporter.errors import ExporterError, UsageError, one_line
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8")
 DEVICES = ("cpu", "cuda")
+# Every int8 artifact's build-time goal: this top-1 agreement with fp32 on held-back calibration images; below
+# it, the backend leaves its most sensitive layers in fp32.
+INT8_MIN_AGREEMENT = 0.99
 
 
 class BackendUnavailable(ExporterError):

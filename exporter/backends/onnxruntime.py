@@ -12,16 +12,11 @@ unavailable; one that fails to load is an error — never a silent CPU fallback.
 `export_onnxruntime(ctx)` needs the "onnx-fp32" artifact of `export_onnx` and writes:
 - with `ctx.int8`: `model.int8.onnx`, a QDQ model (`quantize_static`) in the layout ONNX Runtime's x86 kernels
   are fast at — asymmetric uint8 activations, per-channel symmetric int8 weights — calibrated on `ctx.calibration`,
-  real training images. (TensorRT takes only symmetric int8 and no quantized biases: the tensorrt stage writes its
-  own QDQ file with `write_qdq`.)
+  real training images, with the layers that cost agreement left in fp32 (`exporter/backends/onnxruntime_int8.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +32,15 @@ from exporter.backends.base import (
     register_backend,
     register_stage,
 )
-from exporter.backends.onnx import (
-    INPUT_NAME,
-    module_outputs,
-    read_metadata,
-    set_metadata,
-)
-from exporter.errors import ExporterError, UsageError
-from exporter.fileio import atomic_path, sha256_file, user_cache_dir
+from exporter.backends.onnx import module_outputs
+from exporter.backends.onnxruntime_int8 import INT8_FILE, check_calibration, quantize_int8
+from exporter.errors import UsageError
+from exporter.fileio import sha256_file, user_cache_dir
 
-INT8_FILE = "model.int8.onnx"
-CALIBRATION_BATCH = 16
 TRT_OPT_BATCH_LIMIT = 16  # the batch the TensorRT EP tunes for (as the tensorrt backend's engines)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-
-
-class CalibrationDataError(UsageError):
-    """int8 quantization was asked for without usable calibration images."""
 
 
 def session_options(ort: Any, options: dict[str, Any]) -> Any:
@@ -288,12 +273,13 @@ def export_onnxruntime(ctx: BuildContext) -> list[Artifact]:
     ort = import_optional("onnxruntime")
     source = _onnx_input(ctx)
     if ctx.int8:  # fail on missing calibration data before spending time on anything else
-        _check_calibration(ctx.calibration, ctx.input_shape)
+        check_calibration(ctx.calibration, ctx.input_shape)
     artifacts: list[Artifact] = []
     info: dict[str, Any] = {"onnxruntime_version": ort.__version__, "providers": ort.get_available_providers()}
     if ctx.int8:
-        artifacts.append(quantize_int8(source, ctx.out_dir / INT8_FILE, ctx.calibration))
-        info["int8_calibration_images"] = int(len(ctx.calibration))
+        int8_info: dict[str, Any] = {}
+        artifacts.append(quantize_int8(source, ctx.out_dir / INT8_FILE, ctx.calibration, info=int8_info))
+        info["int8"] = int8_info
     # The GPU execution providers run the plain ONNX file: listed only where they are installed.
     gpu_ready = OnnxRuntimeRunner.unavailable_reason("cuda") is None
     if gpu_ready:
@@ -316,123 +302,3 @@ def export_onnxruntime(ctx: BuildContext) -> list[Artifact]:
                                          "layers"]))
     ctx.diagnostics["onnxruntime"] = info
     return artifacts
-
-
-def _check_calibration(images: np.ndarray | None, input_shape: tuple[int, int, int]) -> np.ndarray:
-    if images is None or len(images) == 0:
-        raise CalibrationDataError("--int8 needs calibration images (real training images) and none were given")
-    images = np.asarray(images)
-    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(input_shape):
-        raise CalibrationDataError(f"calibration images have shape {images.shape}, expected N×"
-                                   f"{'×'.join(map(str, input_shape))}")
-    if not np.isfinite(images).all():
-        raise CalibrationDataError("calibration images contain NaN or Inf")
-    return images.astype(np.float32, copy=False)
-
-
-class ImageCalibrationReader:
-    """`onnxruntime.quantization.CalibrationDataReader` over an N×C×H×W float32 array, in fixed batches."""
-
-    def __init__(self, images: np.ndarray, input_name: str = INPUT_NAME, batch_size: int = CALIBRATION_BATCH,
-                 progress: bool = True) -> None:
-        self.images = images
-        self.input_name = input_name
-        self.batch_size = batch_size
-        self.progress = progress
-        self.rewind()
-
-    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-        from tqdm import tqdm
-
-        with tqdm(total=len(self.images), desc="int8 calibration", unit="img", disable=not self.progress) as bar:
-            for start in range(0, len(self.images), self.batch_size):
-                batch = np.ascontiguousarray(self.images[start:start + self.batch_size], dtype=np.float32)
-                bar.update(len(batch))
-                yield {self.input_name: batch}
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._iter, None)
-
-    def rewind(self) -> None:
-        self._iter = self._batches()
-
-
-def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *, progress: bool = True) -> Artifact:
-    """Write the CPU int8 QDQ copy of `source`, calibrated (MinMax) on `calibration` images; return its artifact.
-
-    Asymmetric uint8 activations with per-channel int8 weights: the layout ONNX Runtime's x86 int8 kernels are
-    fast at (resnet50, batch 1: 7.1 ms against 22.8 ms for symmetric int8 activations).
-    """
-    notes = write_qdq(source, target, calibration, activation_type="uint8",
-                      extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-                      layout="per-channel symmetric int8 weights, asymmetric uint8 activations", progress=progress)
-    notes.insert(1, "for ONNX Runtime's CPU EP; TensorRT builds from its own symmetric copy (tensorrt stage)")
-    return Artifact(name="onnx-int8", backend="onnxruntime", path=target.name, precision="int8", notes=notes)
-
-
-def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, activation_type: str,
-              extra_options: dict[str, Any], layout: str, progress: bool = True) -> list[str]:
-    """Write a QDQ int8 copy of `source` to `target`: per-channel int8 weights, `activation_type` ("uint8" or
-    "int8") activations, MinMax-calibrated on `calibration`; `extra_options` go to `quantize_static` as they are.
-
-    `layout` describes the result (metadata and notes). Returns the notes for the file's artifact.
-    """
-    import_optional("onnxruntime")
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    activations = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
-    meta = read_metadata(source)
-    graph_input = onnx.load(str(source), load_external_data=False).graph.input[0]
-    expected = tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:])
-    images = _check_calibration(calibration, expected)
-    input_name = graph_input.name
-    with tempfile.TemporaryDirectory(prefix="exporter-int8-") as work, atomic_path(target) as tmp, \
-            _captured_root_log() as quantizer_log:
-        prepared = Path(work) / "prepared.onnx"
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
-        try:
-            quantize_static(
-                str(prepared), str(tmp), ImageCalibrationReader(images, input_name, progress=progress),
-                quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activations,
-                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, extra_options=extra_options,
-            )
-        except Exception as exc:
-            text = str(exc).strip().splitlines()
-            raise ExporterError(f"int8 quantization failed: {type(exc).__name__}: {text[0] if text else ''}") from exc
-        model = onnx.load(str(tmp))
-        meta.update(precision="int8", int8_calibration=f"MinMax on {len(images)} images; {layout}")
-        set_metadata(model, meta)
-        onnx.checker.check_model(model, full_check=True)
-        onnx.save(model, str(tmp))
-    notes = [f"QDQ int8 ({layout}), MinMax calibration on {len(images)} training images"]
-    per_tensor = [m for m in quantizer_log if "out-of-range for weight" in m]
-    if per_tensor:  # rank-1 weights (a BatchNorm not folded into a conv) cannot be per-channel
-        notes.append(f"{len(per_tensor)} rank-1 weights (unfolded BatchNorm scales) quantized per-tensor")
-    return notes + [m for m in quantizer_log if m not in per_tensor][:5]
-
-
-@contextlib.contextmanager
-def _captured_root_log() -> Iterator[list[str]]:
-    """Collect the warnings ONNX Runtime's quantizer sends to the root logger (one per weight) instead of
-    printing them; with a handler in place `logging.warning` does not install its own stderr handler either."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    root = logging.getLogger()
-    handler = Collect(level=logging.WARNING)
-    saved = root.handlers[:]
-    root.handlers = [handler]
-    try:
-        yield messages
-    finally:
-        root.handlers = saved

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from exporter.backends.base import (
+    INT8_MIN_AGREEMENT,
     Artifact,
     BackendUnavailable,
     BisectionUnsupported,
@@ -48,7 +49,6 @@ from exporter.errors import UsageError, one_line
 IR_DIR = "openvino"
 IR_FP16_DIR = "openvino-fp16"
 IR_INT8_DIR = "openvino-int8"
-INT8_MIN_AGREEMENT = 0.99  # NNCF's default int8 is kept when it agrees this well with fp32 on held-back images
 INT8_MAX_DROP = 0.005  # else its accuracy control may revert layers to fp32 until the agreement drop is this
 IR_FILE = "model.xml"
 # OpenVINO's inference-precision names ↔ our precision names.

@@ -263,7 +263,7 @@ def write_tensorrt_qdq(source: Path, target: Path, calibration: np.ndarray | Non
     DequantizeLinear that ONNX Runtime's quantizer writes by default (`QuantizeBias`), so the CPU file
     (`model.int8.onnx`, uint8 activations) cannot serve. ONNX Runtime's quantizer writes it (lazily imported).
     """
-    from exporter.backends.onnxruntime import write_qdq
+    from exporter.backends.onnxruntime_int8 import write_qdq
 
     return write_qdq(source, target, calibration, activation_type="int8",
                      extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},

@@ -11,13 +11,8 @@ import pytest
 
 from exporter.backends import BackendUnavailable
 from exporter.backends.onnx import export_onnx, read_metadata
-from exporter.backends.onnxruntime import (
-    INT8_FILE,
-    CalibrationDataError,
-    OnnxRuntimeRunner,
-    export_onnxruntime,
-    quantize_int8,
-)
+from exporter.backends.onnxruntime import OnnxRuntimeRunner, export_onnxruntime
+from exporter.backends.onnxruntime_int8 import INT8_FILE, CalibrationDataError, quantize_int8, shortest_fp32_run
 from exporter.errors import UsageError
 from tests.backends.onnx_builds import (  # noqa: F401  (onnx_build is a fixture)
     CHEAP_MODELS,
@@ -99,7 +94,9 @@ def test_int8_qdq_runs_and_keeps_top1_on_real_images(int8_build) -> None:
     assert fp32_acc > 0.8, f"the test model did not train (accuracy {fp32_acc:.2f})"
     assert agreement >= 0.95, f"int8 top-1 agreement {agreement:.3f}"
     assert int8_acc >= fp32_acc - 0.03
-    assert ctx.diagnostics["onnxruntime"]["int8_calibration_images"] == 256
+    held_back = ctx.diagnostics["onnxruntime"]["int8"]
+    assert held_back["calibration_images"] == 192 and held_back["held_back_images"] == 64
+    assert held_back["agreement"] >= 0.99 and not held_back["default_failures"] and not held_back["fp32_nodes"]
 
 
 def _assert_cpu_int8_layout(model) -> None:
@@ -120,6 +117,37 @@ def test_cpu_int8_file_has_uint8_activations_and_int8_weights(tmp_path) -> None:
     artifact = quantize_int8(tmp_path / fp32.path, tmp_path / INT8_FILE, calibration, progress=False)
     assert artifact.name == "onnx-int8" and "asymmetric uint8 activations" in artifact.notes[0]
     _assert_cpu_int8_layout(onnx.load(str(tmp_path / INT8_FILE)))
+
+
+def test_int8_that_fails_its_class_on_held_back_images_leaves_layers_in_fp32(int8_build, tmp_path) -> None:
+    ctx, images, _ = int8_build
+    # Calibrated on dimmed images, checked on real ones: MinMax ranges clip the held-back quarter.
+    calibration = np.concatenate([images[:48] * 0.1, images[48:64]])
+    info: dict = {}
+    artifact = quantize_int8(ctx.out_dir / ctx.artifact("onnx-fp32").path, tmp_path / INT8_FILE, calibration,
+                             progress=False, info=info)
+    assert info["calibration_images"] == 48 and info["held_back_images"] == 16
+    assert info["default_failures"] and info["fp32_nodes"] and info["fp32_layers"]
+    assert info["min_cosine"] >= 0.99 and info["agreement"] >= 0.99  # the kept file passes on the held-back images
+    assert f"layers left in fp32: {len(info['fp32_layers'])}" in " ".join(artifact.notes)
+    stored = {p.key: p.value for p in onnx.load(str(tmp_path / INT8_FILE)).metadata_props}
+    assert stored["int8_fp32_nodes"].split(",") == info["fp32_nodes"]
+
+
+def test_shortest_fp32_run_bisects_from_either_end() -> None:
+    nodes = [f"n{i}" for i in range(20)]
+    calls: list[int] = []
+
+    def needs(culprit: str):
+        def passes(run) -> bool:
+            calls.append(len(run))
+            return culprit in run
+        return passes
+
+    assert shortest_fp32_run(nodes, needs("n3")) == nodes[:4]
+    assert shortest_fp32_run(nodes, needs("n17")) == nodes[17:]
+    assert len(calls) <= 4 * 5 + 4  # ~2·log2(20) per search
+    assert shortest_fp32_run(nodes, lambda run: len(run) == 20) == nodes  # only the fp32 model passes
 
 
 def _tiny_onnx(path, offset: float) -> None:

@@ -1,0 +1,257 @@
+"""ONNX Runtime int8: the calibrated QDQ copy of an ONNX model, accuracy-aware.
+
+`quantize_int8` writes `model.int8.onnx` in the layout ONNX Runtime's x86 int8 kernels are fast at (asymmetric uint8
+activations, per-channel symmetric int8 weights), MinMax-calibrated on real training images. A quarter of those
+images is held back: when the int8 model fails its class there (the parity judge's int8 tolerance, with
+INT8_MIN_AGREEMENT as the top-1 bar), the shortest run of graph nodes — from the input side or the output side, whichever is
+shorter — whose exclusion restores the agreement is found by bisection and left in fp32 (`nodes_to_exclude`).
+MinMax was measured against ONNX Runtime's Entropy and Percentile calibration on the trained zoo
+(`bench/int8_calibration.py`, `bench/results/int8-calibration.md`).
+
+`write_qdq` is the one quantizer call; the tensorrt stage uses it for its symmetric int8 copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.backends.base import INT8_MIN_AGREEMENT, Artifact, import_optional
+from exporter.backends.onnx import INPUT_NAME, read_metadata, set_metadata
+from exporter.errors import ExporterError, UsageError
+from exporter.fileio import atomic_path
+from exporter.judge import compute_metrics, judge, tolerance_for
+
+INT8_FILE = "model.int8.onnx"
+CALIBRATION_BATCH = 16
+CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")  # ONNX Runtime's CalibrationMethod names
+CPU_LAYOUT = "per-channel symmetric int8 weights, asymmetric uint8 activations"
+CPU_OPTIONS = {"ActivationSymmetric": False, "WeightSymmetric": True}
+
+
+class CalibrationDataError(UsageError):
+    """int8 quantization was asked for without usable calibration images."""
+
+
+def check_calibration(images: np.ndarray | None, input_shape: tuple[int, ...]) -> np.ndarray:
+    """The calibration images as float32 N×C×H×W; a one-line error when they are missing or malformed."""
+    if images is None or len(images) == 0:
+        raise CalibrationDataError("--int8 needs calibration images (real training images) and none were given")
+    images = np.asarray(images)
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(input_shape):
+        raise CalibrationDataError(f"calibration images have shape {images.shape}, expected N×"
+                                   f"{'×'.join(map(str, input_shape))}")
+    if not np.isfinite(images).all():
+        raise CalibrationDataError("calibration images contain NaN or Inf")
+    return images.astype(np.float32, copy=False)
+
+
+class ImageCalibrationReader:
+    """`onnxruntime.quantization.CalibrationDataReader` over an N×C×H×W float32 array, in fixed batches."""
+
+    def __init__(self, images: np.ndarray, input_name: str = INPUT_NAME, batch_size: int = CALIBRATION_BATCH,
+                 progress: bool = True) -> None:
+        self.images = images
+        self.input_name = input_name
+        self.batch_size = batch_size
+        self.progress = progress
+        self.rewind()
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        from tqdm import tqdm
+
+        with tqdm(total=len(self.images), desc="int8 calibration", unit="img", disable=not self.progress) as bar:
+            for start in range(0, len(self.images), self.batch_size):
+                batch = np.ascontiguousarray(self.images[start:start + self.batch_size], dtype=np.float32)
+                bar.update(len(batch))
+                yield {self.input_name: batch}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = self._batches()
+
+
+def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *, progress: bool = True,
+                  info: dict[str, Any] | None = None) -> Artifact:
+    """Write the CPU int8 QDQ copy of `source` to `target`, leaving in fp32 what costs agreement; its artifact.
+
+    `info` (for the build's diagnostics) receives the calibration split, the held-back verdict before and after
+    the fallback and the nodes left in fp32.
+    """
+    import onnx
+
+    info = {} if info is None else info
+    graph_input = onnx.load(str(source), load_external_data=False).graph.input[0]
+    images = check_calibration(calibration, tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]))
+    held_back = len(images) // 4 if len(images) >= 16 else 0
+    calibration_images, validation = images[:len(images) - held_back], images[len(images) - held_back:]
+    info.update(method="MinMax", calibration_images=len(calibration_images), held_back_images=held_back,
+                min_agreement=INT8_MIN_AGREEMENT)
+    with tempfile.TemporaryDirectory(prefix="exporter-int8-") as work:
+        prepared = prepare_for_quantization(source, Path(work))
+        candidate = Path(work) / "candidate.onnx"
+
+        def quantize(excluded: Sequence[str]) -> list[str]:
+            return write_qdq(prepared, candidate, calibration_images, activation_type="uint8",
+                             extra_options=CPU_OPTIONS, layout=CPU_LAYOUT, progress=progress,
+                             nodes_to_exclude=excluded, prepared=True)
+
+        notes = quantize(())
+        excluded: list[str] = []
+        if held_back:
+            reference = _logits(source, validation, graph_input.name)
+
+            def failures() -> list[str]:
+                """The int8 class's verdict on the held-back images, with INT8_MIN_AGREEMENT as its top-1 bar."""
+                output = _logits(candidate, validation, graph_input.name)
+                metrics = compute_metrics(reference, output)
+                info.update(agreement=metrics.agreement, min_cosine=metrics.min_cosine)
+                return judge(reference, output, metrics, tolerance_for("int8", min_agreement=INT8_MIN_AGREEMENT))
+
+            def passes(run: Sequence[str]) -> bool:
+                nonlocal notes
+                notes = quantize(run)
+                return not failures()
+
+            info["default_failures"] = failures()
+            info.update(default_agreement=info["agreement"], default_min_cosine=info["min_cosine"])
+            if info["default_failures"]:
+                nodes = [node.name for node in onnx.load(str(prepared), load_external_data=False).graph.node]
+                excluded = shortest_fp32_run(nodes, passes)
+                passes(excluded)
+        compute = _compute_nodes(prepared, excluded)
+        info.update(fp32_nodes=excluded, fp32_layers=compute,
+                    fp32_layers_why=(f"on {held_back} held-back training images the int8 model failed its class "
+                                     f"({'; '.join(info['default_failures'])}); the shortest run of nodes whose "
+                                     "fp32 makes it pass, found by bisection") if excluded else None)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(candidate, tmp)
+    if held_back:
+        notes.insert(1, f"on {held_back} held-back training images: top-1 agreement with fp32 "
+                        f"{info['agreement']:.3f}, min cosine {info['min_cosine']:.4f}; layers left in fp32: "
+                        f"{len(compute)}"
+                     + (f" ({', '.join(compute[:4])}{', …' if len(compute) > 4 else ''})" if compute else ""))
+    notes.insert(1, "for ONNX Runtime's CPU EP; TensorRT builds from its own symmetric copy (tensorrt stage)")
+    return Artifact(name="onnx-int8", backend="onnxruntime", path=target.name, precision="int8", notes=notes)
+
+
+def shortest_fp32_run(nodes: Sequence[str], passes: Callable[[Sequence[str]], bool]) -> list[str]:
+    """The shortest prefix or suffix of `nodes` (topological order) for which `passes(run)` holds.
+
+    Bisection on each side (`passes` is assumed monotone in the run's length: more fp32, closer to fp32); all
+    nodes — the fp32 model — pass by definition. ~2·log2(len(nodes)) calls of `passes`.
+    """
+    best: list[str] = list(nodes)
+    for side in ("input", "output"):
+        low, high = 1, len(best)  # the shortest passing run is at most as long as the best so far
+        while low < high:
+            middle = (low + high) // 2
+            run = nodes[:middle] if side == "input" else nodes[len(nodes) - middle:]
+            if passes(run):
+                high = middle
+            else:
+                low = middle + 1
+        if low < len(best):
+            best = list(nodes[:low] if side == "input" else nodes[len(nodes) - low:])
+    return best
+
+
+def _logits(path: Path, images: np.ndarray, input_name: str) -> np.ndarray:
+    ort = import_optional("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {input_name: images[i:i + CALIBRATION_BATCH]})[0]
+                           for i in range(0, len(images), CALIBRATION_BATCH)])
+
+
+def _compute_nodes(model_path: Path, names: Sequence[str]) -> list[str]:
+    """The Conv / Gemm / MatMul nodes among `names`: the layers whose arithmetic stays fp32."""
+    import onnx
+
+    wanted = set(names)
+    return [node.name for node in onnx.load(str(model_path), load_external_data=False).graph.node
+            if node.name in wanted and node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+
+
+def prepare_for_quantization(source: Path, work: Path) -> Path:
+    """ONNX Runtime's pre-processing (shape inference, graph optimisation) of `source`, written under `work`."""
+    import_optional("onnxruntime")
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = work / "prepared.onnx"
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
+    return prepared
+
+
+def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, activation_type: str,
+              extra_options: dict[str, Any], layout: str, progress: bool = True, method: str = "MinMax",
+              nodes_to_exclude: Sequence[str] = (), prepared: bool = False) -> list[str]:
+    """Write a QDQ int8 copy of `source` to `target`: per-channel int8 weights, `activation_type` ("uint8" or
+    "int8") activations, `method`-calibrated on `calibration`, `nodes_to_exclude` left in fp32; `extra_options`
+    go to `quantize_static` as they are; `prepared`: `source` already went through `prepare_for_quantization`.
+
+    `layout` describes the result (metadata and notes). Returns the notes for the file's artifact.
+    """
+    import_optional("onnxruntime")
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise UsageError(f"int8 calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    activations = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
+    meta = read_metadata(source)
+    graph_input = onnx.load(str(source), load_external_data=False).graph.input[0]
+    images = check_calibration(calibration, tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]))
+    with tempfile.TemporaryDirectory(prefix="exporter-int8-") as work, atomic_path(target) as tmp, \
+            _captured_root_log() as quantizer_log:
+        ready = source if prepared else prepare_for_quantization(source, Path(work))
+        try:
+            quantize_static(
+                str(ready), str(tmp), ImageCalibrationReader(images, graph_input.name, progress=progress),
+                quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activations,
+                weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
+                extra_options=extra_options, nodes_to_exclude=list(nodes_to_exclude),
+            )
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            raise ExporterError(f"int8 quantization failed: {type(exc).__name__}: {text[0] if text else ''}") from exc
+        model = onnx.load(str(tmp))
+        meta.update(precision="int8", int8_calibration=f"{method} on {len(images)} images; {layout}")
+        if nodes_to_exclude:
+            meta["int8_fp32_nodes"] = ",".join(nodes_to_exclude)
+        set_metadata(model, meta)
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(tmp))
+    notes = [f"QDQ int8 ({layout}), {method} calibration on {len(images)} training images"]
+    per_tensor = [m for m in quantizer_log if "out-of-range for weight" in m]
+    if per_tensor:  # rank-1 weights (a BatchNorm not folded into a conv) cannot be per-channel
+        notes.append(f"{len(per_tensor)} rank-1 weights (unfolded BatchNorm scales) quantized per-tensor")
+    return notes + [m for m in quantizer_log if m not in per_tensor][:5]
+
+
+@contextlib.contextmanager
+def _captured_root_log() -> Iterator[list[str]]:
+    """Collect the warnings ONNX Runtime's quantizer sends to the root logger (one per weight) instead of
+    printing them; with a handler in place `logging.warning` does not install its own stderr handler either."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    root = logging.getLogger()
+    handler = Collect(level=logging.WARNING)
+    saved = root.handlers[:]
+    root.handlers = [handler]
+    try:
+        yield messages
+    finally:
+        root.handlers = saved
