@@ -45,7 +45,7 @@ class BuildOptions:
     input_shape: tuple[int, int, int] | None = None  # C, H, W: a model source's example input (overrides input_size)
     num_classes: int | None = None  # untrained, a model source or a bare state dict (an exporter checkpoint fixes it)
     parity_samples: int = 32
-    calibration_samples: int = 256
+    calibration_samples: int = 512  # int8: 3/4 calibrate, 1/4 is held back to judge the result
     seed: int = 0
     progress: bool = True
 

@@ -256,7 +256,8 @@ def test_parse_backends() -> None:
 def test_int8_needs_real_calibration_images(tmp_path: Path) -> None:
     result = build(build_options("lenet", tmp_path, int8=True, backends=["onnxruntime"], calibration_samples=32))
     assert any(a["precision"] == "int8" for a in result.manifest["artifacts"])
-    assert result.manifest["diagnostics"]["onnxruntime"]["int8_calibration_images"] == 32
+    int8 = result.manifest["diagnostics"]["onnxruntime"]["int8"]
+    assert int8["calibration_images"] == 24 and int8["held_back_images"] == 8
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from exporter.backends import BackendUnavailable
 from exporter.backends.onnx import export_onnx, read_metadata
 from exporter.backends.onnxruntime import OnnxRuntimeRunner, export_onnxruntime
-from exporter.backends.onnxruntime_int8 import INT8_FILE, CalibrationDataError, quantize_int8, shortest_fp32_run
+from exporter.backends.onnxruntime_int8 import INT8_FILE, CalibrationDataError, fewest_fp32_nodes, quantize_int8
 from exporter.errors import UsageError
 from tests.backends.onnx_builds import (  # noqa: F401  (onnx_build is a fixture)
     CHEAP_MODELS,
@@ -134,20 +134,22 @@ def test_int8_that_fails_its_class_on_held_back_images_leaves_layers_in_fp32(int
     assert stored["int8_fp32_nodes"].split(",") == info["fp32_nodes"]
 
 
-def test_shortest_fp32_run_bisects_from_either_end() -> None:
-    nodes = [f"n{i}" for i in range(20)]
+def test_fp32_fallback_bisects_to_the_culprit_nodes() -> None:
+    nodes = [f"n{i}" for i in range(32)]
     calls: list[int] = []
 
-    def needs(culprit: str):
+    def needs(*culprits: str):
         def passes(run) -> bool:
             calls.append(len(run))
-            return culprit in run
+            return set(culprits) <= set(run)
         return passes
 
-    assert shortest_fp32_run(nodes, needs("n3")) == nodes[:4]
-    assert shortest_fp32_run(nodes, needs("n17")) == nodes[17:]
-    assert len(calls) <= 4 * 5 + 4  # ~2·log2(20) per search
-    assert shortest_fp32_run(nodes, lambda run: len(run) == 20) == nodes  # only the fp32 model passes
+    assert fewest_fp32_nodes(nodes, needs("n3")) == ["n3"]
+    assert len(calls) <= 2 * 5
+    assert fewest_fp32_nodes(nodes, needs("n3", "n17", "n18")) == ["n3", "n17", "n18"]
+    calls.clear()
+    assert fewest_fp32_nodes(nodes, needs(*nodes), max_trials=6) == nodes  # only the fp32 model passes
+    assert len(calls) <= 6
 
 
 def _tiny_onnx(path, offset: float) -> None:
