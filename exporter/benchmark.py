@@ -13,12 +13,13 @@ from typing import Any, Iterable
 
 import torch
 
-from exporter.backends import Variant, get_backend
-from exporter.errors import UsageError
+from exporter.backends import BackendUnavailable, Variant, get_backend
+from exporter.backends.base import PEERS
+from exporter.errors import UsageError, one_line
 from exporter.machine import machine_slug
 from exporter.manifest import Build, update_manifest
 from exporter.models import count_macs, create_model
-from exporter.results import parity_of, parity_records, write_bench
+from exporter.results import UNVERIFIED, parity_of, parity_records, report_records, write_bench
 from exporter.timing import (  # noqa: F401  (BenchSettings, BenchError, run_bench: this stage's public API)
     BenchError,
     BenchSettings,
@@ -31,6 +32,9 @@ from exporter.timing import (  # noqa: F401  (BenchSettings, BenchError, run_ben
 ORACLE_BACKENDS = ("onnx_reference",)  # benchmarked only when named with --backends
 DEVICE_AGNOSTIC_BACKENDS = ("eager", "inductor")  # artifacts are weights: they run on any device
 TUNED = "tuned"
+PEER_PREFIX = "peer:"
+PEER_PARITY_SAMPLES = 64  # real test images each peer is judged on before it is timed
+PEER_CALIBRATION_IMAGES = 300  # NNCF's default subset size
 
 
 def targets_for_build(build: Build, backends: Iterable[str] | None = None, *, tuned: bool = True,
@@ -89,8 +93,13 @@ def model_costs(build: Build) -> tuple[int, int]:
 
 
 def bench_build(build: Build, settings: BenchSettings, *, backends: Iterable[str] | None = None,
-                peaks: dict[str, Any] | None = None, progress: bool = False, save: bool = True) -> dict[str, Any]:
+                peaks: dict[str, Any] | None = None, progress: bool = False, save: bool = True,
+                with_peers: bool = False) -> dict[str, Any]:
     """Benchmark a loaded build; merges the cells into `bench.json` and the manifest's `bench` section.
+
+    `with_peers` also times, in the same rounds, what a user of each runtime does by hand with the build's files
+    (`PEERS`), each judged first on real images; `results["peers"]["versus"]` compares our fastest passing
+    artifact with the fastest peer at every batch size.
 
     Batch sizes a static-batch build cannot run are refused up front (UsageError), not timed as failures.
     """
@@ -100,10 +109,19 @@ def bench_build(build: Build, settings: BenchSettings, *, backends: Iterable[str
     targets = targets_for_build(build, backends, device=settings.device)
     if not targets:
         raise BenchError(f"build {build.dir} has no artifacts to benchmark")
+    peer_notes: list[dict[str, Any]] = []
+    if with_peers:
+        peer_list, peer_notes = peer_targets(build, progress=progress)
+        targets += peer_list
     macs, activation_bytes = model_costs(build)
     results = run_bench(targets, input_shape=build.input_shape, macs_per_image=macs, settings=settings,
                         peaks=peaks, progress=progress, label=build.model, activation_bytes=activation_bytes)
     results.update(model=build.model, build_dir=str(build.dir), build_id=build.build_id)
+    if with_peers:
+        cells = results["cells"]
+        results["cells"] = [c for c in cells if not c["label"].startswith(PEER_PREFIX)]
+        results["peers"] = {"cells": [c for c in cells if c["label"].startswith(PEER_PREFIX)],
+                            "not_run": peer_notes, "versus": versus_peers(cells)}
     if save:
         merged = write_bench(build.dir, dict(results, cells=[dict(c) for c in results["cells"]]))
         update_manifest(build, "bench", {"file": "bench.json", "created": results["created"],
@@ -118,3 +136,53 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"label": c["label"], "batch": c["batch"], "status": c["status"], "p50_ms": c.get("p50_ms"),
              "throughput_ips": c.get("throughput_ips"), "executed_precision": c.get("executed_precision"),
              "parity": c["parity"].get("status"), "unstable": c.get("unstable")} for c in results["cells"]]
+
+
+def peer_targets(build: Build, *, progress: bool = False) -> tuple[list[BenchTarget], list[dict[str, Any]]]:
+    """The peer baseline of a build, each judged on PEER_PARITY_SAMPLES real test images; (targets, not run)."""
+    from exporter.data import sample_images
+    from exporter.parity import verify_build
+
+    artifacts = {a.name: a for a in build.artifacts}
+
+    def calibration() -> Any:
+        return sample_images(build.dataset, "train", build.input_shape, PEER_CALIBRATION_IMAGES, seed=0)[0]
+
+    peers, not_run = [], []
+    for name, factory in PEERS.items():
+        try:
+            artifact = factory(Path(build.dir), artifacts, calibration)
+        except BackendUnavailable as exc:
+            not_run.append({"peer": name, "reason": str(exc)})
+            continue
+        except Exception as exc:  # noqa: BLE001  (one peer failing to build must not stop the benchmark)
+            not_run.append({"peer": name, "reason": f"failed: {one_line(exc)}"})
+            continue
+        if artifact is None:
+            not_run.append({"peer": name, "reason": "the build has no file it starts from"})
+        else:
+            peers.append(Variant(artifact))
+    if not peers:
+        return [], not_run
+    report = verify_build(build, variants=peers, samples=PEER_PARITY_SAMPLES, progress=progress, source="peers")
+    records = report_records(report.to_dict())
+    return [BenchTarget(v, build.dir, records.get(v.label, UNVERIFIED)) for v in peers], not_run
+
+
+def versus_peers(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per batch size: our fastest artifact that passed parity against the fastest peer (any verdict, shown)."""
+    rows = []
+    for batch in sorted({c["batch"] for c in cells}):
+        timed = [c for c in cells if c["batch"] == batch and c["status"] == "ok"]
+        ours = [c for c in timed if not c["label"].startswith(PEER_PREFIX)
+                and (c.get("parity") or {}).get("status") in ("pass", "reference")]
+        peers = [c for c in timed if c["label"].startswith(PEER_PREFIX)]
+        if not ours or not peers:
+            continue
+        best, peer = min(ours, key=lambda c: c["p50_ms"]), min(peers, key=lambda c: c["p50_ms"])
+        rows.append({"batch": batch, "ours": best["label"], "ours_p50_ms": best["p50_ms"],
+                     "ours_parity": best["parity"].get("status"), "peer": peer["label"],
+                     "peer_p50_ms": peer["p50_ms"], "peer_parity": (peer.get("parity") or {}).get("status"),
+                     "ratio": best["p50_ms"] / peer["p50_ms"]})
+    return rows
+

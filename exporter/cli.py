@@ -292,6 +292,10 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gemm-size", type=positive_int, default=2048, help="n of the n³ matmul measuring the peak "
                    "(64–16384, default 2048; below ~1024 the probe does not reach the peak)")
     p.add_argument("--no-overhead", action="store_true", help="skip the bare-runtime-call overhead measurement")
+    p.add_argument("--peers", action="store_true", help="also time, in the same rounds, what a user of each runtime "
+                   "does by hand with the build's files (ORT default session, OpenVINO f32 / default / on the int8 "
+                   "ONNX, NNCF's default int8), each judged on 64 real images first, and print our fastest passing "
+                   "artifact as a ratio to the fastest of them")
     p.add_argument("--tune", action="store_true", help="try runtime settings first, verify and record the winners")
     p.add_argument("--tune-batch", type=positive_int, help="batch size the tuning is done at (default: smallest)")
     p.add_argument("--allow-bf16", action="store_true", help="with --tune: also try bf16 inference (you accept "
@@ -318,6 +322,19 @@ def _bench_rows(results: dict) -> list[dict]:
             row["p50"] = c.get("error") or ""
         rows.append(row)
     return rows
+
+
+def _print_peers(peers: dict) -> None:
+    print("peer baseline (the runtimes' own defaults, same rounds):")
+    print_table(_bench_rows({"cells": peers["cells"]}), [("label", "peer"), ("batch", "batch"), ("prec", "runs in"),
+                                                       ("parity", "parity"), ("status", "status"),
+                                                       ("p50", "p50 ms"), ("ips", "img/s")])
+    for note in peers["not_run"]:
+        print(f"  {note['peer']}: not run: {note['reason']}")
+    for row in peers["versus"]:
+        print(f"batch {row['batch']}: ours {row['ours']} {row['ours_p50_ms']:.3f} ms ({row['ours_parity']}) vs "
+              f"fastest peer {row['peer']} {row['peer_p50_ms']:.3f} ms ({row['peer_parity']}): "
+              f"{row['ratio']:.2f}×")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -347,7 +364,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                     print(f"tune {build.model}/{name}: {entry['variant']} {entry['options'] or ''} "
                           f"(default p50 {entry['default_p50_ms'] or float('nan'):.3f} ms → "
                           f"{entry['p50_ms'] or float('nan'):.3f} ms)" + (f", parity {verdict}" if verdict else ""))
-        results = bench_build(build, settings, backends=args.backends, progress=not args.json)
+        results = bench_build(build, settings, backends=args.backends, progress=not args.json,
+                              with_peers=args.peers)
         everything.append(results)
         if not args.json:
             peaks = results["peaks_gflops"]
@@ -359,6 +377,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                                ("p99", "p99 ms"), ("cv", "cv"), ("ips", "img/s"),
                                                ("gflops", "GFLOP/s"), ("peak", "%peak"), ("first", "1st ms"),
                                                ("overhead", "overhead")])
+            if "peers" in results:
+                _print_peers(results["peers"])
             for warning in results.get("warnings", []):
                 print(f"warning: {warning}")
             print(f"saved {build.dir / 'bench.json'}")

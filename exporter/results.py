@@ -116,6 +116,11 @@ def _record(entry: dict[str, Any], document: dict[str, Any]) -> ParityRecord:
         created=entry.get("judged_at") or document.get("created"))
 
 
+def report_records(report: dict[str, Any]) -> dict[str, ParityRecord]:
+    """Each label's record in one parity report (`ParityReport.to_dict()`), e.g. one not saved in parity.json."""
+    return {entry["label"]: _record(entry, report) for entry in report["results"]}
+
+
 def parity_records(build: Build) -> dict[str, ParityRecord]:
     """Every label's parity record in the build, the eager fp32 reference included."""
     document = read_parity(build.dir)

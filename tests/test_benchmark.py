@@ -23,6 +23,7 @@ from exporter.machine import machine_slug
 from exporter.manifest import FORMAT_VERSION, load_build, update_manifest
 from exporter.results import read_bench, write_parity
 from tests.conftest import TEST_NUM_CLASSES
+from tests.parity_builds import copy_build, own_build  # noqa: F401  (fixture)
 
 TINY_MODEL = "lenet"
 TINY_SHAPE = (1, 28, 28)
@@ -303,3 +304,30 @@ def test_cuda_events_path(tmp_path: Path) -> None:
     cell = next(c for c in results["cells"] if c["artifact"] == "eager")
     assert cell["status"] == "ok" and cell["transfers"]["h2d_ms"] >= 0
     assert cell["memory"]["kind"].startswith("device-wide")
+
+
+def test_peers_are_judged_then_timed_in_the_same_rounds_and_compared(own_build: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    build_dir = copy_build(own_build, tmp_path / "b")
+    assert main(["verify", str(build_dir), "--samples", "16"]) == 0  # ours must have passed to be compared
+    capsys.readouterr()
+    code = main(["bench", str(build_dir), "--batch-sizes", "1", "--budget", "0.05", "--min-runs", "3", "--warmup",
+                 "1", "--gemm-size", "256", "--no-overhead", "--peers", "--json"])
+    out = capsys.readouterr()
+    assert out.out.strip(), out.err[-2000:]
+    results = json.loads(out.out)
+    assert code in (0, 3)
+    peers = {c["label"]: c for c in results["peers"]["cells"]}
+    assert peers["peer:ort-default"]["parity"]["status"] == "pass" and peers["peer:ort-default"]["status"] == "ok"
+    assert peers["peer:ort-default"]["options"] == {} and not any(c["label"].startswith("peer:")
+                                                                  for c in results["cells"])
+    assert {n["peer"] for n in results["peers"]["not_run"]} >= {"openvino-on-int8-onnx"}  # the build has no int8
+    (row,) = results["peers"]["versus"]
+    assert row["ratio"] == pytest.approx(row["ours_p50_ms"] / row["peer_p50_ms"]) and row["ours_parity"] == "pass"
+    assert "peers" in read_bench(build_dir)
+    if BACKENDS["openvino"].unavailable_reason("cpu") is None:
+        default = peers["peer:openvino-default"]
+        assert default["parity"]["judged_as"] == default["executed_precision"]  # judged in what it really ran
+        assert (build_dir / "peers" / "nncf-default" / "model.xml").is_file()
+        assert peers["peer:nncf-default-int8"]["parity"]["judged_as"] == "int8"
+

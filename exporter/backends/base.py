@@ -320,6 +320,28 @@ def runner_for(artifact: Artifact, build_dir: str | Path) -> Runner:
     return Variant(artifact).runner(build_dir)
 
 
+# --- peer baseline ---------------------------------------------------------------------------------------------
+
+PeerFactory = Callable[[Path, dict[str, "Artifact"], Callable[[], np.ndarray]], "Artifact | None"]
+PEERS: dict[str, PeerFactory] = {}  # in registration order
+
+
+def register_peer(name: str) -> Callable[[PeerFactory], PeerFactory]:
+    """Decorator registering a peer baseline: what a user of one runtime does by hand with the build's files.
+
+    The factory gets (build dir, the build's artifacts by name, a function returning calibration images) and
+    returns an Artifact named `peer:NAME` (not in the manifest; timed and judged like one), or None when the build
+    has no file it starts from.
+    """
+    def wrap(factory: PeerFactory) -> PeerFactory:
+        if name in PEERS:
+            raise ValueError(f"peer {name!r} is registered twice")
+        PEERS[name] = factory
+        return factory
+
+    return wrap
+
+
 # --- export stages -------------------------------------------------------------------------------------------
 
 ExportFunction = Callable[[BuildContext], list[Artifact]]

@@ -30,6 +30,7 @@ from exporter.backends.base import (
     best_gemm_gflops,
     import_optional,
     register_backend,
+    register_peer,
     register_stage,
 )
 from exporter.backends.onnx import module_outputs
@@ -302,3 +303,14 @@ def export_onnxruntime(ctx: BuildContext) -> list[Artifact]:
                                          "layers"]))
     ctx.diagnostics["onnxruntime"] = info
     return artifacts
+
+
+@register_peer("ort-default")
+def ort_default_peer(build_dir: Path, artifacts: dict[str, Artifact], calibration: Any) -> Artifact | None:
+    """`InferenceSession("model.onnx")` with default SessionOptions: what an ONNX Runtime user starts from."""
+    fp32 = artifacts.get("onnx-fp32")
+    if fp32 is None:
+        return None
+    return Artifact(name="peer:ort-default", backend="onnxruntime", path=fp32.path, precision="fp32",
+                    options={"intra_op_num_threads": 0}, notes=["ONNX Runtime CPU, default SessionOptions"])
+

@@ -41,6 +41,7 @@ from exporter.backends.base import (
     best_gemm_gflops,
     import_optional,
     register_backend,
+    register_peer,
     register_stage,
 )
 from exporter.backends.onnx import module_outputs
@@ -51,6 +52,8 @@ IR_FP16_DIR = "openvino-fp16"
 IR_INT8_DIR = "openvino-int8"
 INT8_MAX_DROP = 0.005  # else its accuracy control may revert layers to fp32 until the agreement drop is this
 IR_FILE = "model.xml"
+PLUGIN_DEFAULT = "default"  # `inference_precision` that sets no hint (what a bare `compile_model` does)
+PEER_DIR = "peers"  # the peer baseline's NNCF-default int8 IR, made by `exporter bench --peers`
 # OpenVINO's inference-precision names ↔ our precision names.
 OV_TO_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 PRECISION_TO_OV = {v: k for k, v in OV_TO_PRECISION.items()}
@@ -106,6 +109,8 @@ class OpenVinoRunner(Runner):
     @property
     def inference_precision(self) -> str:
         requested = self.options.get("inference_precision") or PRECISION_TO_OV.get(self.precision)
+        if requested == PLUGIN_DEFAULT:  # OpenVINO's own choice: only the peer baseline asks for it
+            return requested
         if requested not in OV_TO_PRECISION:
             raise UsageError(f"openvino: inference_precision must be one of {', '.join(OV_TO_PRECISION)} "
                              f"(precision {self.precision} has no OpenVINO equivalent), got {requested!r}")
@@ -113,7 +118,9 @@ class OpenVinoRunner(Runner):
 
     def compile_config(self) -> dict[str, Any]:
         """The `compile_model` config: the precision hint always, the performance options when given."""
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.inference_precision}
+        config: dict[str, Any] = {}
+        if self.inference_precision != PLUGIN_DEFAULT:
+            config["INFERENCE_PRECISION_HINT"] = self.inference_precision
         hint = self.options.get("performance_hint")
         if hint is not None:
             if str(hint).upper() not in PERFORMANCE_HINTS:
@@ -134,7 +141,7 @@ class OpenVinoRunner(Runner):
         model = core.read_model(str(self.path))
         self.compiled = core.compile_model(model, self.options.get("device_name", "CPU"), self.compile_config())
         self._executed = ov_type_to_precision(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
-        asked = OV_TO_PRECISION[self.inference_precision]
+        asked = OV_TO_PRECISION.get(self.inference_precision, self._executed)
         if self._executed != asked:
             raise RunnerError(f"openvino: asked for {self.inference_precision} inference but the CPU plugin would "
                               f"execute {self._executed} (this CPU has no native {asked}); refusing a silent change")
@@ -143,7 +150,7 @@ class OpenVinoRunner(Runner):
     @property
     def executed_precision(self) -> str:
         """What the compiled model executes, read back from OpenVINO (not what was asked)."""
-        return getattr(self, "_executed", None) or OV_TO_PRECISION[self.inference_precision]
+        return getattr(self, "_executed", None) or OV_TO_PRECISION.get(self.inference_precision)
 
     def run_impl(self, prepared: np.ndarray) -> Any:
         self.request.infer({0: prepared})
@@ -319,13 +326,14 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
 
 @contextlib.contextmanager
 def _stdout_to_stderr() -> Iterator[None]:
-    """NNCF draws its progress bars on stdout, which `--json` keeps for the result: send them to stderr (at the file
-    descriptor, since its console may hold the stream it found at import)."""
+    """NNCF draws its progress bars on stdout, which `--json` keeps for the result: send them to stderr, at the file
+    descriptor (its console may hold the stream it found at import) and at `sys.stdout` (or it may look it up)."""
     sys.stdout.flush()
     saved = os.dup(1)
     try:
         os.dup2(2, 1)
-        yield
+        with contextlib.redirect_stdout(sys.stderr):  # and the Python stream, for a console that looks it up
+            yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
@@ -409,3 +417,52 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
                     notes=[f"NNCF int8 ({info['method']}), calibrated on {len(calibration)} training images; "
                            f"top-1 agreement with fp32 on {len(validation)} held-back images "
                            f"{info['agreement']:.3f}; layers left in fp32: {len(info['fp32_layers'])}"])
+
+
+def _peer(name: str, path: str, precision: str, hint: str, note: str) -> Artifact:
+    return Artifact(name=f"peer:{name}", backend="openvino", path=path, precision=precision,
+                    options={"inference_precision": hint, "inference_num_threads": 0}, notes=[note])
+
+
+@register_peer("openvino-f32")
+def openvino_f32_peer(build_dir: Path, artifacts: dict[str, Artifact], calibration: Any) -> Artifact | None:
+    """`compile_model(model.xml, "CPU", {INFERENCE_PRECISION_HINT: f32})`, OpenVINO's other defaults."""
+    ir = artifacts.get("openvino-fp32")
+    return ir and _peer("openvino-f32", ir.path, "fp32", "f32", "OpenVINO CPU, explicit f32, default threads")
+
+
+@register_peer("openvino-default")
+def openvino_default_peer(build_dir: Path, artifacts: dict[str, Artifact], calibration: Any) -> Artifact | None:
+    """`compile_model(model.xml, "CPU")`: OpenVINO's own precision choice (bf16 on a CPU with native bf16)."""
+    ir = artifacts.get("openvino-fp32")
+    return ir and _peer("openvino-default", ir.path, "fp32", PLUGIN_DEFAULT,
+                        "OpenVINO CPU, no config (it picks its inference precision)")
+
+
+@register_peer("openvino-on-int8-onnx")
+def openvino_int8_onnx_peer(build_dir: Path, artifacts: dict[str, Artifact], calibration: Any) -> Artifact | None:
+    """OpenVINO reading the build's ORT int8 QDQ file directly, no config."""
+    int8 = artifacts.get("onnx-int8")
+    return int8 and _peer("openvino-on-int8-onnx", int8.path, "int8", PLUGIN_DEFAULT,
+                          "OpenVINO CPU running model.int8.onnx, no config")
+
+
+@register_peer("nncf-default-int8")
+def nncf_default_peer(build_dir: Path, artifacts: dict[str, Artifact], calibration: Any) -> Artifact | None:
+    """NNCF's default `nncf.quantize` of the fp32 IR on real training images, run with no config: the int8 an
+    OpenVINO user makes by hand. Made once per build under `peers/nncf-default/`."""
+    ir = artifacts.get("openvino-fp32")
+    if ir is None:
+        return None
+    ov, nncf = import_optional("openvino"), import_optional("nncf")
+    target = Path(build_dir) / PEER_DIR / "nncf-default"
+    if not (target / IR_FILE).is_file():
+        images = calibration()
+        with _stdout_to_stderr():
+            quantized = nncf.quantize(shared_core().read_model(str(Path(build_dir) / ir.path)),
+                                      nncf.Dataset([images[i:i + 1] for i in range(len(images))]),
+                                      subset_size=len(images))
+        _save_ir(ov, quantized, target, compress_to_fp16=False)
+    return _peer("nncf-default-int8", f"{PEER_DIR}/nncf-default/{IR_FILE}", "int8", PLUGIN_DEFAULT,
+                 "NNCF default nncf.quantize of the fp32 IR, OpenVINO CPU with no config")
+
