@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune-backends", type=_csv, default=["onnxruntime", "openvino"],
                    help="backends --tune tries settings for (default onnxruntime,openvino; add inductor for "
                    "max-autotune, which compiles for minutes on large models)")
+    p.add_argument("--no-peers", action="store_true", help="skip the peer baseline (`exporter bench --peers`)")
     p.add_argument("--max-flips", default="0.5%", help="select budget: top-1 flips vs eager fp32 (default 0.5%%)")
     p.add_argument("--select-batch", type=int, default=1, help="batch size select chooses for (default 1)")
     p.add_argument("--build-missing", action="store_true", help="run `exporter build MODEL` for models without one")
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 if any(b in available for b in tune_backends):
                     tune_build(build, settings, backends=[b for b in tune_backends if b in available],
                                progress=True)
-            results = bench_build(build, settings, backends=args.backends, progress=True)
+            results = bench_build(build, settings, backends=args.backends, progress=True,
+                                  with_peers=not args.no_peers)
             ok = sum(c["status"] == "ok" for c in results["cells"])
             print(f"{model}: {ok}/{len(results['cells'])} cells ok in {time.monotonic() - t0:.0f}s", flush=True)
             try:

@@ -84,6 +84,7 @@ def collect(build: Build) -> dict[str, Any]:
         "bench": {k: bench.get(k) for k in ("created", "settings", "peaks_gflops", "macs_per_image", "machine",
                                               "versions", "warnings")} if bench else None,
         "cells": cells,
+        "peers": (bench or {}).get("peers"),
         "skipped": build.manifest.get("skipped") or [],
     }
 
@@ -154,6 +155,18 @@ def latency_table(cells: list[dict[str, Any]]) -> list[str]:
                    "GFLOP/s", "% peak", "1st call ms", "peak RSS MB", "overhead µs / flags"], rows)
 
 
+def peer_lines(peers: dict[str, Any]) -> list[str]:
+    """The peer baseline (`bench --peers`): ours against the runtimes' own defaults, same rounds."""
+    lines = ["### Against the runtimes' own defaults (`bench --peers`, same rounds)", ""]
+    lines += _table(["batch", "ours (fastest passing)", "p50 ms", "fastest peer", "p50 ms", "peer parity",
+                     "ours ÷ peer"],
+                    [[str(v["batch"]), v["ours"], _f(v["ours_p50_ms"]), v["peer"], _f(v["peer_p50_ms"]),
+                      str(v["peer_parity"]), _f(v["ratio"], ".2f")] for v in peers.get("versus") or []]) + [""]
+    lines += latency_table(peers.get("cells") or []) + [""]
+    lines += [f"- {n['peer']}: not run: {n['reason']}" for n in peers.get("not_run") or []]
+    return lines + [""]
+
+
 def parity_table(rows: list[dict[str, Any]]) -> list[str]:
     body = [[r["artifact"], r["backend"], r["precision"], _parity_mark(r),
              f"{r['flips']}/{r['samples']}" if r.get("flips") is not None and r.get("samples") else "–",
@@ -207,6 +220,8 @@ def model_markdown(data: dict[str, Any], png_name: str | None) -> list[str]:
             lines += [f"![latency and throughput of {data['model']}]({png_name})", ""]
     else:
         lines += [f"No benchmark results: run `exporter bench {data['model']}`.", ""]
+    if data.get("peers"):
+        lines += peer_lines(data["peers"])
     tuning = data.get("tuning") or {}
     if tuning.get("artifacts"):
         body = [[name, t.get("variant", "default"), str(t.get("options") or {}), _f(t.get("default_p50_ms")),

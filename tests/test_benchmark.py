@@ -325,6 +325,10 @@ def test_peers_are_judged_then_timed_in_the_same_rounds_and_compared(own_build: 
     (row,) = results["peers"]["versus"]
     assert row["ratio"] == pytest.approx(row["ours_p50_ms"] / row["peer_p50_ms"]) and row["ours_parity"] == "pass"
     assert "peers" in read_bench(build_dir)
+    from exporter.report import collect, model_markdown
+
+    text = "\n".join(model_markdown(collect(load_build(str(build_dir))), None))
+    assert "Against the runtimes' own defaults" in text and "| peer:ort-default |" in text
     if BACKENDS["openvino"].unavailable_reason("cpu") is None:
         default = peers["peer:openvino-default"]
         assert default["parity"]["judged_as"] == default["executed_precision"]  # judged in what it really ran
