@@ -101,9 +101,9 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
         prepared = prepare_for_quantization(source, Path(work))
         candidate = Path(work) / "candidate.onnx"
 
-        def quantize(excluded: Sequence[str]) -> list[str]:
+        def quantize(excluded: Sequence[str], *, bar: bool = progress) -> list[str]:
             return write_qdq(prepared, candidate, calibration_images, activation_type="uint8",
-                             extra_options=CPU_OPTIONS, layout=CPU_LAYOUT, progress=progress,
+                             extra_options=CPU_OPTIONS, layout=CPU_LAYOUT, progress=bar,
                              nodes_to_exclude=excluded, prepared=True)
 
         notes = quantize(())
@@ -118,17 +118,22 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
                 info.update(agreement=metrics.agreement, min_cosine=metrics.min_cosine)
                 return judge(reference, output, metrics, tolerance_for("int8", min_agreement=INT8_MIN_AGREEMENT))
 
-            def passes(run: Sequence[str]) -> bool:
-                nonlocal notes
-                notes = quantize(run)
-                return not failures()
-
-            info["default_failures"] = failures()
+            info["default_failures"] = info["failures"] = failures()
             info.update(default_agreement=info["agreement"], default_min_cosine=info["min_cosine"])
             if info["default_failures"]:
-                nodes = [node.name for node in onnx.load(str(prepared), load_external_data=False).graph.node]
-                excluded = fewest_fp32_nodes(nodes, passes)
-                passes(excluded)
+                from tqdm import tqdm
+
+                with tqdm(desc="int8 fp32 fallback", unit="trial", disable=not progress, leave=False) as trials:
+                    def passes(run: Sequence[str]) -> bool:
+                        nonlocal notes
+                        notes = quantize(run, bar=False)
+                        info["failures"] = failures()
+                        trials.update(1)
+                        return not info["failures"]
+
+                    nodes = [node.name for node in onnx.load(str(prepared), load_external_data=False).graph.node]
+                    excluded = fewest_fp32_nodes(nodes, passes)
+                    passes(excluded)  # the file kept; `info["failures"]` says if even it fails (non-monotone)
         compute = _compute_nodes(prepared, excluded)
         info.update(fp32_nodes=excluded, fp32_layers=compute,
                     fp32_layers_why=(f"on {held_back} held-back training images the int8 model failed its class "

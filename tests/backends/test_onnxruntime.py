@@ -129,6 +129,7 @@ def test_int8_that_fails_its_class_on_held_back_images_leaves_layers_in_fp32(int
     assert info["calibration_images"] == 48 and info["held_back_images"] == 16
     assert info["default_failures"] and info["fp32_nodes"] and info["fp32_layers"]
     assert info["min_cosine"] >= 0.99 and info["agreement"] >= 0.99  # the kept file passes on the held-back images
+    assert info["failures"] == []
     assert f"layers left in fp32: {len(info['fp32_layers'])}" in " ".join(artifact.notes)
     stored = {p.key: p.value for p in onnx.load(str(tmp_path / INT8_FILE)).metadata_props}
     assert stored["int8_fp32_nodes"].split(",") == info["fp32_nodes"]
