@@ -3,7 +3,7 @@
 `quantize_int8` writes `model.int8.onnx` in the layout ONNX Runtime's x86 int8 kernels are fast at (asymmetric uint8
 activations, per-channel symmetric int8 weights), MinMax-calibrated on real training images. A quarter of those
 images is held back: when the int8 model fails its class there (the parity judge's int8 tolerance, with
-INT8_MIN_AGREEMENT as the top-1 bar), a small set of graph nodes whose exclusion makes it pass is found by
+INT8_MIN_AGREEMENT and INT8_MIN_COSINE as its bars), a small set of graph nodes whose exclusion makes it pass is found by
 bisection and left in fp32 (`nodes_to_exclude`).
 MinMax was measured against ONNX Runtime's Entropy and Percentile calibration on the trained zoo
 (`bench/int8_calibration.py`, `bench/results/int8-calibration.md`).
@@ -18,12 +18,13 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import INT8_MIN_AGREEMENT, Artifact, import_optional
+from exporter.backends.base import INT8_MIN_AGREEMENT, INT8_MIN_COSINE, Artifact, import_optional
 from exporter.backends.onnx import INPUT_NAME, read_metadata, set_metadata
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_path
@@ -96,7 +97,7 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
     held_back = len(images) // 4 if len(images) >= 16 else 0
     calibration_images, validation = images[:len(images) - held_back], images[len(images) - held_back:]
     info.update(method="MinMax", calibration_images=len(calibration_images), held_back_images=held_back,
-                min_agreement=INT8_MIN_AGREEMENT)
+                min_agreement=INT8_MIN_AGREEMENT, min_cosine_target=INT8_MIN_COSINE)
     with tempfile.TemporaryDirectory(prefix="exporter-int8-") as work:
         prepared = prepare_for_quantization(source, Path(work))
         candidate = Path(work) / "candidate.onnx"
@@ -110,13 +111,14 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
         excluded: list[str] = []
         if held_back:
             reference = _logits(source, validation, graph_input.name)
+            bars = replace(tolerance_for("int8", min_agreement=INT8_MIN_AGREEMENT), min_cosine=INT8_MIN_COSINE)
 
             def failures() -> list[str]:
-                """The int8 class's verdict on the held-back images, with INT8_MIN_AGREEMENT as its top-1 bar."""
+                """The int8 class's verdict on the held-back images, at the build-time bars."""
                 output = _logits(candidate, validation, graph_input.name)
                 metrics = compute_metrics(reference, output)
                 info.update(agreement=metrics.agreement, min_cosine=metrics.min_cosine)
-                return judge(reference, output, metrics, tolerance_for("int8", min_agreement=INT8_MIN_AGREEMENT))
+                return judge(reference, output, metrics, bars)
 
             info["default_failures"] = info["failures"] = failures()
             info.update(default_agreement=info["agreement"], default_min_cosine=info["min_cosine"])

@@ -117,16 +117,17 @@ def test_bad_runner_options_are_one_line_usage_errors(onnx_build) -> None:
         assert runner.infer(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, TEST_NUM_CLASSES)
 
 
-def test_int8_agreement_takes_nncf_iterables() -> None:
+def test_int8_accuracy_metric_takes_nncf_iterables() -> None:
     """NNCF's accuracy control hands the validation function an iterable without a length."""
-    from exporter.backends.openvino import _agreement
+    from exporter.backends.openvino import _worst_cosine
 
     def compiled(x: np.ndarray) -> list[np.ndarray]:
         return [np.eye(3, dtype=np.float32)[[int(x.sum()) % 3]]]
 
-    items = [(np.full((1, 1), v, np.float32), label) for v, label in ((0, 0), (1, 1), (2, 0), (4, 1))]
-    assert _agreement(compiled, iter(items)) == 0.75
-    assert _agreement(compiled, []) == 0.0
+    items = [(np.full((1, 1), v, np.float32), np.eye(3)[label]) for v, label in ((0, 0), (1, 1), (2, 0), (4, 1))]
+    assert _worst_cosine(compiled, iter(items)) == pytest.approx(0.0)  # image 2 points elsewhere
+    assert _worst_cosine(compiled, iter(items[:2])) == pytest.approx(1.0)
+    assert _worst_cosine(compiled, []) == 1.0
 
 
 def test_nncf_progress_stays_off_json_stdout(tmp_path) -> None:
