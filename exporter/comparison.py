@@ -347,7 +347,8 @@ def compare_variant(variant: Variant, build_dir: Path, sets: list[InputSet], ref
             outputs[s.name] = out
             metrics = compute_metrics(ref, out, labels=s.labels, rel_floor=tol.rel_floor)
             scale = max(1.0, metrics.ref_scale / real_scale) if s.scale_atol else 1.0
-            failures = judge(ref, out, metrics, tol, atol_scale=scale, check_agreement=s.check_agreement)
+            failures = judge(ref, out, metrics, tol, atol_scale=scale, check_agreement=s.check_agreement,
+                             logit_scale=real_scale)
             notes: list[str] = []
             if s.beyond_calibration and tol.precision == "int8":
                 notes = [f"not judged for int8 (outside the calibration range, activations saturate): {f}"

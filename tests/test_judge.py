@@ -84,16 +84,19 @@ def test_cosine_catches_a_direction_change_within_atol() -> None:
 
 def test_int8_does_not_judge_the_direction_of_logits_below_its_noise_floor() -> None:
     tol = TOLERANCES["int8"]
-    near_zero = np.array([[0.07, -0.03, 0.01]], np.float32)  # eager on an all-zeros input; int8 rounds it to zeros
+    near_zero = np.array([[0.33, -0.13, 0.01]], np.float32)  # eager on an all-zeros input; real logits reach ±20
+    noisy = np.array([[0.2, -0.2, 0.1]], np.float32)
+    assert judge(near_zero, noisy, compute_metrics(near_zero, noisy), tol, logit_scale=20.0) == []
+    assert "cosine" in judge(near_zero, noisy, compute_metrics(near_zero, noisy), tol, logit_scale=2.0)[0]
     trained = np.array([[9.0, -4.0, 2.0]], np.float32)
-    ref, out = np.concatenate([near_zero, trained]), np.concatenate([np.zeros_like(near_zero), trained])
-    assert judge(ref, out, compute_metrics(ref, out), tol) == []
+    ref, out = np.concatenate([near_zero, trained]), np.concatenate([noisy, trained])
+    assert judge(ref, out, compute_metrics(ref, out), tol) == []  # default scale: this reference's own (9)
     turned = out.copy()
     turned[1] = [2.0, -4.0, 9.0]  # a real-scale logit vector pointing elsewhere still fails, and says what it skipped
     failures = judge(ref, turned, compute_metrics(ref, turned), tolerance_for("int8", atol=10.0), check_agreement=False)
-    assert len(failures) == 1 and "cosine" in failures[0] and "1 images with every |logit| ≤ 0.25" in failures[0]
-    assert "cosine" in judge(near_zero, 0 * near_zero, compute_metrics(near_zero, 0 * near_zero),
-                             TOLERANCES["fp32"])[-1]  # fp32 has no floor
+    assert len(failures) == 1 and "cosine" in failures[0] and "1 images with every |logit| ≤ 0.45" in failures[0]
+    assert "cosine" in judge(near_zero, noisy, compute_metrics(near_zero, noisy), TOLERANCES["fp32"],
+                             logit_scale=20.0)[-1]  # fp32 has no floor
 
 
 def test_nan_or_inf_is_a_failure_in_every_class() -> None:
