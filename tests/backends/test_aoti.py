@@ -129,3 +129,25 @@ def test_cuda_package_runs_on_the_gpu_and_matches_eager(tmp_path) -> None:
         out = runner.infer(images)
     with torch.inference_mode():
         np.testing.assert_allclose(out, ctx.model(torch.from_numpy(images)).numpy(), rtol=0, atol=1e-4)
+
+
+def test_cpu_packages_freeze_and_a_bf16_package_keeps_the_fp32_interface(full_build) -> None:
+    from exporter.backends.aoti import cpu_has_native_bf16
+    from exporter.manifest import artifact_from_entry
+
+    result = full_build(FAST_MODELS[0])
+    _aoti(result)
+    assert result.manifest["diagnostics"]["aoti"]["inductor_configs"] == {"freezing": True}
+    packages = {a["name"]: a for a in result.manifest["artifacts"] if a["backend"] == "aoti"}
+    if not cpu_has_native_bf16():
+        assert "aoti-bf16" not in packages and "skipped" in result.manifest["diagnostics"]["aoti"]["bf16"]
+        return
+    bf16 = artifact_from_entry(packages["aoti-bf16"])
+    assert bf16.precision == "bf16" and bf16.options == packages["aoti"]["options"]
+    images = np.random.default_rng(0).random((3, *result.manifest["input_shape"]), dtype=np.float32)
+    with runner_for(bf16, result.build_dir) as runner, runner_for(_eager(result), result.build_dir) as eager:
+        got, want = runner.infer(images), eager.infer(images)
+        assert runner.executed_precision == "bf16"
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert not np.array_equal(got, want) and np.abs(got - want).max() < 0.25  # bf16 arithmetic, bf16-class error
+    assert result.manifest["parity"]["results"]["aoti-bf16"] == "pass"
