@@ -215,8 +215,8 @@ class OpenVinoRunner(Runner):
         graph are compared); an IR that kept none runs the instrumented ONNX in OpenVINO instead."""
         if onnx_source is None:
             raise BisectionUnsupported("openvino: the build has no ONNX file whose tensors map to PyTorch modules")
-        core, config = shared_core(), {"INFERENCE_PRECISION_HINT": self.inference_precision}
-        used_ir = False
+        core, used_ir = shared_core(), False
+        config = {k: v for k, v in self.compile_config().items() if k == "INFERENCE_PRECISION_HINT"}
 
         def outputs_of(compiled: Any) -> dict[str, np.ndarray]:
             result = compiled({0: batch})
