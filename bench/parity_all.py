@@ -89,6 +89,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         row = rows[name]
         if "error" in row:
             lines.append(f"| {name} | | failed: {row['error'].replace('|', '/')} | | | | | | | | |")
+            findings.append(f"- **{name}** not checked: {row['error']}")
             continue
         eager_acc = _f(row["reference"].get("accuracy"), ".3f")
         for r in row["results"]:
@@ -103,6 +104,8 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         for failure in row.get("failed") or []:
             findings.append(f"- **{name}** build stage {failure['backend']} failed: {failure['error']}")
     lines += ["", "## Findings", ""] + (findings or ["Every artifact of every model passed its class."])
+    if findings and not any("(fail)" in f or "build stage" in f for f in findings):
+        lines += ["", "Every artifact that was checked passed its class."]
     return "\n".join(lines) + "\n"
 
 
