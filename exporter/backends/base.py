@@ -13,11 +13,15 @@ conversion, outside any timed region), `run_impl` (the runtime call alone, what 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import math
+import os
+import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -321,6 +325,23 @@ def get_backend(name: str) -> type[Runner]:
 def runner_for(artifact: Artifact, build_dir: str | Path) -> Runner:
     """An (inactive) runner for a manifest artifact inside `build_dir`, with the artifact's own options."""
     return Variant(artifact).runner(build_dir)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what a library prints on stdout (NNCF's progress bars, ONNX Runtime's calibrators) to stderr, since
+    `--json` keeps stdout for the result: at the file descriptor (a console may hold the stream it found at import)
+    and at `sys.stdout` (or it may look it up)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):  # and the Python stream, for a console that looks it up
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 # --- peer baseline ---------------------------------------------------------------------------------------------

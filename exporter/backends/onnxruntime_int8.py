@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import INT8_MIN_AGREEMENT, INT8_MIN_COSINE, Artifact, import_optional
+from exporter.backends.base import INT8_MIN_AGREEMENT, INT8_MIN_COSINE, Artifact, import_optional, stdout_to_stderr
 from exporter.backends.onnx import INPUT_NAME, read_metadata, set_metadata
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_path
@@ -241,7 +241,7 @@ def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, act
     graph_input = onnx.load(str(source), load_external_data=False).graph.input[0]
     images = check_calibration(calibration, tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]))
     with tempfile.TemporaryDirectory(prefix="exporter-int8-") as work, atomic_path(target) as tmp, \
-            _captured_root_log() as quantizer_log:
+            _captured_root_log() as quantizer_log, stdout_to_stderr():  # the histogram calibrators print
         ready = source if prepared else prepare_for_quantization(source, Path(work))
         try:
             quantize_static(

@@ -19,12 +19,9 @@ Runner options: `inference_precision` ("f32", "bf16", "f16"; default from the ar
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
-import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +42,7 @@ from exporter.backends.base import (
     register_backend,
     register_peer,
     register_stage,
+    stdout_to_stderr,
 )
 from exporter.backends.onnx import module_outputs
 from exporter.errors import UsageError, one_line
@@ -326,22 +324,6 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
     return artifacts
 
 
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """NNCF draws its progress bars on stdout, which `--json` keeps for the result: send them to stderr, at the file
-    descriptor (its console may hold the stream it found at import) and at `sys.stdout` (or it may look it up)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):  # and the Python stream, for a console that looks it up
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def _worst_cosine(compiled: Any, items: Any) -> float:
     """The worst cosine similarity of a compiled OpenVINO model's logits with the fp32 reference's (NNCF's
     validation metric for accuracy control; NNCF passes an iterable without a length)."""
@@ -398,7 +380,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         return judge(reference, output, metrics, target), metrics.agreement, metrics.min_cosine
 
     calibration_data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
-    with _stdout_to_stderr():
+    with stdout_to_stderr():
         quantized = nncf.quantize(model, calibration_data, subset_size=len(calibration))
     failures, agreement, cosine = verdict(quantized)
     info.update(method="nncf.quantize (default: MinMax, symmetric int8 weights per channel)",
@@ -406,7 +388,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
                 default_min_cosine=cosine, default_failures=failures, agreement=agreement, min_cosine=cosine,
                 failures=failures)
     if failures:
-        with _stdout_to_stderr():
+        with stdout_to_stderr():
             quantized = nncf.quantize_with_accuracy_control(
                 model, calibration_data, nncf.Dataset(items), validation_fn=_worst_cosine,
                 max_drop=1 - INT8_MIN_COSINE, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
@@ -465,7 +447,7 @@ def nncf_default_peer(build_dir: Path, artifacts: dict[str, Artifact], calibrati
     target = Path(build_dir) / PEER_DIR / "nncf-default"
     if not (target / IR_FILE).is_file():
         images = calibration()
-        with _stdout_to_stderr():
+        with stdout_to_stderr():
             quantized = nncf.quantize(shared_core().read_model(str(Path(build_dir) / ir.path)),
                                       nncf.Dataset([images[i:i + 1] for i in range(len(images))]),
                                       subset_size=len(images))

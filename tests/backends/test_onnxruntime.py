@@ -119,7 +119,7 @@ def test_cpu_int8_file_has_uint8_activations_and_int8_weights(tmp_path) -> None:
     _assert_cpu_int8_layout(onnx.load(str(tmp_path / INT8_FILE)))
 
 
-def test_int8_that_fails_its_class_on_held_back_images_leaves_layers_in_fp32(int8_build, tmp_path) -> None:
+def test_int8_that_fails_its_class_on_held_back_images_leaves_layers_in_fp32(int8_build, tmp_path, capfd) -> None:
     ctx, images, _ = int8_build
     # Calibrated on dimmed images, checked on real ones: MinMax ranges clip the held-back quarter.
     calibration = np.concatenate([images[:48] * 0.1, images[48:64]])
@@ -127,6 +127,8 @@ def test_int8_that_fails_its_class_on_held_back_images_leaves_layers_in_fp32(int
     artifact = quantize_int8(ctx.out_dir / ctx.artifact("onnx-fp32").path, tmp_path / INT8_FILE, calibration,
                              progress=False, info=info)
     assert info["calibration_images"] == 48 and info["held_back_images"] == 16
+    assert set(info["methods_measured"]) == {"MinMax", "Percentile"} and info["method"] == "MinMax"
+    assert capfd.readouterr().out == ""  # ORT's histogram calibrator prints; `--json` keeps stdout for the result
     assert info["default_failures"] and info["fp32_nodes"] and info["fp32_layers"]
     assert info["min_cosine"] >= 0.99 and info["agreement"] >= 0.99  # the kept file passes on the held-back images
     assert info["failures"] == []
