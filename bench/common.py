@@ -3,6 +3,7 @@ that saves the results after every model (so an interrupted run keeps what finis
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -19,6 +20,19 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from exporter.fileio import atomic_write_text  # noqa: E402
+
+
+def script_parser(doc: str, *, models: str, artifacts: str | None = None) -> argparse.ArgumentParser:
+    """A bench script's parser: its docstring as help, `--models A,B` (`models` says the default), `--results DIR`
+    and, with `artifacts` (its help), `--artifacts DIR` (default: the repository's artifacts/)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    parser.add_argument("--models", metavar="A,B", help=f"comma-separated model names (default: {models})")
+    if artifacts is not None:
+        parser.add_argument("--artifacts", default=str(REPO / "artifacts"), metavar="DIR", help=artifacts)
+    parser.add_argument("--results", default=str(RESULTS), metavar="DIR",
+                        help="where the JSON rows are merged and the .md rendered (default: bench/results)")
+    return parser
 
 
 @dataclass(frozen=True)

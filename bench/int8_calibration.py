@@ -5,14 +5,13 @@
 
 For each model's latest build (`exporter build MODEL`), quantizes its `model.onnx` with each method in the CPU
 layout `exporter` ships (uint8 activations, per-channel int8 weights; no fp32 fallback, so the methods are compared
-alone) on the same 256 training images a build calibrates on, and compares the result with the fp32 file on 1,000
+alone) on 256 training images (a build calibrates on 384 of its 512 and judges the rest), and compares the result with the fp32 file on 1,000
 digits5k test images: top-1 agreement, worst cosine, accuracy, and the seconds each method took. Rows are kept in
 `bench/results/int8-calibration.json` and rendered to `int8-calibration.md`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, RESULTS, run_rows  # noqa: E402
+from bench.common import run_rows, script_parser  # noqa: E402
 
 TEST_IMAGES = 1000
 CALIBRATION_IMAGES = 256
@@ -75,7 +74,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
     lines = ["# int8 calibration methods, measured", "",
              f"Produced by `.venv/bin/python bench/int8_calibration.py` ({meta['date']}, {meta['cpus']} cores). "
              f"Each trained model's `model.onnx` is quantized by ONNX Runtime in the layout `onnx-int8` ships "
-             f"(uint8 activations, per-channel int8 weights) with each calibration method on the build's "
+             f"(uint8 activations, per-channel int8 weights) with each calibration method on "
              f"{CALIBRATION_IMAGES} training images, **without** the fp32 fallback, and compared with the fp32 file "
              f"on {TEST_IMAGES} digits5k test images: top-1 agreement (flips), worst cosine, accuracy, seconds to "
              "calibrate and quantize.", "",
@@ -99,11 +98,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--models", metavar="A,B", help="model names (default: every model with a build)")
-    parser.add_argument("--artifacts", default=str(REPO / "artifacts"), metavar="DIR")
-    parser.add_argument("--results", default=str(RESULTS), metavar="DIR")
+    parser = script_parser(__doc__, models="every model with a build", artifacts="where the builds are")
     args = parser.parse_args(argv)
     artifacts = Path(args.artifacts)
     from exporter.models import list_models

@@ -10,7 +10,6 @@ For each model with a checkpoint (`bench/train_all.py` writes them), runs `expor
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, RESULTS, atomic_write_text, error_line, run_exporter, run_rows  # noqa: E402
+from bench.common import atomic_write_text, error_line, run_exporter, run_rows, script_parser  # noqa: E402
 from exporter.models import list_models  # noqa: E402
 from exporter.paths import checkpoint_paths  # noqa: E402
 
@@ -110,14 +109,11 @@ def render(rows: dict[str, dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--models", metavar="A,B", help="model names (default: every model with a checkpoint)")
-    parser.add_argument("--artifacts", default=str(REPO / "artifacts"), metavar="DIR")
+    parser = script_parser(__doc__, models="every model with a checkpoint",
+                           artifacts="where checkpoints and builds are")
     parser.add_argument("--samples", type=int, default=256, help="real test images per verify (default 256)")
     parser.add_argument("--backends", default=BACKENDS, help=f"build stages (default {BACKENDS})")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per build or verify (default 900)")
-    parser.add_argument("--results", default=str(RESULTS), metavar="DIR")
     parser.add_argument("--render-only", action="store_true", help="re-render parity.md from parity.json")
     args = parser.parse_args(argv)
     artifacts = Path(args.artifacts)

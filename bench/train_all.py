@@ -11,7 +11,6 @@ merged into `bench/results/training.json` (one row per model, newest run wins) a
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, RESULTS, run_rows  # noqa: E402
+from bench.common import REPO, run_rows, script_parser  # noqa: E402
 from exporter.models import get_spec, list_models  # noqa: E402
 
 
@@ -132,15 +131,9 @@ def _outcome(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--models", metavar="A,B", help="comma-separated model names (default: every model)")
-    parser.add_argument("--artifacts", default=str(REPO / "artifacts"), metavar="DIR",
-                        help="where checkpoints go (default: the repo's artifacts/)")
+    parser = script_parser(__doc__, models="every model", artifacts="where checkpoints go")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's, all cores)")
-    parser.add_argument("--results", default=str(RESULTS), metavar="DIR",
-                        help="where training.json / training.md are merged (default: bench/results)")
     args, extra = parser.parse_known_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else list_models()
     for name in names:

@@ -14,7 +14,6 @@ model on 2 cores. Rows accumulate in `bench/results/zoo-coverage.json`; `zoo-cov
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, error_line, run_exporter, run_rows  # noqa: E402
+from bench.common import error_line, run_exporter, run_rows, script_parser  # noqa: E402
 
 FAST_BACKENDS = ("onnx", "onnxruntime", "openvino")
 COMPILE_BACKENDS = ("inductor", "aoti")
@@ -174,14 +173,11 @@ def render(rows: dict[str, dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from exporter.models.sources import torchvision_classification_models
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--models", metavar="A,B", help="torchvision names (default: every classification model)")
+    parser = script_parser(__doc__, models="every torchvision classification model")
     parser.add_argument("--size", type=int, default=96, help="input size where the model takes it (default 96)")
     parser.add_argument("--with-compile", action="store_true", help="also build inductor and AOTInductor")
     parser.add_argument("--build-timeout", type=float, default=300.0, help="seconds per build (default 300)")
     parser.add_argument("--bench-timeout", type=float, default=180.0, help="seconds per bench (default 180)")
-    parser.add_argument("--results", default=str(RESULTS), metavar="DIR")
     parser.add_argument("--missing", action="store_true", help="only the models without a row yet")
     args = parser.parse_args(argv)
     every = torchvision_classification_models()
