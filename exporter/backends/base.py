@@ -22,7 +22,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -38,6 +38,16 @@ DEVICES = ("cpu", "cuda")
 # (densenet: 0.991 on 128 held-back images, 0.986 on 256 test images).
 INT8_MIN_AGREEMENT = 0.99
 INT8_MIN_COSINE = 0.995
+
+
+def int8_held_back_verdict(reference: np.ndarray, output: np.ndarray) -> tuple[list[str], float, float]:
+    """(failures, top-1 agreement, worst cosine) of an int8 model's logits on held-back images: the judge's int8
+    class at the build-time bars above."""
+    from exporter.judge import compute_metrics, judge, tolerance_for
+
+    bars = replace(tolerance_for("int8", min_agreement=INT8_MIN_AGREEMENT), min_cosine=INT8_MIN_COSINE)
+    metrics = compute_metrics(reference, output)
+    return judge(reference, output, metrics, bars), metrics.agreement, metrics.min_cosine
 
 
 class BackendUnavailable(ExporterError):

@@ -19,17 +19,22 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporter.backends.base import INT8_MIN_AGREEMENT, INT8_MIN_COSINE, Artifact, import_optional, stdout_to_stderr
+from exporter.backends.base import (
+    INT8_MIN_AGREEMENT,
+    INT8_MIN_COSINE,
+    Artifact,
+    import_optional,
+    int8_held_back_verdict,
+    stdout_to_stderr,
+)
 from exporter.backends.onnx import INPUT_NAME, read_metadata, set_metadata
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_path
-from exporter.judge import compute_metrics, judge, tolerance_for
 
 INT8_FILE = "model.int8.onnx"
 CALIBRATION_BATCH = 16
@@ -112,14 +117,13 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
         excluded: list[str] = []
         if held_back:
             reference = _logits(source, validation, graph_input.name)
-            bars = replace(tolerance_for("int8", min_agreement=INT8_MIN_AGREEMENT), min_cosine=INT8_MIN_COSINE)
 
             def failures() -> list[str]:
                 """The int8 class's verdict on the held-back images, at the build-time bars."""
-                output = _logits(candidate, validation, graph_input.name)
-                metrics = compute_metrics(reference, output)
-                info.update(agreement=metrics.agreement, min_cosine=metrics.min_cosine)
-                return judge(reference, output, metrics, bars)
+                failed, agreement, cosine = int8_held_back_verdict(
+                    reference, _logits(candidate, validation, graph_input.name))
+                info.update(agreement=agreement, min_cosine=cosine)
+                return failed
 
             info["default_failures"] = info["failures"] = failures()
             info.update(default_agreement=info["agreement"], default_min_cosine=info["min_cosine"])

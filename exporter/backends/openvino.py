@@ -22,14 +22,12 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from exporter.backends.base import (
-    INT8_MIN_AGREEMENT,
     INT8_MIN_COSINE,
     Artifact,
     BackendUnavailable,
@@ -39,6 +37,7 @@ from exporter.backends.base import (
     RunnerError,
     best_gemm_gflops,
     import_optional,
+    int8_held_back_verdict,
     register_backend,
     register_peer,
     register_stage,
@@ -46,7 +45,7 @@ from exporter.backends.base import (
 )
 from exporter.backends.onnx import module_outputs
 from exporter.errors import UsageError, one_line
-from exporter.judge import compute_metrics, judge, row_cosines, tolerance_for
+from exporter.judge import row_cosines
 
 IR_DIR = "openvino"
 IR_FP16_DIR = "openvino-fp16"
@@ -371,13 +370,10 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         compiled = shared_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         reference = np.concatenate([np.asarray(compiled(validation[i:i + 1])[0]) for i in range(len(validation))])
     items = [(validation[i:i + 1], reference[i]) for i in range(len(validation))]
-    target = replace(tolerance_for("int8", min_agreement=INT8_MIN_AGREEMENT), min_cosine=INT8_MIN_COSINE)
 
     def verdict(quantized: Any) -> tuple[list[str], float, float]:
         compiled = shared_core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        output = np.concatenate([np.asarray(compiled(x)[0]) for x, _ in items])
-        metrics = compute_metrics(reference, output)
-        return judge(reference, output, metrics, target), metrics.agreement, metrics.min_cosine
+        return int8_held_back_verdict(reference, np.concatenate([np.asarray(compiled(x)[0]) for x, _ in items]))
 
     calibration_data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
     with stdout_to_stderr():
