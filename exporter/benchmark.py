@@ -166,7 +166,7 @@ def peer_targets(build: Build, *, progress: bool = False) -> tuple[list[BenchTar
         return [], not_run
     report = verify_build(build, variants=peers, samples=PEER_PARITY_SAMPLES, progress=progress, source="peers")
     records = report_records(report.to_dict())
-    return [BenchTarget(v, build.dir, records.get(v.label, UNVERIFIED)) for v in peers], not_run
+    return [BenchTarget(v, build.dir, records.get(v.label, UNVERIFIED), overhead=False) for v in peers], not_run
 
 
 def versus_peers(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:

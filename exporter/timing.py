@@ -104,6 +104,7 @@ class BenchTarget:
     variant: Variant
     build_dir: Path
     parity: ParityRecord = UNVERIFIED
+    overhead: bool = True  # time a bare-call twin (settings.overhead); off for a peer, whose runner is not ours
 
     @property
     def artifact(self) -> Artifact:
@@ -470,7 +471,8 @@ def _bare_cells(cells: list[Cell], settings: BenchSettings) -> list[Cell]:
         return []
     twins = []
     for cell in cells:
-        if cell.kind != "runner" or cell.status != "ok" or cell.target.variant.name != "default":
+        if cell.kind != "runner" or cell.status != "ok" or cell.target.variant.name != "default" or \
+                not cell.target.overhead:
             continue
         if cell.batch != min(c.batch for c in cells if c.target is cell.target and c.status == "ok"):
             continue

@@ -312,7 +312,7 @@ def test_peers_are_judged_then_timed_in_the_same_rounds_and_compared(own_build: 
     assert main(["verify", str(build_dir), "--samples", "16"]) == 0  # ours must have passed to be compared
     capsys.readouterr()
     code = main(["bench", str(build_dir), "--batch-sizes", "1", "--budget", "0.05", "--min-runs", "3", "--warmup",
-                 "1", "--gemm-size", "256", "--no-overhead", "--peers", "--json"])
+                 "1", "--gemm-size", "256", "--peers", "--json"])
     out = capsys.readouterr()
     assert out.out.strip(), out.err[-2000:]
     results = json.loads(out.out)
@@ -325,6 +325,8 @@ def test_peers_are_judged_then_timed_in_the_same_rounds_and_compared(own_build: 
     (row,) = results["peers"]["versus"]
     assert row["ratio"] == pytest.approx(row["ours_p50_ms"] / row["peer_p50_ms"]) and row["ours_parity"] == "pass"
     assert "peers" in read_bench(build_dir)
+    assert all("bare_p50_ms" not in c for c in peers.values())  # our runner's overhead is timed for ours only
+    assert any("bare_p50_ms" in c for c in results["cells"])
     from exporter.report import collect, model_markdown
 
     text = "\n".join(model_markdown(collect(load_build(str(build_dir))), None))
