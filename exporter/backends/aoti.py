@@ -33,7 +33,8 @@ from exporter.backends.inductor import _cpp_compiler_reason
 PACKAGE_FILE = "model.aoti.pt2"
 BF16_PACKAGE_FILE = "model.aoti.bf16.pt2"
 CUDA_PACKAGE_FILE = "model.aoti.cuda.pt2"
-# Weights folded in as constants and prepacked for oneDNN (resnet50, batch 1, 2 cores: 93 → 51 ms; bf16 25 ms).
+# Weights folded in as constants and prepacked for oneDNN (resnet50, batch 1, 2 cores: 93 → 51 ms; bf16 25 ms;
+# bench/compile_variants.py).
 CPU_INDUCTOR_CONFIGS = {"freezing": True}
 
 
