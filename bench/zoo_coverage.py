@@ -2,14 +2,17 @@
 
     .venv/bin/python bench/zoo_coverage.py                          # every model (the full table)
     .venv/bin/python bench/zoo_coverage.py --models resnet18,vit_b_16 # only these; merged into the existing rows
+    .venv/bin/python bench/zoo_coverage.py --backends inductor,aoti --missing  # add the torch.compile columns
 
 Each model runs as `exporter build torchvision:NAME --json` in its own process (fresh memory, a time limit),
 then `exporter bench` at batch 1 with a short budget (0.3 s of timed calls per artifact); the build is deleted
 afterwards. The build is untrained (no weights can be downloaded here), static batch 1, at a reduced input
 (`--size`, 96 px by default: op support, not resolution, is what is tested) unless the model only takes its own
 size. Backends are ONNX (dynamo exporter),
-ONNX Runtime, OpenVINO and — with `--with-compile` — torch.compile (inductor) and AOTInductor, which add minutes per
-model on 2 cores. Rows accumulate in `bench/results/zoo-coverage.json`; `zoo-coverage.md` is rendered from them.
+ONNX Runtime and OpenVINO by default; `--backends inductor,aoti` builds torch.compile (inductor) and AOTInductor, which
+take minutes per model on 2 cores, and merges their columns into the rows already there (a run replaces only the
+columns of its own backends). Rows accumulate in `bench/results/zoo-coverage.json`; `zoo-coverage.md` is rendered
+from them.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from bench.common import error_line, run_exporter, run_rows, script_parser  # no
 
 FAST_BACKENDS = ("onnx", "onnxruntime", "openvino")
 COMPILE_BACKENDS = ("inductor", "aoti")
-COLUMNS = ("torch.export", "onnx-fp32", "onnx-reference", "openvino-fp32", "openvino-bf16", "inductor", "aoti")
 STAGE_COLUMNS = {"onnx": ("onnx-fp32", "onnx-reference"), "onnxruntime": ("onnx-fp32",),
-                 "openvino": ("openvino-fp32", "openvino-bf16"), "inductor": ("inductor",), "aoti": ("aoti",)}
+                 "openvino": ("openvino-fp32", "openvino-bf16"), "inductor": ("inductor",),
+                 "aoti": ("aoti", "aoti-bf16")}
+# aoti-bf16 is built only where oneDNN has native bf16; a row without it has no cell there ("not run")
 
 
 def _input_size(name: str, size: int) -> list[str]:
@@ -48,7 +52,8 @@ def _input_size(name: str, size: int) -> list[str]:
 
 def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: float, bench_timeout: float) -> dict:
     """Build, verify (the build's quick parity on real images) and bench one torchvision model; one row."""
-    row: dict = {"model": name, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    row: dict = {"model": name, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "backends": list(backends)}
     with tempfile.TemporaryDirectory(prefix="zoo-coverage-") as art:
         shape = _input_size(name, size)
         build = run_exporter(["build", f"torchvision:{name}", "--untrained", "--batch", "1", "--backends",
@@ -97,6 +102,38 @@ def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: flo
     return row
 
 
+def row_backends(row: dict) -> list[str]:
+    """The backends whose columns `row` holds (rows from before `--backends` hold the fast three)."""
+    return row.get("backends", list(FAST_BACKENDS))
+
+
+def _failed_cells(row: dict) -> dict[str, dict]:
+    """A whole-build failure as one failed cell per column of the backends that build ran."""
+    return {column: {"status": "fail", "reason": f"the build failed: {row['error']}"}
+            for backend in row_backends(row) for column in STAGE_COLUMNS.get(backend, ())}
+
+
+def merge_row(old: dict | None, new: dict) -> dict:
+    """`new`'s columns over `old`'s: a run replaces only the columns of the backends it built, so the torch.compile
+    columns can be added to (or re-run in) a table built without them. A different input size replaces the row."""
+    if old is None or old.get("input") != new.get("input") or set(row_backends(new)) >= set(row_backends(old)):
+        return new
+    backends = list(dict.fromkeys(row_backends(old) + row_backends(new)))
+    replaced = {column for backend in row_backends(new) for column in STAGE_COLUMNS.get(backend, ())}
+    cells = {column: cell for column, cell in (old.get("cells") or _failed_cells(old)).items()
+             if column not in replaced}
+    if "error" in new:
+        cells.update(_failed_cells(new))
+    else:
+        cells.update(new["cells"])
+    seconds = {**old.get("build_seconds_by", {",".join(row_backends(old)): old.get("build_seconds", 0.0)}),
+               ",".join(row_backends(new)): new.get("build_seconds", 0.0)}
+    merged = {**old, **{k: v for k, v in new.items() if k not in ("error", "cells")}, "backends": backends,
+              "cells": cells, "build_seconds_by": seconds, "build_seconds": round(sum(seconds.values()), 1)}
+    merged.pop("error", None)
+    return merged
+
+
 def _cell_text(cell: dict | None) -> str:
     if cell is None:
         return "not run"
@@ -123,11 +160,11 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         "the build's quick parity check against eager PyTorch fp32 (8 real digits5k test images and a batch of "
         "one, the judge of `exporter verify`) with its batch-1 p50 latency; `FAIL` / `skipped` cells have their "
         "reason under the table. *torch.export* is the program AOTInductor compiles; when it fails the other "
-        f"backends still build. Backends run: {', '.join(meta['backends'])}; "
-        + ("" if "inductor" in meta["backends"] else "torch.compile (inductor) and AOTInductor were not run in "
-           "this table's time budget (`exporter build torchvision:NAME` runs them). ")
-        + f"Machine: {meta['cpus']} CPU cores, torch {meta['torch']}, torchvision {meta['torchvision']}, "
-        f"last run {meta['date']}.",
+        f"backends still build. Backends run: {', '.join(meta['backends'])}"
+        + "".join(f"; {backend} on {sum(backend in row_backends(r) for r in rows.values())} of {len(every)} models"
+                  for backend in meta["backends"] if backend in COMPILE_BACKENDS)
+        + f". Machine: {meta.get('cpu', 'CPU')}, {meta['cpus']} cores, torch {meta['torch']}, torchvision "
+        f"{meta['torchvision']}, last run {meta['date']}.",
         "",
     ]
     columns = ["torch.export", *dict.fromkeys(c for b in meta["backends"] for c in STAGE_COLUMNS.get(b, ()))]
@@ -142,7 +179,9 @@ def render(rows: dict[str, dict], meta: dict) -> str:
             continue
         if "error" in row:
             notes.append(f"- **{name}**: the build failed: {row['error']}")
-            lines.append(f"| {name} | {row.get('input', '')} | " + " | ".join("FAIL¹" for _ in columns)
+            failed = {"torch.export", *_failed_cells(row)}
+            lines.append(f"| {name} | {row.get('input', '')} | "
+                         + " | ".join("FAIL¹" if c in failed else "not run" for c in columns)
                          + f" | | {row.get('build_seconds', '')} |")
             continue
         cells = row["cells"]
@@ -175,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = script_parser(__doc__, models="every torchvision classification model")
     parser.add_argument("--size", type=int, default=96, help="input size where the model takes it (default 96)")
-    parser.add_argument("--with-compile", action="store_true", help="also build inductor and AOTInductor")
+    parser.add_argument("--backends", default=",".join(FAST_BACKENDS), metavar="A,B",
+                        help=f"stages to build, from {', '.join(STAGE_COLUMNS)} (default: {','.join(FAST_BACKENDS)})")
     parser.add_argument("--build-timeout", type=float, default=300.0, help="seconds per build (default 300)")
     parser.add_argument("--bench-timeout", type=float, default=180.0, help="seconds per bench (default 180)")
     parser.add_argument("--missing", action="store_true", help="only the models without a row yet")
@@ -185,21 +225,28 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(every))
     if unknown:
         parser.error(f"not torchvision classification models: {', '.join(unknown)}")
-    backends = FAST_BACKENDS + (COMPILE_BACKENDS if args.with_compile else ())
+    backends = tuple(dict.fromkeys(b.strip() for b in args.backends.split(",") if b.strip()))
+    if not backends or set(backends) - set(STAGE_COLUMNS):
+        parser.error(f"--backends takes stages from {', '.join(STAGE_COLUMNS)}, got {args.backends!r}")
     store = Path(args.results) / "zoo-coverage.json"
     saved = json.loads(store.read_text()) if store.exists() else {}
     rows: dict[str, dict] = saved.get("rows", {})
     if args.missing:
-        names = [n for n in names if n not in rows]
+        names = [n for n in names if n not in rows or not set(backends) <= set(row_backends(rows[n]))]
     import torch
     import torchvision
 
-    meta = {"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "backends": list(backends),
+    from exporter.machine import machine_info
+
+    known = saved.get("meta", {}).get("backends", [])
+    meta = {"cpu": machine_info()["cpu"], "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "backends": list(dict.fromkeys([*known, *backends])),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     started = time.perf_counter()
-    run_rows(names, rows, lambda name: cover(name, size=args.size, backends=backends,
-                                             build_timeout=args.build_timeout, bench_timeout=args.bench_timeout),
+    run_rows(names, rows, lambda name: merge_row(rows.get(name), cover(
+                 name, size=args.size, backends=backends, build_timeout=args.build_timeout,
+                 bench_timeout=args.bench_timeout)),
              store=store, header=meta, render=render,
              outcome=lambda row: f"{row.get('error') or 'built'} ({row.get('build_seconds', 0):.0f} s)")
     print(f"{len(names)} model(s) in {(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr)

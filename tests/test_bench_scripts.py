@@ -35,3 +35,29 @@ def test_a_timed_out_command_says_so() -> None:
     finished = common.run_exporter(["list"], timeout=0.001)
     assert finished.code is None
     assert common.error_line("warning: x\nexporter build: error: bad input\ntrailing") == "exporter build: error: bad input"
+
+
+def test_zoo_coverage_merges_the_compile_columns_into_a_fast_row() -> None:
+    zoo = _script("zoo_coverage")
+    fast = {"model": "resnet18", "input": "3×96×96", "build_seconds": 40.0,
+            "cells": {"torch.export": {"status": "ok"}, "onnx-fp32": {"status": "pass", "p50_ms": 3.0},
+                      "eager": {"status": "reference", "p50_ms": 9.0}}}
+    compiled = {"model": "resnet18", "input": "3×96×96", "build_seconds": 100.0, "backends": ["inductor", "aoti"],
+                "cells": {"torch.export": {"status": "ok"}, "inductor": {"status": "pass", "p50_ms": 4.0},
+                          "aoti": {"status": "fail", "reason": "boom"}, "eager": {"status": "reference"}}}
+    merged = zoo.merge_row(fast, compiled)
+    assert merged["backends"] == ["onnx", "onnxruntime", "openvino", "inductor", "aoti"]
+    assert merged["cells"]["onnx-fp32"]["p50_ms"] == 3.0 and merged["cells"]["inductor"]["p50_ms"] == 4.0
+    assert merged["build_seconds"] == 140.0
+    failed = zoo.merge_row(fast, {"model": "resnet18", "input": "3×96×96", "backends": ["inductor", "aoti"],
+                                  "error": "killed", "build_seconds": 300.0})
+    assert "error" not in failed and failed["cells"]["onnx-fp32"]["status"] == "pass"
+    assert failed["cells"]["aoti"] == {"status": "fail", "reason": "the build failed: killed"}
+    assert zoo.merge_row(fast, {**compiled, "input": "3×224×224"})["input"] == "3×224×224"  # replaced, not merged
+
+    meta = {"cpu": "test cpu", "cpus": 2, "torch": "t", "torchvision": "v", "date": "today",
+            "backends": ["onnx", "onnxruntime", "openvino", "inductor", "aoti"]}
+    text = zoo.render({"resnet18": merged, "alexnet": {**fast, "model": "alexnet", "error": "oom"}}, meta)
+    assert "| resnet18 | 3×96×96 | ✓ | ✓ 3.0 ms | not run | not run | not run | ✓ 4.0 ms | FAIL | not run |" in text
+    assert "| alexnet | 3×96×96 | FAIL¹ | FAIL¹ | FAIL¹ | FAIL¹ | FAIL¹ | not run | not run | not run |" in text
+    assert "- **resnet18** aoti: boom" in text and "inductor on 1 of" in text

@@ -27,7 +27,7 @@ from exporter.backends.base import (
     register_backend,
     register_stage,
 )
-from exporter.backends.eager import TorchRunner, strict_fp32
+from exporter.backends.eager import TorchRunner, bf16_inside, cpu_has_native_bf16, strict_fp32
 from exporter.backends.inductor import _cpp_compiler_reason
 
 PACKAGE_FILE = "model.aoti.pt2"
@@ -81,30 +81,6 @@ class AOTIRunner(TorchRunner):
                               "(rebuild with a larger --max-batch or without --batch)")
         return self._torch.from_numpy(batch).to(self.device)
 
-
-
-def _bf16_inside(model: Any) -> Any:
-    """A copy of `model` with bf16 weights and arithmetic behind an fp32 interface (input cast in, logits cast
-    out), so the package takes and returns what every other artifact does."""
-    import torch
-
-    class Bf16Inside(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner(x.to(torch.bfloat16)).float()
-
-    return Bf16Inside(copy.deepcopy(model).to(torch.bfloat16)).eval()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN reports native bf16 kernels (AVX-512 bf16 or AMX) on this CPU."""
-    import torch
-
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(probe and probe())
 
 
 def compile_package(model: Any, input_shape: tuple[int, int, int], path: Path, *, device: str,
@@ -163,7 +139,7 @@ def export_aoti(ctx: BuildContext) -> list[Artifact]:
                                        inductor_configs=CPU_INDUCTOR_CONFIGS)
         artifacts.append(_package_artifact(ctx, "aoti", PACKAGE_FILE, "cpu", note=", frozen weights"))
         if cpu_has_native_bf16():  # like openvino-bf16: only where bf16 is native, never an emulated slow path
-            seconds = compile_package(_bf16_inside(ctx.model), ctx.input_shape, ctx.out_dir / BF16_PACKAGE_FILE,
+            seconds = compile_package(bf16_inside(ctx.model), ctx.input_shape, ctx.out_dir / BF16_PACKAGE_FILE,
                                       device="cpu", static_batch=ctx.static_batch, max_batch=ctx.max_batch,
                                       inductor_configs=CPU_INDUCTOR_CONFIGS)
             ctx.diagnostics["aoti"]["bf16_compile_s"] = round(seconds, 3)

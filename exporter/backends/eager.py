@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,30 @@ def strict_fp32() -> Iterator[None]:
         yield
     finally:
         release_strict_fp32()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN reports native bf16 kernels (AVX-512 bf16 or AMX) on this CPU."""
+    import torch
+
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe and probe())
+
+
+def bf16_inside(model: Any) -> Any:
+    """A copy of `model` with bf16 weights and arithmetic behind an fp32 interface (input cast in, logits cast
+    out), so the artifact takes and returns what every other artifact does."""
+    import torch
+
+    class Bf16Inside(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x.to(torch.bfloat16)).float()
+
+    return Bf16Inside(copy.deepcopy(model).to(torch.bfloat16)).eval()
 
 
 class TorchRunner(Runner):

@@ -21,7 +21,7 @@ from exporter.backends.base import (
     register_backend,
     register_stage,
 )
-from exporter.backends.eager import TorchRunner, load_torch_model, strict_fp32
+from exporter.backends.eager import TorchRunner, bf16_inside, cpu_has_native_bf16, load_torch_model, strict_fp32
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -92,12 +92,14 @@ class InductorRunner(TorchRunner):
     def activate_impl(self) -> None:
         import torch
 
-        if self.precision != "fp32":
-            raise ValueError(f"the inductor artifact runs fp32, not {self.precision}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"the inductor artifact runs fp32 or bf16, not {self.precision}")
         self.use_strict_fp32()
         self._torch = torch
         allow_compiled_graphs()
         model = load_torch_model(self.path, device=self.device, **self.model_options)
+        if self.precision == "bf16":
+            model = bf16_inside(model)
         if self.freezing:  # torch.compile takes a mode or options, not both: spell the mode out as options
             import torch._inductor
 
@@ -219,7 +221,12 @@ def export_inductor(ctx: BuildContext) -> list[Artifact]:
     # freezing: resnet50 batch 1 on 2 cores 71 → 57 ms (bench/compile_variants.py)
     options = dict(eager.options, dynamic_batch=ctx.static_batch is None, input_shape=list(ctx.input_shape),
                    freezing=True)
-    return [Artifact(name="inductor", backend="inductor", path=eager.path, precision="fp32", device=ctx.device,
-                     options=options,
-                     notes=[f"compiled by the runner at activate(), with freezing (weights folded in as constants, "
-                            f"prepacked for oneDNN); first compile here took {diagnostics['compile_s']:.1f}s"])]
+    notes = [f"compiled by the runner at activate(), with freezing (weights folded in as constants, prepacked for "
+             f"oneDNN); first compile here took {diagnostics['compile_s']:.1f}s"]
+    artifacts = [Artifact(name="inductor", backend="inductor", path=eager.path, precision="fp32", device=ctx.device,
+                          options=options, notes=notes)]
+    if ctx.device == "cpu" and cpu_has_native_bf16():  # like aoti-bf16: only where oneDNN has native bf16
+        artifacts.append(Artifact(name="inductor-bf16", backend="inductor", path=eager.path, precision="bf16",
+                                  device="cpu", options=options,
+                                  notes=[*notes, "bf16 weights and arithmetic behind fp32 input/output"]))
+    return artifacts

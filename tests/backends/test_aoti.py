@@ -132,7 +132,7 @@ def test_cuda_package_runs_on_the_gpu_and_matches_eager(tmp_path) -> None:
 
 
 def test_cpu_packages_freeze_and_a_bf16_package_keeps_the_fp32_interface(full_build) -> None:
-    from exporter.backends.aoti import cpu_has_native_bf16
+    from exporter.backends.eager import cpu_has_native_bf16
     from exporter.manifest import artifact_from_entry
 
     result = full_build(FAST_MODELS[0])

@@ -43,12 +43,31 @@ def test_runner_compiles_at_activate(full_build) -> None:
 
 def test_freezing_option_matches_eager(full_build) -> None:
     result = full_build(FAST_MODELS[0])
-    entries = {a["backend"]: artifact_from_entry(a) for a in result.manifest["artifacts"]}
+    entries = {a["name"]: artifact_from_entry(a) for a in result.manifest["artifacts"]}
     artifact = entries["inductor"]
     artifact.options = dict(artifact.options, freezing=True)
     batch = np.random.default_rng(1).random((4, *result.manifest["input_shape"]), dtype=np.float32)
     with runner_for(entries["eager"], result.build_dir) as eager, runner_for(artifact, result.build_dir) as frozen:
         np.testing.assert_allclose(frozen.infer(batch), eager.infer(batch), rtol=0, atol=1e-4)
+
+
+def test_a_bf16_artifact_keeps_the_fp32_interface_where_the_cpu_has_native_bf16(full_build) -> None:
+    from exporter.backends.eager import cpu_has_native_bf16
+
+    result = full_build(FAST_MODELS[0])
+    entries = {a["name"]: a for a in result.manifest["artifacts"] if a["backend"] == "inductor"}
+    if not cpu_has_native_bf16():
+        assert set(entries) == {"inductor"}
+        return
+    bf16 = artifact_from_entry(entries["inductor-bf16"])
+    assert bf16.precision == "bf16" and bf16.options == entries["inductor"]["options"]
+    images = np.random.default_rng(0).random((3, *result.manifest["input_shape"]), dtype=np.float32)
+    eager = artifact_from_entry(next(a for a in result.manifest["artifacts"] if a["name"] == "eager"))
+    with runner_for(bf16, result.build_dir) as runner, runner_for(eager, result.build_dir) as reference:
+        got, want = runner.infer(images), reference.infer(images)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert not np.array_equal(got, want) and np.abs(got - want).max() < 0.25  # bf16 arithmetic, bf16-class error
+    assert result.manifest["parity"]["results"]["inductor-bf16"] == "pass"
 
 
 def test_build_adds_cuda_compile_diagnostics_where_torch_sees_cuda(tmp_path, monkeypatch) -> None:

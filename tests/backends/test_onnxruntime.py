@@ -119,6 +119,38 @@ def test_cpu_int8_file_has_uint8_activations_and_int8_weights(tmp_path) -> None:
     _assert_cpu_int8_layout(onnx.load(str(tmp_path / INT8_FILE)))
 
 
+def test_calibration_reads_one_batch_range_at_a_time_and_caches_the_ranges(tmp_path, monkeypatch) -> None:
+    from exporter.backends import onnxruntime_int8
+
+    images = np.random.default_rng(0).random((40, 1, 28, 28), dtype=np.float32)
+    reader = onnxruntime_int8.ImageCalibrationReader(images, "x", batch_size=16, progress=False)
+    assert len(reader) == 3
+    reader.set_range(1, 3)
+    assert [len(b["x"]) for b in iter(reader.get_next, None)] == [16, 8]
+
+    ctx = make_context("lenet_bn", tmp_path, trace=False)
+    fp32 = tmp_path / export_onnx(ctx)[0].path
+    seen: list[int] = []
+    real_run = onnxruntime_int8.ImageCalibrationReader._batches
+
+    def counting(self):
+        for batch in real_run(self):
+            seen.append(len(next(iter(batch.values()))))
+            yield batch
+
+    monkeypatch.setattr(onnxruntime_int8.ImageCalibrationReader, "_batches", counting)
+    cache = tmp_path / "ranges.json"
+    first = tmp_path / "first.onnx"
+    onnxruntime_int8.write_qdq(fp32, first, images, activation_type="uint8", extra_options={}, layout="test",
+                               progress=False, method="Percentile", ranges_cache=cache)
+    assert cache.is_file() and seen == [16, 16, 8]  # one batch per collection: memory bounded by one batch
+    second = tmp_path / "second.onnx"
+    onnxruntime_int8.write_qdq(fp32, second, images, activation_type="uint8", extra_options={}, layout="test",
+                               progress=False, method="Percentile", ranges_cache=cache,
+                               nodes_to_exclude=[onnx.load(str(fp32)).graph.node[0].name])
+    assert seen == [16, 16, 8]  # the second file reused the calibrated ranges
+
+
 def test_int8_that_fails_its_class_on_held_back_images_leaves_layers_in_fp32(int8_build, tmp_path, capfd) -> None:
     ctx, images, _ = int8_build
     # Calibrated on dimmed images, checked on real ones: MinMax ranges clip the held-back quarter.
