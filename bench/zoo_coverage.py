@@ -33,9 +33,9 @@ from bench.common import error_line, run_exporter, run_rows, script_parser  # no
 FAST_BACKENDS = ("onnx", "onnxruntime", "openvino")
 COMPILE_BACKENDS = ("inductor", "aoti")
 STAGE_COLUMNS = {"onnx": ("onnx-fp32", "onnx-reference"), "onnxruntime": ("onnx-fp32",),
-                 "openvino": ("openvino-fp32", "openvino-bf16"), "inductor": ("inductor",),
+                 "openvino": ("openvino-fp32", "openvino-bf16"), "inductor": ("inductor", "inductor-bf16"),
                  "aoti": ("aoti", "aoti-bf16")}
-# aoti-bf16 is built only where oneDNN has native bf16; a row without it has no cell there ("not run")
+# the bf16 ones are built only where oneDNN has native bf16; a row without them has no cell there ("not run")
 
 
 def _input_size(name: str, size: int) -> list[str]:

@@ -155,8 +155,8 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
                 info["failures"] = failures()
                 measured["Percentile"] = (info["agreement"], info["min_cosine"])
                 info["methods_measured"] = {m: {"agreement": a, "min_cosine": c} for m, (a, c) in measured.items()}
-                if info["failures"]:  # bisect from MinMax: its rounds cost a third of Percentile's
-                    info["method"] = "MinMax"
+                if info["failures"]:  # bisect from the closer of the two (each method is calibrated once)
+                    info["method"] = max(measured, key=lambda m: measured[m])
             if info["failures"]:
                 from tqdm import tqdm
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from exporter.backends.base import (
+    INT8_MIN_AGREEMENT,
     INT8_MIN_COSINE,
     Artifact,
     BackendUnavailable,
@@ -323,14 +324,19 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
     return artifacts
 
 
-def _worst_cosine(compiled: Any, items: Any) -> float:
-    """The worst cosine similarity of a compiled OpenVINO model's logits with the fp32 reference's (NNCF's
-    validation metric for accuracy control; NNCF passes an iterable without a length)."""
-    worst = 1.0
+def _held_back_score(compiled: Any, items: Any) -> float:
+    """NNCF's validation metric for accuracy control: 1 for fp32, and at least INT8_MIN_COSINE exactly when the
+    int8 class's build-time bars both hold: min(the worst cosine with the fp32 logits, the top-1 agreement mapped
+    so that INT8_MIN_AGREEMENT lands on INT8_MIN_COSINE). NNCF passes an iterable without a length."""
+    worst, flips, count = 1.0, 0, 0
     for x, expected in items:
         got = np.asarray(compiled(x)[0], dtype=np.float64).ravel()
-        worst = min(worst, float(row_cosines(np.asarray(expected, np.float64)[None], got[None])[0]))
-    return worst
+        expected = np.asarray(expected, np.float64).ravel()
+        worst = min(worst, float(row_cosines(expected[None], got[None])[0]))
+        flips += int(got.argmax() != expected.argmax())
+        count += 1
+    agreement = 1.0 - flips / max(count, 1)
+    return min(worst, 1.0 - (1.0 - agreement) * (1.0 - INT8_MIN_COSINE) / (1.0 - INT8_MIN_AGREEMENT))
 
 
 def _fp32_layers(model: Any) -> list[str]:
@@ -352,8 +358,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
 
     NNCF's default `nncf.quantize` comes first, judged on the held-back quarter of the images in the int8 class at
     the build-time bars (INT8_MIN_AGREEMENT, INT8_MIN_COSINE); if it fails, `nncf.quantize_with_accuracy_control`
-    reverts the most sensitive layers to fp32 until the worst cosine with fp32 has dropped by at most
-    1 − INT8_MIN_COSINE. `info` records which was kept, both verdicts and the layers left in fp32, for the manifest.
+    reverts the most sensitive layers to fp32 until both bars hold again (`_held_back_score`). `info` records which was kept, both verdicts and the layers left in fp32, for the manifest.
     """
     import torch
 
@@ -386,11 +391,11 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
     if failures:
         with stdout_to_stderr():
             quantized = nncf.quantize_with_accuracy_control(
-                model, calibration_data, nncf.Dataset(items), validation_fn=_worst_cosine,
+                model, calibration_data, nncf.Dataset(items), validation_fn=_held_back_score,
                 max_drop=1 - INT8_MIN_COSINE, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
         failures, agreement, cosine = verdict(quantized)
-        info.update(method="nncf.quantize_with_accuracy_control (metric: worst cosine with fp32 on held-back "
-                           f"images, max drop {1 - INT8_MIN_COSINE:g})", agreement=agreement, min_cosine=cosine,
+        info.update(method="nncf.quantize_with_accuracy_control (metric: worst cosine with fp32 and top-1 "
+                           f"agreement on held-back images, max drop {1 - INT8_MIN_COSINE:g})", agreement=agreement, min_cosine=cosine,
                     failures=failures)
     info["fp32_layers"] = _fp32_layers(quantized)
     info["fp32_layers_why"] = ("left unquantized by NNCF (its defaults skip some layers; accuracy control reverts "

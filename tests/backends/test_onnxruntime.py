@@ -159,7 +159,10 @@ def test_int8_that_fails_its_class_on_held_back_images_leaves_layers_in_fp32(int
     artifact = quantize_int8(ctx.out_dir / ctx.artifact("onnx-fp32").path, tmp_path / INT8_FILE, calibration,
                              progress=False, info=info)
     assert info["calibration_images"] == 48 and info["held_back_images"] == 16
-    assert set(info["methods_measured"]) == {"MinMax", "Percentile"} and info["method"] == "MinMax"
+    measured = info["methods_measured"]
+    assert set(measured) == {"MinMax", "Percentile"}
+    closer = max(measured, key=lambda m: (measured[m]["agreement"], measured[m]["min_cosine"]))
+    assert info["method"] == closer  # the fallback bisects from the method closer to fp32
     assert capfd.readouterr().out == ""  # ORT's histogram calibrator prints; `--json` keeps stdout for the result
     assert info["default_failures"] and info["fp32_nodes"] and info["fp32_layers"]
     assert info["min_cosine"] >= 0.99 and info["agreement"] >= 0.99  # the kept file passes on the held-back images

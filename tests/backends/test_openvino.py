@@ -117,17 +117,26 @@ def test_bad_runner_options_are_one_line_usage_errors(onnx_build) -> None:
         assert runner.infer(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, TEST_NUM_CLASSES)
 
 
-def test_int8_accuracy_metric_takes_nncf_iterables() -> None:
-    """NNCF's accuracy control hands the validation function an iterable without a length."""
-    from exporter.backends.openvino import _worst_cosine
+def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_both_bars() -> None:
+    """NNCF's accuracy control hands the validation function an iterable without a length; the score reaches
+    INT8_MIN_COSINE only when the worst cosine and the top-1 agreement both meet their bars."""
+    from exporter.backends.base import INT8_MIN_COSINE
+    from exporter.backends.openvino import _held_back_score
 
     def compiled(x: np.ndarray) -> list[np.ndarray]:
         return [np.eye(3, dtype=np.float32)[[int(x.sum()) % 3]]]
 
     items = [(np.full((1, 1), v, np.float32), np.eye(3)[label]) for v, label in ((0, 0), (1, 1), (2, 0), (4, 1))]
-    assert _worst_cosine(compiled, iter(items)) == pytest.approx(0.0)  # image 2 points elsewhere
-    assert _worst_cosine(compiled, iter(items[:2])) == pytest.approx(1.0)
-    assert _worst_cosine(compiled, []) == 1.0
+    assert _held_back_score(compiled, iter(items)) == pytest.approx(0.0)  # image 2 points elsewhere
+    assert _held_back_score(compiled, iter(items[:2])) == pytest.approx(1.0)
+    assert _held_back_score(compiled, []) == 1.0
+
+    def near(x: np.ndarray) -> list[np.ndarray]:  # cosine ≈ 0.9999 everywhere, but image 0's top-1 flips
+        return [np.array([[1.0, 1.01, 0.0]]) if x.sum() == 0 else np.array([[1.0, 0.99, 0.0]])]
+
+    tied = [(np.full((1, 1), v, np.float32), np.array([1.0, 0.99, 0.0])) for v in range(50)]
+    assert _held_back_score(near, iter(tied)) == pytest.approx(1 - 0.02 * (1 - INT8_MIN_COSINE) / 0.01)
+    assert _held_back_score(near, iter(tied)) < INT8_MIN_COSINE  # 1 flip in 50 = agreement 0.98 < 0.99
 
 
 def test_nncf_progress_stays_off_json_stdout(tmp_path) -> None:
