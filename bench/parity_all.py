@@ -76,7 +76,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
            + ", ".join(b for b in ("inductor", "aoti") if b not in meta["backends"])
            + " (`exporter build MODEL` builds and checks them)."),
         "",
-        f"Machine: {meta['cpus']} CPU cores, torch {meta['torch']}, last run {meta['date']}.",
+        f"Machine: {meta.get('cpu', 'CPU')}, {meta['cpus']} cores, torch {meta['torch']}, last run {meta['date']}.",
         "",
         "| model | eager acc | artifact | runs in | judged as | verdict | max abs | min cos | top-1 (flips) | acc "
         "| Δacc |",
@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "backends": args.backends, "samples": args.samples,
+    from exporter.machine import machine_info
+
+    meta = {"cpu": machine_info()["cpu"], "cpus": os.cpu_count(), "torch": torch.__version__,
+            "backends": args.backends, "samples": args.samples,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     run_rows(names, rows, lambda name: check_model(name, artifacts=artifacts, samples=args.samples,
                                                    backends=args.backends, timeout=args.timeout),

@@ -82,7 +82,8 @@ def render(rows: dict[str, dict], machine: dict) -> str:
         "the whole command. The seeds' accuracies are on **Fashion-MNIST** after 10 epochs on a GPU, a reference "
         "for the recipe, not a target.",
         "",
-        f"Machine: {machine['cpus']} CPU cores, {machine['platform']}, torch {machine['torch']}, "
+        f"Machine: {machine.get('cpu', 'CPU')}, {machine['cpus']} cores, {machine['platform']}, "
+        f"torch {machine['torch']}, "
         f"last run {machine['date']}.",
         "",
         "| model | recipe | sizes (px × epochs) | epochs × steps × batch | input | test acc | test imgs | train acc "
@@ -144,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "torch": torch.__version__,
+    from exporter.machine import machine_info
+
+    machine = {"cpu": machine_info()["cpu"], "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
+               "torch": torch.__version__,
                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     started = time.perf_counter()
     run_rows(names, rows, lambda name: train_one(name, artifacts=Path(args.artifacts), seed=args.seed,

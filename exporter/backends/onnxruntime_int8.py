@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
 import shutil
 import tempfile
@@ -268,7 +269,8 @@ def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, act
     graph_input = onnx.load(str(source), load_external_data=False).graph.input[0]
     images = check_calibration(calibration, tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]))
     with tempfile.TemporaryDirectory(prefix="exporter-int8-") as work, atomic_path(target) as tmp, \
-            _captured_root_log() as quantizer_log, stdout_to_stderr():  # the histogram calibrators print
+            _captured_root_log() as quantizer_log, stdout_to_stderr(), \
+            contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print a line per batch
         ready = source if prepared else prepare_for_quantization(source, Path(work))
         cache = ({"calibration_cache_path": str(ranges_cache)} if ranges_cache is not None
                  and "calibration_cache_path" in inspect.signature(quantize_static).parameters else {})
