@@ -150,7 +150,8 @@ class OpenVinoRunner(Runner):
     @property
     def executed_precision(self) -> str:
         """What the compiled model executes, read back from OpenVINO (not what was asked)."""
-        return getattr(self, "_executed", None) or OV_TO_PRECISION.get(self.inference_precision)
+        executed = getattr(self, "_executed", None) or OV_TO_PRECISION.get(self.inference_precision)
+        return "int8" if self.precision == "int8" else executed  # its quantized layers run int8, the rest above
 
     def run_impl(self, prepared: np.ndarray) -> Any:
         self.request.infer({0: prepared})
@@ -358,7 +359,12 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
 
     NNCF's default `nncf.quantize` comes first, judged on the held-back quarter of the images in the int8 class at
     the build-time bars (INT8_MIN_AGREEMENT, INT8_MIN_COSINE); if it fails, `nncf.quantize_with_accuracy_control`
-    reverts the most sensitive layers to fp32 until both bars hold again (`_held_back_score`). `info` records which was kept, both verdicts and the layers left in fp32, for the manifest.
+    reverts the most sensitive layers to fp32 until both bars hold again (`_held_back_score`). `info` records which
+    was kept, both verdicts and the layers left unquantized, for the manifest.
+
+    What stays unquantized runs in bf16 where the CPU has it natively (the plugin's own choice, which NNCF's
+    accuracy control validates with; the int8 class bounds the artifact either way), else in f32; the build-time
+    verdict compiles the model the same way.
     """
     import torch
 
@@ -376,8 +382,10 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         reference = np.concatenate([np.asarray(compiled(validation[i:i + 1])[0]) for i in range(len(validation))])
     items = [(validation[i:i + 1], reference[i]) for i in range(len(validation))]
 
+    rest = "bf16" if cpu_supports_bf16() else "f32"
+
     def verdict(quantized: Any) -> tuple[list[str], float, float]:
-        compiled = shared_core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = shared_core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": rest})
         return int8_held_back_verdict(reference, np.concatenate([np.asarray(compiled(x)[0]) for x, _ in items]))
 
     calibration_data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
@@ -395,18 +403,19 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
                 max_drop=1 - INT8_MIN_COSINE, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
         failures, agreement, cosine = verdict(quantized)
         info.update(method="nncf.quantize_with_accuracy_control (metric: worst cosine with fp32 and top-1 "
-                           f"agreement on held-back images, max drop {1 - INT8_MIN_COSINE:g})", agreement=agreement, min_cosine=cosine,
-                    failures=failures)
+                           f"agreement on held-back images, max drop {1 - INT8_MIN_COSINE:g})",
+                    agreement=agreement, min_cosine=cosine, failures=failures)
+    info["unquantized_layers_run_in"] = rest
     info["fp32_layers"] = _fp32_layers(quantized)
     info["fp32_layers_why"] = ("left unquantized by NNCF (its defaults skip some layers; accuracy control reverts "
                                "the layers whose quantization costs the most cosine with fp32)")
     _save_ir(ov, quantized, ctx.out_dir / IR_INT8_DIR, compress_to_fp16=False)
     return Artifact(name="openvino-int8", backend="openvino", path=f"{IR_INT8_DIR}/{IR_FILE}", precision="int8",
-                    options={"inference_precision": "f32"},
+                    options={"inference_precision": rest},
                     notes=[f"NNCF int8 ({info['method']}), calibrated on {len(calibration)} training images; "
                            f"on {len(validation)} held-back images: top-1 agreement with fp32 "
-                           f"{info['agreement']:.3f}, min cosine {info['min_cosine']:.4f}; layers left in fp32: "
-                           f"{len(info['fp32_layers'])}"])
+                           f"{info['agreement']:.3f}, min cosine {info['min_cosine']:.4f}; layers left unquantized: "
+                           f"{len(info['fp32_layers'])}; what is not quantized runs in {rest}"])
 
 
 def _peer(name: str, path: str, precision: str, hint: str, note: str) -> Artifact:

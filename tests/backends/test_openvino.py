@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import openvino as ov
 import pytest
 
-from exporter.backends import RunnerError
+from exporter.backends import RunnerError, runner_for
 from exporter.backends.openvino import OpenVinoRunner, cpu_supports_bf16, export_openvino, ov_type_to_precision
 from exporter.errors import UsageError
 from tests.backends.onnx_builds import CHEAP_MODELS, FP32_ATOL, make_context, onnx_build  # noqa: F401
@@ -151,6 +153,17 @@ def test_nncf_progress_stays_off_json_stdout(tmp_path) -> None:
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     summary = json.loads(proc.stdout)
     assert "openvino-int8" in {a["name"] for a in summary["artifacts"]}
+
+    # What NNCF leaves unquantized runs where the plugin would put it (bf16 where native); the runner says int8.
+    from exporter.manifest import artifact_from_entry
+
+    manifest = json.loads(Path(summary["manifest"]).read_text())
+    entry = next(a for a in manifest["artifacts"] if a["name"] == "openvino-int8")
+    rest = "bf16" if cpu_supports_bf16() else "f32"
+    assert entry["options"]["inference_precision"] == rest
+    assert manifest["diagnostics"]["openvino"]["int8"]["unquantized_layers_run_in"] == rest
+    with runner_for(artifact_from_entry(entry), Path(summary["manifest"]).parent) as runner:
+        assert runner.executed_precision == "int8"
 
 
 def test_one_core_serves_the_whole_process() -> None:
