@@ -5,7 +5,9 @@ flips vs eager fp32 and each variant's test accuracy, judged in its tolerance cl
 (`bench.json`: p50 latency per artifact, variant and batch). Every artifact × variant benchmarked at the
 requested batch is a candidate; candidates are taken in order of p50 latency and the first that meets the budget
 wins. A candidate is refused when its parity record is missing, failing, or was judged with other runner options
-(a tuned variant is judged as itself, never by its artifact's record), and when its timing stayed unstable.
+(a tuned variant is judged as itself, never by its artifact's record), and when its timing stayed unstable and a
+steadily timed candidate lies within its spread (on a 2-vCPU VM most cells are unstable even when idle: refusing
+them all would recommend the slowest steady artifact).
 Rejections carry their reason, so the user sees why each faster one lost. The choice is written into the
 manifest as `recommended`.
 """
@@ -75,9 +77,6 @@ def rejection_reasons(cell: dict[str, Any], budget: Budget) -> list[str]:
     """Why a benchmarked cell cannot be recommended under `budget` (empty: it qualifies)."""
     if cell.get("status") != "ok" or cell.get("p50_ms") is None:
         return [f"benchmark {cell.get('status', 'missing')}: {cell.get('error') or 'no timing'}"]
-    if cell.get("unstable"):
-        return [f"timing unstable (cv {cell.get('cv', 0):.0%}, also when measured again): re-run `exporter bench` "
-                "on a quiet machine"]
     parity = cell.get("parity") or {}
     status = parity.get("status", "unverified")
     if status == "unverified":
@@ -112,6 +111,20 @@ def _summary(cell: dict[str, Any]) -> dict[str, Any]:
             "acc_drop": parity.get("acc_drop")}
 
 
+def _unproven_lead(cell: dict[str, Any], within_budget: Sequence[dict[str, Any]]) -> list[str]:
+    """An unstable cell (cv > 10 % twice) stays a candidate unless a slower, steadily timed candidate within the
+    budget lies inside its spread (p50 · (1 + 2·cv)): then its lead is not measured, and the steady one wins."""
+    if not cell.get("unstable"):
+        return []
+    spread = cell["p50_ms"] * (1 + 2 * (cell.get("cv") or 0.0))
+    for other in within_budget:
+        if other is not cell and not other.get("unstable") and cell["p50_ms"] <= other["p50_ms"] <= spread:
+            return [f"timing unstable (cv {cell.get('cv', 0):.0%}, also when measured again) and the steadily timed "
+                    f"{other['label']} ({other['p50_ms']:.3f} ms) is within its spread: re-run `exporter bench` "
+                    "on a quiet machine"]
+    return []
+
+
 def select_artifact(cells: Sequence[dict[str, Any]], budget: Budget, batch: int) -> dict[str, Any]:
     """Choose from bench cells: the fastest (p50) at `batch` meeting `budget`, the runner-up, and the rejections.
 
@@ -124,13 +137,14 @@ def select_artifact(cells: Sequence[dict[str, Any]], budget: Budget, batch: int)
         raise SelectError(f"no benchmark results at batch {batch} (benchmarked: "
                           f"{', '.join(map(str, have)) or 'none'}; run `exporter bench MODEL --batch-sizes {batch}`)")
     ordered = sorted(at_batch, key=lambda c: (c.get("p50_ms") is None, c.get("p50_ms") or math.inf))
+    within_budget = [c for c in ordered if not rejection_reasons(c, budget)]
     qualified, rejected = [], []
     for cell in ordered:
-        reasons = rejection_reasons(cell, budget)
+        reasons = rejection_reasons(cell, budget) or _unproven_lead(cell, within_budget)
         if reasons:
             rejected.append({**_summary(cell), "reasons": reasons})
         else:
-            qualified.append(_summary(cell))
+            qualified.append({**_summary(cell), "cv": cell.get("cv")})
     if not qualified:
         lines = "; ".join(f"{r['label']}: {r['reasons'][0]}" for r in rejected)
         raise SelectError(f"no artifact meets the budget ({budget.describe()}) at batch {batch}: {lines}")
@@ -163,15 +177,17 @@ def describe_choice(choice: dict[str, Any]) -> list[str]:
     lines = [f"recommended at batch {choice['batch']} ({choice['budget']['text']}): {win['label']} "
              f"[{win['backend']}, {win['precision']}] p50 {win['p50_ms']:.3f} ms, "
              f"{win['throughput_ips']:.0f} img/s, parity {win['parity']}"
-             + (" (timing unstable)" if win.get("unstable") else "")]
+             + (f" (timing unstable, cv {win.get('cv') or 0:.0%}, but ahead of every steadily timed candidate "
+                "by more than its spread)" if win.get("unstable") else "")]
     lines.append(f"chosen among {choice['candidates']} benchmarked artifact variants at batch {choice['batch']}"
                  + (f" (bench run {choice['bench_created']})" if choice.get("bench_created") else ""))
     runner_up = choice.get("runner_up")
     if runner_up:
         gap = runner_up["p50_ms"] / win["p50_ms"] - 1 if win["p50_ms"] else 0.0
+        tie = max(0.05, 2 * (win.get("cv") or 0.0)) if win.get("unstable") else 0.05
         lines.append(f"runner-up: {runner_up['label']} [{runner_up['backend']}, {runner_up['precision']}] "
                      f"p50 {runner_up['p50_ms']:.3f} ms (+{gap:.1%})"
-                     + (" — within 5 %, effectively a tie on this machine" if gap < 0.05 else ""))
+                     + (f" — within {tie:.0%}, effectively a tie on this machine" if gap < tie else ""))
     else:
         lines.append("runner-up: none (no other artifact meets the budget)")
     for r in choice["rejected_faster"]:

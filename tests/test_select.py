@@ -87,12 +87,17 @@ def test_parse_budget_rejects_bad_input(flips, drop) -> None:
         parse_budget(flips, drop)
 
 
-def test_unstable_timing_is_refused() -> None:
-    cells = [_cell("fast-but-noisy", 0.5, _verified(flips=0), unstable=True, cv=0.4), *CELLS]
-    choice = select_artifact(cells, parse_budget("0.5%"), batch=1)
-    assert choice["recommended"]["label"] == "onnxruntime-fp32"
+def test_an_unstable_cell_wins_only_when_no_steady_candidate_is_within_its_spread() -> None:
+    ahead = [_cell("fast-but-noisy", 0.5, _verified(flips=0), unstable=True, cv=0.4), *CELLS]
+    choice = select_artifact(ahead, parse_budget("0.5%"), batch=1)
+    assert choice["recommended"]["label"] == "fast-but-noisy"  # 0.5 · (1 + 2 · 0.4) = 0.9 < 2.0: a measured lead
+    assert "timing unstable, cv 40%" in describe_choice(choice)[0]
+
+    close = [_cell("fast-but-noisy", 1.9, _verified(flips=0), unstable=True, cv=0.4), *CELLS]
+    choice = select_artifact(close, parse_budget("0.5%"), batch=1)
+    assert choice["recommended"]["label"] == "onnxruntime-fp32"  # steady, and inside the noisy one's spread
     noisy = next(r for r in choice["rejected_faster"] if r["label"] == "fast-but-noisy")
-    assert "timing unstable (cv 40%" in noisy["reasons"][0]
+    assert "timing unstable (cv 40%" in noisy["reasons"][0] and "onnxruntime-fp32" in noisy["reasons"][0]
 
 
 # --- on a build: the saved results, read through exporter.results ----------------------------------------------
@@ -158,12 +163,13 @@ def test_a_tuned_variant_with_its_own_passing_record_is_selected(tmp_path: Path)
     assert saved["recommended"]["label"] == "openvino-fp32+tuned" and saved["batch"] == 1
 
 
-def test_an_unstable_fastest_cell_is_refused_on_a_build(tmp_path: Path) -> None:
+def test_an_unstable_fastest_cell_is_refused_on_a_build_when_a_steady_one_is_within_its_spread(
+        tmp_path: Path) -> None:
     records = BASE_RECORDS + [_record("openvino-fp32+tuned", options=TUNED)]
-    build = _saved_build(tmp_path, [_bench_cell("openvino-fp32+tuned", 0.5, options=TUNED, unstable=True),
+    build = _saved_build(tmp_path, [_bench_cell("openvino-fp32+tuned", 1.5, options=TUNED, unstable=True),
                                     *BASE_CELLS], records)
     choice = select_build(build, parse_budget("1%"), 1, save=False)
-    assert choice["recommended"]["label"] == "openvino-fp32"
+    assert choice["recommended"]["label"] == "openvino-fp32"  # 2.0 ≤ 1.5 · (1 + 2 · 0.3)
     assert "timing unstable" in choice["rejected_faster"][0]["reasons"][0]
 
 
