@@ -50,6 +50,9 @@ FP16_FILE = "model.fp16.onnx"
 REFERENCE_MAX_MACS = 400_000_000
 
 
+PROTOBUF_LIMIT_BYTES = 2**31 - 1  # a serialized ONNX ModelProto (weights inside) must stay under this
+
+
 class OnnxExportError(ExporterError):
     """The ONNX export or its checks failed."""
 
@@ -149,6 +152,11 @@ def export_onnx(ctx: BuildContext) -> list[Artifact]:
         raise BackendUnavailable(f"onnxscript is not installed ({exc}); the dynamo ONNX exporter needs it") from exc
     import torch
 
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*ctx.model.parameters(), *ctx.model.buffers()))
+    if weight_bytes >= PROTOBUF_LIMIT_BYTES:
+        raise OnnxExportError(f"{ctx.model_name} has {weight_bytes / 2**30:.1f} GiB of weights: one ONNX file holds "
+                              "at most 2 GiB (protobuf) and this exporter does not write external-data ONNX yet; "
+                              "the other backends still build")
     example = _example_input(ctx)
     kwargs: dict[str, Any] = {}
     if ctx.exported_program is not None:

@@ -184,3 +184,13 @@ def test_an_untraceable_model_is_one_clear_error_and_writes_nothing(tmp_path) ->
     assert message.startswith("torch.onnx.export failed for lenet: ") and "\n" not in message
     assert "data-dependent" in message and "\x1b" not in message  # the root cause, without terminal colours
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_over_protobufs_limit_are_one_clear_error_before_exporting(tmp_path, monkeypatch) -> None:
+    from exporter.backends import onnx as onnx_backend
+
+    ctx = make_context("lenet", tmp_path, trace=False)
+    monkeypatch.setattr(onnx_backend, "PROTOBUF_LIMIT_BYTES", 1000)  # lenet's ~0.2 MB of weights stand in for 2 GiB
+    with pytest.raises(OnnxExportError, match=r"GiB of weights: one ONNX file holds at most 2 GiB"):
+        export_onnx(ctx)
+    assert list(tmp_path.iterdir()) == []
