@@ -253,8 +253,8 @@ def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, act
     "int8") activations, `method`-calibrated on `calibration`, `nodes_to_exclude` left in fp32; `extra_options`
     go to `quantize_static` as they are; `prepared`: `source` already went through `prepare_for_quantization`.
     `ranges_cache`: a JSON file of calibrated tensor ranges, written by the first call and read by the next ones
-    with the same source, images and method (the ranges do not depend on `nodes_to_exclude`); where ONNX Runtime
-    cannot cache them (before 1.32) every call calibrates.
+    with the same source, images and method (the ranges do not depend on `nodes_to_exclude`); with an ONNX Runtime
+    whose `quantize_static` has no `calibration_cache_path`, every call calibrates.
 
     `layout` describes the result (metadata and notes). Returns the notes for the file's artifact.
     """
