@@ -107,7 +107,7 @@ def _summary(cell: dict[str, Any]) -> dict[str, Any]:
             "variant": cell.get("variant", "default"), "options": cell.get("options") or {},
             "precision": cell.get("executed_precision") or cell.get("precision"), "batch": cell["batch"],
             "p50_ms": cell.get("p50_ms"), "p99_ms": cell.get("p99_ms"), "throughput_ips": cell.get("throughput_ips"),
-            "unstable": cell.get("unstable"), "parity": parity.get("status"), "flip_rate": parity.get("flip_rate"),
+            "unstable": cell.get("unstable"), "cv": cell.get("cv"), "parity": parity.get("status"), "flip_rate": parity.get("flip_rate"),
             "acc_drop": parity.get("acc_drop")}
 
 
@@ -137,14 +137,15 @@ def select_artifact(cells: Sequence[dict[str, Any]], budget: Budget, batch: int)
         raise SelectError(f"no benchmark results at batch {batch} (benchmarked: "
                           f"{', '.join(map(str, have)) or 'none'}; run `exporter bench MODEL --batch-sizes {batch}`)")
     ordered = sorted(at_batch, key=lambda c: (c.get("p50_ms") is None, c.get("p50_ms") or math.inf))
-    within_budget = [c for c in ordered if not rejection_reasons(c, budget)]
+    reasons_of = [rejection_reasons(cell, budget) for cell in ordered]
+    within_budget = [cell for cell, reasons in zip(ordered, reasons_of) if not reasons]
     qualified, rejected = [], []
-    for cell in ordered:
-        reasons = rejection_reasons(cell, budget) or _unproven_lead(cell, within_budget)
+    for cell, reasons in zip(ordered, reasons_of):
+        reasons = reasons or _unproven_lead(cell, within_budget)
         if reasons:
             rejected.append({**_summary(cell), "reasons": reasons})
         else:
-            qualified.append({**_summary(cell), "cv": cell.get("cv")})
+            qualified.append(_summary(cell))
     if not qualified:
         lines = "; ".join(f"{r['label']}: {r['reasons'][0]}" for r in rejected)
         raise SelectError(f"no artifact meets the budget ({budget.describe()}) at batch {batch}: {lines}")
