@@ -69,10 +69,20 @@ def error_line(stderr: str) -> str:
 def run_rows(names: list[str], rows: dict[str, dict], work: Callable[[str], dict], *, store: Path,
              header: dict, render: Callable[[dict[str, dict], dict], str], outcome: Callable[[dict], str],
              header_key: str = "meta") -> None:
-    """`rows[name] = work(name)` for each name, writing `store` (JSON) and its rendered `.md` after each one."""
+    """`rows[name] = work(name)` for each name, writing `store` (JSON) and its rendered `.md` after each one.
+
+    Each write first takes the rows another run of the same script wrote to `store` meanwhile (under a lock), so
+    two runs over different models can share one table."""
+    import fcntl
+
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} …", file=sys.stderr, flush=True)
-        rows[name] = work(name)
-        atomic_write_text(store, json.dumps({header_key: header, "rows": rows}, indent=2) + "\n")
-        atomic_write_text(store.with_suffix(".md"), render(rows, header))
+        row = work(name)
+        with open(store.with_name(f".{store.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if store.exists():
+                rows.update(json.loads(store.read_text()).get("rows", {}))
+            rows[name] = row
+            atomic_write_text(store, json.dumps({header_key: header, "rows": rows}, indent=2) + "\n")
+            atomic_write_text(store.with_suffix(".md"), render(rows, header))
         print(f"[{i}/{len(names)}] {name}: {outcome(rows[name])}", file=sys.stderr, flush=True)

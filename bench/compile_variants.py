@@ -8,11 +8,17 @@ of 30 calls after 5 warm-up calls, and each variant's largest |Δ| against eager
 Variants: `ov` (OpenVINO f32 and bf16, from `ov.convert_model`), `ind` (torch.compile), `ind_freeze`,
 `ind_freeze_bf16` (bf16 weights and input), `ind_autocast` (bf16 autocast inside the compiled graph), `aoti`,
 `aoti_freeze`, `aoti_freeze_bf16`. Untrained weights: latency does not depend on them.
+
+`--profile` adds where each variant's time goes: OpenVINO's per-layer counters (layer type, oneDNN implementation),
+torch.profiler's self time per op for the inductor variants (AOTInductor runs the same kernels from C++), and the
+oneDNN primitives torch executed (kind, implementation, time, from oneDNN's verbose log) — the evidence for
+`bench/results/compile-profile.md`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import sys
@@ -53,6 +59,66 @@ def median_ms(call: Callable[[], Any], runs: int = 30, warmup: int = 5) -> float
     return statistics.median(samples)
 
 
+def _table(title: str, rows: list[tuple[str, float, float]], total: float, top: int = 10) -> None:
+    """Print `rows` (name, ms per call, calls per inference) as a markdown table under `title`, heaviest first."""
+    print(f"\n#### {title}: {total:.2f} ms per inference\n\n| what | ms per inference | share | calls |\n| --- | ---: | ---: | ---: |")
+    for name, ms, calls in sorted(rows, key=lambda r: -r[1])[:top]:
+        print(f"| {name} | {ms:.2f} | {100 * ms / total:.0f} % | {calls:g} |")
+
+
+def openvino_profile(request: Any, image: Any, runs: int = 20) -> None:
+    """OpenVINO's per-layer counters (PERF_COUNT), summed per layer type and oneDNN implementation."""
+    times: dict[str, float] = collections.defaultdict(float)
+    counts: collections.Counter = collections.Counter()
+    for _ in range(runs):
+        request.infer({0: image})
+        for info in request.profiling_info:
+            key = f"{info.node_type} `{info.exec_type}`"
+            times[key] += info.real_time.total_seconds() * 1000 / runs
+            counts[key] += 1 / runs
+    _table("OpenVINO layers (type `implementation`)", [(k, v, counts[k]) for k, v in times.items()],
+           sum(times.values()))
+
+
+def torch_profile(call: Callable[[], Any], runs: int = 20) -> None:
+    """torch.profiler's self CPU time per op, and the oneDNN primitives behind them (from oneDNN's verbose log)."""
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            call()
+    events = [(e.key, e.self_cpu_time_total / 1000 / runs, e.count / runs) for e in prof.key_averages()]
+    _table("torch ops (self time)", events, sum(e[1] for e in events))
+    fd, log = tempfile.mkstemp(suffix=".log")
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(fd, 1)  # oneDNN writes its verbose lines to the process's stdout
+    try:
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            for _ in range(runs):
+                call()
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(fd)
+    times: dict[str, float] = collections.defaultdict(float)
+    counts: collections.Counter = collections.Counter()
+    for line in Path(log).read_text().splitlines():
+        fields = line.split(",")
+        if len(fields) > 6 and fields[2:4] == ["primitive", "exec"]:
+            key = f"{fields[5]} `{fields[6]}`"
+            times[key] += float(fields[-1]) / runs
+            counts[key] += 1 / runs
+    os.unlink(log)
+    if times:
+        _table("oneDNN primitives torch ran (kind `implementation`, oneDNN's own timing)",
+               [(k, v, counts[k]) for k, v in times.items()], sum(times.values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -62,11 +128,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("variants", nargs="*", metavar="VARIANT", help=f"any of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--model", default="resnet50", help="a registered model (default resnet50)")
+    parser.add_argument("--profile", action="store_true", help="also print where each variant's time goes")
     args = parser.parse_args(argv)
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     variants = args.variants or list(VARIANTS)
+    if args.profile:  # the generated C++ kernels then show in torch.profiler under their own names
+        torch._inductor.config.cpp.enable_kernel_profile = True
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=10).eval()
     x = torch.rand(1, *get_spec(args.model).input_shape)
@@ -91,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                 config = {"INFERENCE_PRECISION_HINT": hint}
                 request = core.compile_model(converted, "CPU", config).create_infer_request()
                 print(f"openvino {hint}: {median_ms(lambda r=request: r.infer({0: image})):.2f} ms", flush=True)
+                if args.profile:
+                    profiled = core.compile_model(converted, "CPU", {**config, "PERF_COUNT": True})
+                    openvino_profile(profiled.create_infer_request(), image)
         compiled = {"ind": (model, x, {}), "ind_freeze": (model, x, {"freezing": True}),
                     "ind_freeze_bf16": (None, x.to(torch.bfloat16), {"freezing": True}),
                     "ind_autocast": ("autocast", x, {"freezing": True})}
@@ -106,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             function(image)
             seconds = time.perf_counter() - start
             report(f"inductor {name}", lambda f=function, i=image: f(i), f" (compile {seconds:.0f} s)")
+            if args.profile:
+                torch_profile(lambda f=function, i=image: f(i))
             torch._dynamo.reset()
         packages = (("aoti", False, False), ("aoti_freeze", True, False), ("aoti_freeze_bf16", True, True))
         for name, freeze, bf16 in packages:

@@ -528,8 +528,9 @@ def _manifest(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpec,
     artifact_entries = []
     for artifact in ctx.artifacts:
         entry = artifact.to_dict()
-        own = [artifact.path] + ([str(Path(artifact.path).with_suffix(".bin"))]
-                                 if artifact.path.endswith(".xml") else [])
+        # its file, the files named after it (an ONNX file's external data: model.onnx.data), an IR's weights
+        own = [artifact.path] + [f for f in files if f.startswith(artifact.path + ".")] + (
+            [str(Path(artifact.path).with_suffix(".bin"))] if artifact.path.endswith(".xml") else [])
         entry["files"] = [f for f in own if f in files]
         entry["size"] = sum(files[f]["size"] for f in entry["files"])
         entry["untrained"] = untrained

@@ -37,6 +37,25 @@ def test_a_timed_out_command_says_so() -> None:
     assert common.error_line("warning: x\nexporter build: error: bad input\ntrailing") == "exporter build: error: bad input"
 
 
+def test_two_runs_over_different_models_share_one_table(tmp_path: Path) -> None:
+    """A row another run wrote to the store while this one worked is kept, not overwritten."""
+    from bench.common import run_rows
+
+    store = tmp_path / "table.json"
+    rows: dict[str, dict] = {}
+
+    def work(name: str) -> dict:
+        if name == "a":  # the other run finishes "z" meanwhile
+            store.write_text(json.dumps({"meta": {}, "rows": {"z": {"by": "other run"}}}))
+        return {"by": "this run"}
+
+    run_rows(["a", "b"], rows, work, store=store, header={"run": 1}, outcome=str,
+             render=lambda rows, header: "\n".join(sorted(rows)))
+    saved = json.loads(store.read_text())
+    assert saved["rows"] == {"z": {"by": "other run"}, "a": {"by": "this run"}, "b": {"by": "this run"}}
+    assert store.with_suffix(".md").read_text() == "a\nb\nz"
+
+
 def test_zoo_coverage_merges_the_compile_columns_into_a_fast_row() -> None:
     zoo = _script("zoo_coverage")
     fast = {"model": "resnet18", "input": "3×96×96", "build_seconds": 40.0,

@@ -13,7 +13,7 @@ from exporter.cli import main
 from exporter.errors import UsageError
 from exporter.backends import STAGES, Stage
 from exporter.export import STAGE_NAMES, BuildError, build, parse_backends
-from exporter.manifest import RESULT_FILES, load_build, sha256_file
+from exporter.manifest import RESULT_FILES, ManifestError, load_build, sha256_file
 from exporter.results import parity_summary, read_parity
 from tests.conftest import TEST_NUM_CLASSES
 from tests.export_builds import FAST_MODELS, build_options, full_build, model_params  # noqa: F401  (fixture)
@@ -98,6 +98,24 @@ def test_static_batch_build(tmp_path: Path) -> None:
     assert manifest["parity"]["samples"] == 8  # whole static batches only
     assert manifest["parity"]["passed"] and set(manifest["parity"]["results"].values()) == {"pass"}
     assert {i["name"]: i["batch_sizes"] for i in result.parity["inputs"]} == {"real": [4], "batch=4": [4]}
+
+
+def test_external_weights_are_hashed_with_their_artifact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build whose ONNX weights went to `model.onnx.data` lists that file under its artifacts and in the hashed
+    files: a modified data file fails loading like a modified model file."""
+    from exporter.backends import onnx as onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "INLINE_WEIGHTS_LIMIT_BYTES", 20_000)
+    result = build(build_options("lenet", tmp_path, backends=["onnx", "onnxruntime"], parity_samples=8))
+    entries = {a["name"]: a for a in result.manifest["artifacts"]}
+    assert entries["onnx-fp32"]["files"] == ["model.onnx", "model.onnx.data"]
+    assert "model.onnx.data" in result.manifest["files"] and result.manifest["parity"]["passed"]
+    data = result.build_dir / "model.onnx.data"
+    damaged = bytearray(data.read_bytes())
+    damaged[100] ^= 0xFF
+    data.write_bytes(bytes(damaged))
+    with pytest.raises(ManifestError, match="model.onnx.data"):
+        load_build(result.build_dir)
 
 
 def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

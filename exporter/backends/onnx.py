@@ -4,6 +4,8 @@
 "input" NCHW float32, output "logits") checked with `onnx.checker.check_model(full_check=True)` and strict
 shape inference, carrying the build's metadata in `metadata_props` so another runtime can use the file
 alone. With `ctx.fp16` it also writes `model.fp16.onnx`: fp16 weights and compute, float32 inputs/outputs.
+A model whose weights do not fit protobuf's 2 GiB keeps them in `model.onnx.data` beside the file (ONNX external
+data, read by ONNX Runtime, OpenVINO and TensorRT from there; `save_onnx` decides).
 
 The file is run by three runners: `onnxruntime` (see `onnxruntime.py`), `openvino` (which reads ONNX too) and
 `onnx_reference` here — `onnx.reference.ReferenceEvaluator`, a pure-numpy implementation of the ONNX spec
@@ -51,6 +53,10 @@ REFERENCE_MAX_MACS = 400_000_000
 
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1  # a serialized ONNX ModelProto (weights inside) must stay under this
+# Tensors past this many bytes in all go to an external-data file (the 64 MiB left are for the graph itself).
+INLINE_WEIGHTS_LIMIT_BYTES = PROTOBUF_LIMIT_BYTES - 2**26
+EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx → model.onnx.data
+EXTERNAL_MIN_TENSOR_BYTES = 1024  # smaller tensors (shapes, scalars) stay inline: shape inference reads them
 
 
 class OnnxExportError(ExporterError):
@@ -107,14 +113,34 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def external_data_file(path: str | Path) -> Path:
+    """Where `save_onnx` puts the weights of a model too big for one file: `<path>.data` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+
+
+def _tensors(model: Any) -> list[Any]:
+    return list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+
+
+def _inline_bytes(model: Any) -> int:
+    onnx = import_optional("onnx")
+    return sum(t.ByteSize() for t in _tensors(model) if t.data_location != onnx.TensorProto.EXTERNAL)
+
+
+def uses_external_data(model: Any) -> bool:
+    """Whether any tensor of `model` keeps its data in an external file."""
+    onnx = import_optional("onnx")
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model))
+
+
 def check_external_data(path: Path, build_dir: Path, listed: set[str]) -> None:
     """Refuse an ONNX file whose external-data locations leave the build directory, go through a symbolic link or
     name a file the manifest does not hash — checked here, before any runtime opens the file."""
     onnx = import_optional("onnx")
     model = onnx.load(str(path), load_external_data=False)
-    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
     build_dir = Path(build_dir).resolve()
-    for tensor in tensors:
+    for tensor in _tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -126,18 +152,46 @@ def check_external_data(path: Path, build_dir: Path, listed: set[str]) -> None:
                                 "build's hashed files; refusing to load it (rebuild the model)")
 
 
-def check_and_save(model: Any, path: Path) -> Any:
-    """Run the full checker and strict shape inference, then save the inferred model atomically to `path`."""
+def save_onnx(model: Any, path: Path) -> None:
+    """Save `model` to `path` atomically: its tensors inline while they fit protobuf's 2 GiB, else in
+    `external_data_file(path)` (then moved out of `model`, which keeps references to that file). A model that
+    already references external data beside `path` is saved as it is."""
     onnx = import_optional("onnx")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if _inline_bytes(model) < INLINE_WEIGHTS_LIMIT_BYTES:
+            onnx.save(model, str(tmp))
+            return
+        data = external_data_file(path)
+        data.unlink(missing_ok=True)  # onnx appends to an existing data file
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=EXTERNAL_MIN_TENSOR_BYTES)
+
+
+def check_and_save(model: Any, path: Path) -> Any:
+    """Run the full checker and strict shape inference, then save the inferred model atomically to `path`
+    (through `save_onnx`). Returns the inferred model; for one with external data, without its weights."""
+    onnx = import_optional("onnx")
+    path = Path(path)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-        onnx.checker.check_model(inferred, full_check=True)
+        if not uses_external_data(model) and _inline_bytes(model) < INLINE_WEIGHTS_LIMIT_BYTES:
+            inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+            onnx.checker.check_model(inferred, full_check=True)
+            save_onnx(inferred, path)
+            return inferred
+        save_onnx(model, path)  # too big for the in-memory checks: they read the files
+        try:
+            onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True,
+                                                   data_prop=True)
+            onnx.checker.check_model(str(path), full_check=True)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            external_data_file(path).unlink(missing_ok=True)
+            raise
+        return onnx.load(str(path), load_external_data=False)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxExportError(f"{path.name} fails the ONNX checker: {first}") from exc
-    with atomic_path(path) as tmp:
-        onnx.save(inferred, str(tmp))
-    return inferred
 
 
 @register_stage("onnx", needs_torch=False)
@@ -153,10 +207,6 @@ def export_onnx(ctx: BuildContext) -> list[Artifact]:
     import torch
 
     weight_bytes = sum(t.numel() * t.element_size() for t in (*ctx.model.parameters(), *ctx.model.buffers()))
-    if weight_bytes >= PROTOBUF_LIMIT_BYTES:
-        raise OnnxExportError(f"{ctx.model_name} has {weight_bytes / 2**30:.1f} GiB of weights: one ONNX file holds "
-                              "at most 2 GiB (protobuf) and this exporter does not write external-data ONNX yet; "
-                              "the other backends still build")
     example = _example_input(ctx)
     kwargs: dict[str, Any] = {}
     if ctx.exported_program is not None:
@@ -171,7 +221,14 @@ def export_onnx(ctx: BuildContext) -> list[Artifact]:
                                     verbose=False, **kwargs)
     except Exception as exc:
         raise OnnxExportError(f"torch.onnx.export failed for {ctx.model_name}: {_root_cause(exc)}") from exc
-    model = program.model_proto
+    if weight_bytes < INLINE_WEIGHTS_LIMIT_BYTES:
+        model = program.model_proto
+    else:  # never one >2 GiB proto in memory: onnx_ir writes the weights out, the graph is read back without them
+        import onnx_ir
+
+        onnx_ir.save(program.model, str(ctx.out_dir / FP32_FILE),
+                     external_data=external_data_file(FP32_FILE).name, size_threshold_bytes=EXTERNAL_MIN_TENSOR_BYTES)
+        model = onnx.load(str(ctx.out_dir / FP32_FILE), load_external_data=False)
     _rename_batch_dim(model)
     set_metadata(model, _metadata(ctx, "fp32"))
     model.doc_string = f"{ctx.model_name} exported by exporter (torch {torch.__version__})"
@@ -181,6 +238,9 @@ def export_onnx(ctx: BuildContext) -> list[Artifact]:
     ctx.diagnostics["onnx"] = {"opset": opset, "ir_version": fp32.ir_version, "nodes": len(fp32.graph.node),
                                "batch": "dynamic" if not ctx.static_batch else ctx.static_batch,
                                "onnx_version": onnx.__version__}
+    if uses_external_data(fp32):
+        ctx.diagnostics["onnx"]["external_data"] = (f"{weight_bytes / 2**30:.2f} GiB of weights in "
+                                                    f"{external_data_file(FP32_FILE).name} (protobuf's limit is 2 GiB)")
     artifacts = [Artifact(name="onnx-fp32", backend="onnxruntime", path=FP32_FILE, precision="fp32",
                           notes=[f"opset {opset}; ONNX Runtime CPU execution provider"])]
 
@@ -299,7 +359,10 @@ def export_onnx_fp16(ctx: BuildContext, fp32_model: Any) -> Artifact:
     except ImportError as exc:
         raise BackendUnavailable(f"the fp16 ONNX needs onnxruntime's float16 converter ({exc})") from exc
 
-    model = convert_float_to_float16(copy.deepcopy(fp32_model), keep_io_types=True, disable_shape_infer=False)
+    onnx = import_optional("onnx")
+    source = (onnx.load(str(ctx.out_dir / FP32_FILE)) if uses_external_data(fp32_model)  # its weights, in memory
+              else copy.deepcopy(fp32_model))
+    model = convert_float_to_float16(source, keep_io_types=True, disable_shape_infer=uses_external_data(fp32_model))
     topological_sort(model.graph)  # the converter appends its input casts after their consumers
     meta = {p.key: p.value for p in fp32_model.metadata_props}
     meta["precision"] = "fp16"
@@ -363,7 +426,8 @@ def add_intermediate_outputs(onnx_path: str | Path, out_path: str | Path) -> dic
     carries the exporter's scope metadata. Non-float tensors (shapes, indices) are not exposed.
     """
     onnx = import_optional("onnx")
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
+    # shapes from the graph alone: a model with external data may be too big to infer in memory with its weights
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path), load_external_data=False))
     known = {v.name: v for v in (*model.graph.value_info, *model.graph.output)}
     existing = {o.name for o in model.graph.output}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
@@ -379,8 +443,11 @@ def add_intermediate_outputs(onnx_path: str | Path, out_path: str | Path) -> dic
                 existing.add(name)
             if module is not None:
                 mapping[name] = module
-    with atomic_path(Path(out_path)) as tmp:
-        onnx.save(model, str(tmp))
+    if uses_external_data(model):  # its own copy of the weights beside `out_path` (locations are relative)
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(Path(onnx_path).parent))
+    save_onnx(model, Path(out_path))
     return mapping
 
 

@@ -34,7 +34,7 @@ from exporter.backends.base import (
     int8_held_back_verdict,
     stdout_to_stderr,
 )
-from exporter.backends.onnx import INPUT_NAME, read_metadata, set_metadata
+from exporter.backends.onnx import INPUT_NAME, external_data_file, read_metadata, set_metadata, uses_external_data
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_path
 
@@ -117,7 +117,12 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
     import onnx
 
     info = {} if info is None else info
-    graph_input = onnx.load(str(source), load_external_data=False).graph.input[0]
+    graph = onnx.load(str(source), load_external_data=False)
+    if uses_external_data(graph):
+        raise ExporterError(f"{source.name} keeps its weights in {external_data_file(source).name} (over 2 GiB): "
+                            "ONNX Runtime's int8 tools here need them inside the file; openvino-int8 quantizes "
+                            "this model (--backends openvino --int8)")
+    graph_input = graph.graph.input[0]
     images = check_calibration(calibration, tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]))
     held_back = len(images) // 4 if len(images) >= 16 else 0
     calibration_images, validation = images[:len(images) - held_back], images[len(images) - held_back:]

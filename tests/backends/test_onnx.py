@@ -186,11 +186,45 @@ def test_an_untraceable_model_is_one_clear_error_and_writes_nothing(tmp_path) ->
     assert list(tmp_path.iterdir()) == []
 
 
-def test_weights_over_protobufs_limit_are_one_clear_error_before_exporting(tmp_path, monkeypatch) -> None:
+def test_weights_past_protobufs_limit_go_to_an_external_data_file(tmp_path, monkeypatch) -> None:
+    """A model too big for one protobuf keeps its weights in `<file>.data` beside the file, checked like any other;
+    every runner reads it, and the bisection's instrumented copy works from elsewhere (lenet's ~0.2 MB of weights
+    stand in for 2 GiB)."""
+    import onnxruntime as ort
+
     from exporter.backends import onnx as onnx_backend
 
-    ctx = make_context("lenet", tmp_path, trace=False)
-    monkeypatch.setattr(onnx_backend, "PROTOBUF_LIMIT_BYTES", 1000)  # lenet's ~0.2 MB of weights stand in for 2 GiB
-    with pytest.raises(OnnxExportError, match=r"GiB of weights: one ONNX file holds at most 2 GiB"):
-        export_onnx(ctx)
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(onnx_backend, "INLINE_WEIGHTS_LIMIT_BYTES", 20_000)
+    ctx = make_context("lenet", tmp_path / "build", fp16=True)
+    artifacts = {a.name: a for a in export_onnx(ctx)}
+    assert {"onnx-fp32", "onnx-fp16", "onnx-reference"} <= set(artifacts)
+    for name in ("onnx-fp32", "onnx-fp16"):
+        path = ctx.out_dir / artifacts[name].path
+        data = onnx_backend.external_data_file(path)
+        assert data.stat().st_size > 20_000 > path.stat().st_size, name
+        assert onnx_backend.uses_external_data(onnx.load(str(path), load_external_data=False))
+        onnx.checker.check_model(str(path), full_check=True)
+        assert read_metadata(path)["model_name"] == "lenet"
+    assert "GiB of weights in model.onnx.data" in ctx.diagnostics["onnx"]["external_data"]
+    assert sorted(p.name for p in ctx.out_dir.iterdir()) == ["model.fp16.onnx", "model.fp16.onnx.data",
+                                                            "model.onnx", "model.onnx.data"]
+    batch = np.random.default_rng(0).random((3, *ctx.input_shape), dtype=np.float32)
+    reference = ctx.model(torch.from_numpy(batch)).detach().numpy()
+    for artifact in artifacts.values():
+        with runner_for(artifact, ctx.out_dir) as runner:
+            out = runner.infer(batch)
+        assert np.abs(out - reference).max() <= CLASS_TOLERANCE[artifact.precision], artifact.name
+
+    elsewhere = tmp_path / "bisect" / "all.onnx"
+    elsewhere.parent.mkdir()
+    mapping = add_intermediate_outputs(ctx.out_dir / "model.onnx", elsewhere)
+    assert mapping and onnx_backend.external_data_file(elsewhere).is_file()
+    session = ort.InferenceSession(str(elsewhere), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"input": batch})[0]
+    np.testing.assert_allclose(logits, reference, atol=FP32_ATOL, rtol=0)
+
+
+def test_a_model_under_the_limit_keeps_its_weights_inside(onnx_build) -> None:
+    build = onnx_build("lenet")
+    assert not list(build.out_dir.glob("*.data"))
+    assert "external_data" not in build.ctx.diagnostics["onnx"]

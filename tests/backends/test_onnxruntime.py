@@ -234,3 +234,16 @@ def test_export_needs_the_onnx_artifact(tmp_path) -> None:
     ctx = make_context("lenet", tmp_path, trace=False)
     with pytest.raises(BackendUnavailable, match="fp32 ONNX"):
         export_onnxruntime(ctx)
+
+
+def test_int8_of_a_file_with_external_weights_is_one_clear_error(tmp_path, monkeypatch) -> None:
+    from exporter.backends import onnx as onnx_backend
+    from exporter.errors import ExporterError
+
+    monkeypatch.setattr(onnx_backend, "INLINE_WEIGHTS_LIMIT_BYTES", 20_000)
+    ctx = make_context("lenet", tmp_path, trace=False)
+    fp32 = export_onnx(ctx)[0]
+    calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    with pytest.raises(ExporterError, match=r"model.onnx.data \(over 2 GiB\).*openvino-int8"):
+        quantize_int8(tmp_path / fp32.path, tmp_path / INT8_FILE, calibration, progress=False)
+    assert not (tmp_path / INT8_FILE).exists()
