@@ -119,13 +119,38 @@ def _fresh_shape(opts: BuildOptions, dataset_channels: int) -> tuple[int, int, i
     return shape  # type: ignore[return-value]
 
 
-def _untrained(opts: BuildOptions) -> Weights:
+# An initialisation that leaves a weight at (almost) zero — ViT's classifier head, ConvNeXt's layer scale (1e-6) —
+# hides what that layer computes from every parity check of an untrained build: its output is zero whatever the
+# runtime does with it. Such tensors are redrawn from N(0, REDRAW_STD) in untrained builds.
+NEAR_ZERO_WEIGHT = 1e-4
+REDRAW_STD = 0.05
+
+
+def redraw_near_zero_weights(model: torch.nn.Module) -> list[str]:
+    """Redraw, in place, the parameters of `model` whose largest magnitude is below NEAR_ZERO_WEIGHT, so parity on
+    random weights exercises every layer; returns their names. Biases (and BatchNorm shifts) stay as initialised."""
+    redrawn = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if (not name.rsplit(".", 1)[-1].endswith(("bias", "beta")) and param.numel() and param.is_floating_point()
+                    and float(param.abs().max()) < NEAR_ZERO_WEIGHT):
+                param.normal_(0.0, REDRAW_STD)
+                redrawn.append(name)
+    return redrawn
+
+
+def _untrained(opts: BuildOptions, say: Callable[[str], None] = lambda _: None) -> Weights:
     test = load_split(opts.data, "test")
     input_shape = _fresh_shape(opts, test.channels)
     num_classes = opts.num_classes or test.num_classes
     torch.manual_seed(opts.seed)
     model = create_model(opts.model, in_channels=input_shape[0], num_classes=num_classes).eval()
     source = get_spec(opts.model).source
+    redrawn = [] if source in ("file", "python") else redraw_near_zero_weights(model)
+    if redrawn:
+        say(f"  {opts.model}: {len(redrawn)} weight tensor(s) initialised to (almost) zero redrawn from "
+            f"N(0, {REDRAW_STD}) so parity sees what they compute: {', '.join(redrawn[:3])}"
+            + (f" and {len(redrawn) - 3} more" if len(redrawn) > 3 else ""))
     if source in ("file", "python"):  # a factory or object may keep its own head
         with torch.no_grad():
             num_classes = int(model(torch.zeros((1, *input_shape))).shape[-1])
@@ -135,7 +160,7 @@ def _untrained(opts: BuildOptions) -> Weights:
                 "checkpoint": None, "sha256": None, "train_accuracy": None, "test_accuracy": None}
     else:
         info = {"source": "untrained", "trained": False, "seed": opts.seed, "checkpoint": None, "sha256": None,
-                "train_accuracy": None, "test_accuracy": None}
+                "train_accuracy": None, "test_accuracy": None, "redrawn_near_zero": redrawn}
     return Weights(model=model.eval(), input_shape=input_shape, num_classes=num_classes, class_names=class_names,
                    info=info, dataset=opts.data)
 
@@ -263,7 +288,7 @@ def resolve_weights(opts: BuildOptions, say: Callable[[str], None]) -> Weights:
     if opts.untrained:
         say(f"  {opts.model}: --untrained: exporting randomly initialised weights (seed {opts.seed}); "
                      "every artifact is marked untrained")
-        return _untrained(opts)
+        return _untrained(opts, say)
     if opts.checkpoint is not None:
         if is_bare_state_dict(Path(opts.checkpoint)):
             return _from_state_dict(Path(opts.checkpoint), opts)
@@ -279,7 +304,7 @@ def resolve_weights(opts: BuildOptions, say: Callable[[str], None]) -> Weights:
         say(f"  {opts.model}: no checkpoint (pretrained weights cannot be downloaded here): exporting randomly "
             f"initialised weights (seed {opts.seed}); pass --checkpoint FILE or run `exporter train {opts.model}` "
             "first for trained ones")
-        return _untrained(opts)
+        return _untrained(opts, say)
     say(f"  no checkpoint for {opts.model} in {opts.artifacts_dir}: training it first with the default "
                  f"budget (`exporter train {opts.model}`; pass --untrained to skip)")
     shape = opts.input_shape

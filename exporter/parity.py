@@ -221,7 +221,8 @@ def verify_build(build: Build, *, backends: Iterable[str] | None = None, variant
                 result, outputs = compare_variant(variant, build.dir, sets, refs, static_batch=static_batch,
                                                   overrides=overrides, requested=requested, progress=bar)
                 if result.sets and (bisect or result.status == FAIL):
-                    _bisect_into(result, outputs, refs, sets, build, getattr(reference_runner, "model", None))
+                    _bisect_into(result, outputs, refs, sets, build, getattr(reference_runner, "model", None),
+                                 count=static_batch or 4)
                 results.append(result)
     finally:
         reference_runner.deactivate()
@@ -241,7 +242,8 @@ def _missing_backend(build: Build, variant: Variant) -> ComparisonResult:
 
 def _bisect_into(result: ComparisonResult, outputs: dict[str, np.ndarray], refs: dict[str, np.ndarray],
                  sets: list[InputSet], build: Build, reference_model: Any, count: int = 4) -> None:
-    """Bisect the failing set's worst images (a diagnosis: its own failure never hides the verdict)."""
+    """Bisect the failing set's `count` worst images — one static batch of a static-batch build — (a diagnosis:
+    its own failure never hides the verdict)."""
     failing = next((s for s in result.sets if s.failures), result.sets[0])
     images = next(s.images for s in sets if s.name == failing.name)
     err = np.abs(np.nan_to_num(outputs[failing.name], nan=np.inf) - refs[failing.name]).max(1)

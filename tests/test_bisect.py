@@ -153,3 +153,16 @@ def test_runtime_without_layer_outputs_keeps_its_verdict(own_build, tmp_path, mo
     with pytest.raises(BisectionUnsupported):
         OpaqueRunner(Path("x")).layer_outputs(np.zeros((1, 1, 28, 28), np.float32), onnx_source=None,
                                               scope_source=None, reference_model=None)
+
+
+def test_bisection_of_a_static_batch_build_feeds_whole_batches(tmp_path) -> None:
+    """A build exported at a fixed batch (`--batch 1`) is bisected one such batch at a time."""
+    from exporter.export import build
+    from tests.export_builds import build_options
+
+    result = build(build_options("lenet_bn", tmp_path, batch=1, backends=["onnx"], parity_samples=4))
+    report = parity.verify_build(load_build(result.build_dir), backends=["onnx-fp32"], samples=8, bisect=True,
+                                 progress=False)
+    (checked,) = report.results
+    assert not checked.bisection_error and checked.bisection is not None
+    assert checked.bisection.layers and checked.bisection.first_diverging is None
