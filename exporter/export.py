@@ -67,7 +67,7 @@ from exporter.comparison import (
 )
 from exporter.data import load_split, sample_images
 from exporter.errors import ExporterError, UsageError, one_line
-from exporter.fileio import check_writable, sha256_file
+from exporter.fileio import check_writable, default_file_mode, sha256_file
 from exporter.lint import check_strict, lint_exported, lint_model
 from exporter.machine import library_versions
 from exporter.manifest import (
@@ -405,6 +405,7 @@ def _reference_artifact(out_dir: Path, opts: BuildOptions, weights: Weights) -> 
         state = {k: v.detach().contiguous().clone() for k, v in weights.model.state_dict().items()}
         save_file(state, str(out_dir / WEIGHTS_FILE),
                   metadata={"model": opts.model, "untrained": str(weights.info["source"] == "untrained").lower()})
+        os.chmod(out_dir / WEIGHTS_FILE, default_file_mode())  # safetensors writes it 0600, unlike every other file
     return Artifact(name="eager", backend="eager", path=WEIGHTS_FILE, precision="fp32",
                     options={"model": opts.model, "in_channels": weights.input_shape[0],
                              "num_classes": weights.num_classes},

@@ -98,6 +98,10 @@ def test_static_batch_build(tmp_path: Path) -> None:
     assert manifest["parity"]["samples"] == 8  # whole static batches only
     assert manifest["parity"]["passed"] and set(manifest["parity"]["results"].values()) == {"pass"}
     assert {i["name"]: i["batch_sizes"] for i in result.parity["inputs"]} == {"real": [4], "batch=4": [4]}
+    from exporter.fileio import default_file_mode
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in result.build_dir.iterdir() if p.is_file()}
+    assert set(modes.values()) == {default_file_mode()}, modes  # weights.safetensors too
 
 
 def test_external_weights_are_hashed_with_their_artifact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
