@@ -107,6 +107,18 @@ class ImageCalibrationReader:
         self._bar.close()
 
 
+def _graph_of_a_quantizable_file(source: Path) -> Any:
+    """The graph of `source` (without weights); a file with external data is refused in one line."""
+    import onnx
+
+    graph = onnx.load(str(source), load_external_data=False)
+    if uses_external_data(graph):
+        raise ExporterError(f"{source.name} keeps its weights in {external_data_file(source).name} (over 2 GiB): "
+                            "ONNX Runtime's int8 tools here need them inside the file; openvino-int8 quantizes "
+                            "this model (--backends openvino --int8)")
+    return graph
+
+
 def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *, progress: bool = True,
                   info: dict[str, Any] | None = None) -> Artifact:
     """Write the CPU int8 QDQ copy of `source` to `target`, leaving in fp32 what costs agreement; its artifact.
@@ -117,12 +129,7 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
     import onnx
 
     info = {} if info is None else info
-    graph = onnx.load(str(source), load_external_data=False)
-    if uses_external_data(graph):
-        raise ExporterError(f"{source.name} keeps its weights in {external_data_file(source).name} (over 2 GiB): "
-                            "ONNX Runtime's int8 tools here need them inside the file; openvino-int8 quantizes "
-                            "this model (--backends openvino --int8)")
-    graph_input = graph.graph.input[0]
+    graph_input = _graph_of_a_quantizable_file(source).graph.input[0]
     images = check_calibration(calibration, tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]))
     held_back = len(images) // 4 if len(images) >= 16 else 0
     calibration_images, validation = images[:len(images) - held_back], images[len(images) - held_back:]
@@ -271,7 +278,7 @@ def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, act
         raise UsageError(f"int8 calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
     activations = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
     meta = read_metadata(source)
-    graph_input = onnx.load(str(source), load_external_data=False).graph.input[0]
+    graph_input = _graph_of_a_quantizable_file(source).graph.input[0]
     images = check_calibration(calibration, tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]))
     with tempfile.TemporaryDirectory(prefix="exporter-int8-") as work, atomic_path(target) as tmp, \
             _captured_root_log() as quantizer_log, stdout_to_stderr(), \

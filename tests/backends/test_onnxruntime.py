@@ -12,7 +12,13 @@ import pytest
 from exporter.backends import BackendUnavailable
 from exporter.backends.onnx import export_onnx, read_metadata
 from exporter.backends.onnxruntime import OnnxRuntimeRunner, export_onnxruntime
-from exporter.backends.onnxruntime_int8 import INT8_FILE, CalibrationDataError, fewest_fp32_nodes, quantize_int8
+from exporter.backends.onnxruntime_int8 import (
+    INT8_FILE,
+    CalibrationDataError,
+    fewest_fp32_nodes,
+    quantize_int8,
+    write_qdq,
+)
 from exporter.errors import UsageError
 from tests.backends.onnx_builds import (  # noqa: F401  (onnx_build is a fixture)
     CHEAP_MODELS,
@@ -246,4 +252,7 @@ def test_int8_of_a_file_with_external_weights_is_one_clear_error(tmp_path, monke
     calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
     with pytest.raises(ExporterError, match=r"model.onnx.data \(over 2 GiB\).*openvino-int8"):
         quantize_int8(tmp_path / fp32.path, tmp_path / INT8_FILE, calibration, progress=False)
-    assert not (tmp_path / INT8_FILE).exists()
+    with pytest.raises(ExporterError, match=r"model.onnx.data \(over 2 GiB\)"):  # TensorRT's QDQ copy too
+        write_qdq(tmp_path / fp32.path, tmp_path / "model.int8-tensorrt.onnx", calibration, activation_type="int8",
+                  extra_options={}, layout="symmetric", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
