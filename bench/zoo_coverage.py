@@ -155,9 +155,9 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         "",
         "Produced by `.venv/bin/python bench/zoo_coverage.py` (re-run it to refresh; `--models a,b` re-runs some). "
         "Each row is `exporter build torchvision:NAME --untrained --batch 1` (random weights: nothing can be "
-        "downloaded here; tensors torchvision initialises to (almost) zero — ViT heads, ConvNeXt layer scales — are "
-        "redrawn so that parity sees them) at the *input* shown — a reduced size where the model takes it, since op support and "
-        "not resolution is tested — then `exporter bench --batch-sizes 1`. A cell is the artifact's verdict from "
+        "downloaded here; tensors torchvision initialises to (almost) zero — ViT heads, ConvNeXt layer scales — "
+        "are redrawn so that parity sees them) at the *input* shown — a reduced size where the model takes it, "
+        "since op support and not resolution is tested — then `exporter bench --batch-sizes 1`. A cell is the artifact's verdict from "
         "the build's quick parity check against eager PyTorch fp32 (8 real digits5k test images and a batch of "
         "one, the judge of `exporter verify`) with its batch-1 p50 latency; `FAIL` / `skipped` cells have their "
         "reason under the table. *torch.export* is the program AOTInductor compiles; when it fails the other "
