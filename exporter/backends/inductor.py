@@ -100,9 +100,14 @@ class InductorRunner(TorchRunner):
         model = load_torch_model(self.path, device=self.device, **self.model_options)
         if self.precision == "bf16":
             model = bf16_inside(model)
-        if self.freezing:  # torch.compile takes a mode or options, not both: spell the mode out as options
-            import torch._inductor
+        import torch._inductor
 
+        # Dynamo decides whether to lift the weights as constants from inductor's *global* `freezing` flag when it
+        # traces; torch.compile(options={"freezing": True}) reaches inductor alone, and then nothing is frozen
+        # (no conv-BN folding, no prepacked oneDNN weights: resnet50 bf16 batch 1 ran a weight reorder per conv
+        # per call, bench/results/compile-profile.md). Every call that may trace runs under the flag.
+        self._compile_flags = torch._inductor.config.patch(freezing=self.freezing)
+        if self.freezing:  # torch.compile takes a mode or options, not both: spell the mode out as options
             options = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
             self.model = torch.compile(model, backend="inductor", options={**options, "freezing": True})
         else:
@@ -125,6 +130,10 @@ class InductorRunner(TorchRunner):
             return [("max-autotune", {"mode": "max-autotune-no-cudagraphs"}), ("no-freezing", {"freezing": False})]
         return [("max-autotune", {"mode": "max-autotune-no-cudagraphs"}), ("freezing", {"freezing": True}),
                 ("freezing+max-autotune", {"freezing": True, "mode": "max-autotune-no-cudagraphs"})]
+
+    def run_impl(self, prepared: Any) -> Any:
+        with self._compile_flags:  # a new batch size traces again: under the same flags as the first
+            return super().run_impl(prepared)
 
     def prepare_impl(self, batch: np.ndarray) -> Any:
         x = self._torch.from_numpy(batch).to(self.device)

@@ -51,6 +51,29 @@ def test_freezing_option_matches_eager(full_build) -> None:
         np.testing.assert_allclose(frozen.infer(batch), eager.infer(batch), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("freezing", [True, False])
+def test_freezing_really_freezes_every_traced_batch_size(full_build, freezing: bool) -> None:
+    """With freezing the convolutions run oneDNN's prepacked kernels (weights folded in as constants) — for the
+    graph compiled at activate and for one a new batch size traces later; without it, plain convolutions."""
+    from torch._inductor.utils import run_and_get_code
+
+    result = full_build(FAST_MODELS[0])
+    entries = {a["name"]: artifact_from_entry(a) for a in result.manifest["artifacts"]}
+    artifact = entries["inductor"]
+    artifact.options = dict(artifact.options, freezing=freezing)
+    torch._dynamo.reset()
+    runner = runner_for(artifact, result.build_dir)
+    _, at_activate = run_and_get_code(runner.activate)
+    try:
+        one = np.zeros((1, *result.manifest["input_shape"]), np.float32)  # batch 1: its own graph
+        _, later = run_and_get_code(runner.infer, one)
+    finally:
+        runner.deactivate()
+    for code in (at_activate, later):
+        assert code, "nothing was compiled"
+        assert ("mkldnn._convolution_pointwise" in "\n".join(code)) is freezing
+
+
 def test_a_bf16_artifact_keeps_the_fp32_interface_where_the_cpu_has_native_bf16(full_build) -> None:
     from exporter.backends.eager import cpu_has_native_bf16
 
