@@ -104,8 +104,9 @@ class InductorRunner(TorchRunner):
 
         # Dynamo decides whether to lift the weights as constants from inductor's *global* `freezing` flag when it
         # traces; torch.compile(options={"freezing": True}) reaches inductor alone, and then nothing is frozen
-        # (no conv-BN folding, no prepacked oneDNN weights: resnet50 bf16 batch 1 ran a weight reorder per conv
-        # per call, bench/results/compile-profile.md). Every call that may trace runs under the flag.
+        # (no conv-BN folding, no prepacked oneDNN weights: resnet50 bf16 batch 1 ran a oneDNN reorder per conv
+        # per call and BatchNorm+ReLU as separate kernels, bench/results/compile-profile.md). Every call that may
+        # trace runs under the flag.
         self._compile_flags = torch._inductor.config.patch(freezing=self.freezing)
         if self.freezing:  # torch.compile takes a mode or options, not both: spell the mode out as options
             options = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
