@@ -62,7 +62,7 @@ def test_zoo_coverage_merges_the_compile_columns_into_a_fast_row() -> None:
             "cells": {"torch.export": {"status": "ok"}, "onnx-fp32": {"status": "pass", "p50_ms": 3.0},
                       "eager": {"status": "reference", "p50_ms": 9.0}}}
     compiled = {"model": "resnet18", "input": "3×96×96", "build_seconds": 100.0, "backends": ["inductor", "aoti"],
-                "cells": {"torch.export": {"status": "ok"}, "inductor": {"status": "pass", "p50_ms": 4.0},
+                "inductor_frozen": True, "cells": {"torch.export": {"status": "ok"}, "inductor": {"status": "pass", "p50_ms": 4.0},
                           "aoti": {"status": "fail", "reason": "boom"}, "eager": {"status": "reference"}}}
     merged = zoo.merge_row(fast, compiled)
     assert merged["backends"] == ["onnx", "onnxruntime", "openvino", "inductor", "aoti"]
@@ -80,3 +80,5 @@ def test_zoo_coverage_merges_the_compile_columns_into_a_fast_row() -> None:
     assert "| resnet18 | 3×96×96 | ✓ | ✓ 3.0 ms | not run | not run | not run | ✓ 4.0 ms | not run | FAIL | not run |" in text
     assert "| alexnet | 3×96×96 | FAIL¹ | FAIL¹ | FAIL¹ | FAIL¹ | FAIL¹ | not run | not run | not run | not run |" in text
     assert "- **resnet18** aoti: boom" in text and "inductor on 1 of" in text
+    unfrozen = {**merged, "inductor_frozen": False}  # compiled before the runner's freezing took effect
+    assert "| ✓ 4.0 ms † |" in zoo.render({"resnet18": unfrozen}, meta)
