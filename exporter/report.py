@@ -306,21 +306,26 @@ def _write_atomic(path: Path, data: bytes | str) -> None:
 
 
 def summary_rows(reports: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """Across models: the recommendation and the fastest default runtime at the recommendation's batch."""
+    """Across models: the recommendation, the fastest artifact, the fastest runtime default configuration (`bench
+    --peers`: a bare runtime as its user would start it) and the recommendation's ratio to that peer, at the
+    recommendation's batch."""
     rows = []
     for data in reports:
         rec = (data.get("recommended") or {}).get("recommended")
         batch = (data.get("recommended") or {}).get("batch", 1)
         ok = [c for c in data["cells"] if c["status"] == "ok" and c["batch"] == batch]
         fastest = min(ok, key=lambda c: c["p50_ms"], default=None)
-        best_default = min((c for c in ok if c.get("variant") == "default" and c["backend"] != "eager"),
-                           key=lambda c: c["p50_ms"], default=None)
+        peers = [c for c in (data.get("peers") or {}).get("cells") or []
+                 if c["status"] == "ok" and c["batch"] == batch]
+        best_peer = min(peers, key=lambda c: c["p50_ms"], default=None)
         eager = next((c for c in ok if c["artifact"] == "eager" and c.get("variant") == "default"), None)
         rows.append([data["model"], str(batch),
                      f"{rec['label']} ({_f(rec['p50_ms'])} ms)" if rec else "–",
                      f"{fastest['label']} ({_f(fastest['p50_ms'])} ms, {_parity_mark(fastest.get('parity'))})"
                      if fastest else "–",
-                     f"{best_default['label']} ({_f(best_default['p50_ms'])} ms)" if best_default else "–",
+                     f"{best_peer['label'].removeprefix('peer:')} ({_f(best_peer['p50_ms'])} ms, "
+                     f"{_parity_mark(best_peer.get('parity'))})" if best_peer else "not run (`bench --peers`)",
+                     _f(rec["p50_ms"] / best_peer["p50_ms"], ".2f") if rec and best_peer else "–",
                      _f(eager["p50_ms"]) if eager else "–",
                      _f(fastest.get("pct_of_peak"), ".0f") if fastest else "–"])
     return rows
@@ -344,7 +349,8 @@ def write_reports(reports: Sequence[dict[str, Any]], out_dir: Path, stem: str, *
     if len(reports) > 1:
         lines += ["## Across models", ""]
         lines += _table(["model", "batch", "recommended (select)", "fastest measured (parity)",
-                         "fastest runtime default", "eager p50 ms", "% of GEMM peak (fastest)"],
+                         "fastest runtime default (peer, parity)", "recommended ÷ peer", "eager p50 ms",
+                         "% of GEMM peak (fastest)"],
                         summary_rows(reports)) + [""]
     for data in reports:
         lines += model_markdown(data, png.name if png else None)

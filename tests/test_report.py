@@ -158,3 +158,19 @@ def test_latency_rows_show_the_parity_records_of_now(tmp_path: Path) -> None:
     assert cells["eager"]["status"] == "reference" and cells["eager-bf16"]["status"] == "pass"
     assert cells["eager-bf16+tuned"]["status"] == "unverified"  # the artifact's pass does not vouch for it
     assert _parity_mark(cells["eager-bf16"]) == "✓ pass" and _parity_mark(cells["eager-bf16+tuned"]) == "? unverified"
+
+
+def test_across_models_compares_the_recommendation_with_the_fastest_peer() -> None:
+    from exporter.report import summary_rows
+
+    def cell(label: str, p50: float, batch: int = 1, **extra) -> dict:
+        return {"label": label, "artifact": label, "backend": label.split("-")[0], "batch": batch, "status": "ok",
+                "p50_ms": p50, "variant": "default", "parity": {"status": "pass"}, **extra}
+
+    data = {"model": "m", "recommended": {"recommended": cell("onnx-fp32", 3.0), "batch": 1},
+            "cells": [cell("onnx-fp32", 3.0), cell("eager", 9.0), cell("onnx-fp32", 20.0, batch=8)],
+            "peers": {"cells": [cell("peer:ort-default", 4.0), cell("peer:openvino-default", 2.0, batch=8),
+                                {**cell("peer:nncf-default-int8", 1.0), "status": "error"}]}}
+    (row,) = summary_rows([data])
+    assert row[4] == "ort-default (4.000 ms, ✓ pass)" and row[5] == "0.75"  # batch 1 only; errors left out
+    assert summary_rows([{**data, "peers": None}])[0][4:6] == ["not run (`bench --peers`)", "–"]
