@@ -64,3 +64,30 @@ def test_strict_fp32_block_restores_after_an_error(weights) -> None:
         assert _tf32() == (False, False)
         raise RuntimeError("compile failed")
     assert _tf32() == (False, True)
+
+
+def test_bf16_inside_folds_batchnorm_in_fp32_before_rounding() -> None:
+    """Each folded weight is rounded to bf16 once: closer to fp32 than folding bf16 weights and statistics."""
+    from exporter.backends.eager import bf16_inside
+    from exporter.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("lenet_bn", num_classes=7).eval()
+    with torch.no_grad():  # statistics far from the identity, as after training
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+                module.running_mean.uniform_(-2, 2)
+                module.running_var.uniform_(0.01, 4)
+                module.weight.uniform_(0.5, 3)
+    wrapped = bf16_inside(model)
+    assert not [m for m in wrapped.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # folded into the convs
+    assert all(p.dtype == torch.bfloat16 for p in wrapped.parameters())
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        want = model(x)
+        got = wrapped(x)
+        unfolded = model.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    cosine = torch.nn.functional.cosine_similarity(got, want).min()
+    assert cosine > 0.998 and (got - want).abs().max() <= 2 * (unfolded - want).abs().max()
+    assert [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]  # the original is untouched
