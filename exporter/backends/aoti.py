@@ -96,7 +96,9 @@ def compile_package(model: Any, input_shape: tuple[int, int, int], path: Path, *
     example = torch.rand((example_batch, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
     dynamic = None if static_batch else ({0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))},)
     start = time.perf_counter()
-    with strict_fp32() if device == "cuda" else contextlib.nullcontext():  # the kernels bake the TF32 choice in
+    # no_grad: inductor applies `freezing` (conv-BN folding, prepacked oneDNN weights) only to a graph compiled
+    # without autograd; with grad enabled the option was silently ignored (bench/results/compile-profile.md)
+    with strict_fp32() if device == "cuda" else contextlib.nullcontext(), torch.no_grad():
         program = torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic, strict=False)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path),
                                                  inductor_configs=dict(inductor_configs or {}))
@@ -133,8 +135,10 @@ def export_aoti(ctx: BuildContext) -> list[Artifact]:
             raise ExporterError("AOTInductor compiles the build's ExportedProgram, and torch.export failed (see "
                                 "the torch.export entry)")
         start = time.perf_counter()
-        torch._inductor.aoti_compile_and_package(ctx.exported_program, package_path=str(ctx.out_dir / PACKAGE_FILE),
-                                                 inductor_configs=dict(CPU_INDUCTOR_CONFIGS))
+        with torch.no_grad():  # freezing applies only without autograd (see compile_package)
+            torch._inductor.aoti_compile_and_package(ctx.exported_program,
+                                                     package_path=str(ctx.out_dir / PACKAGE_FILE),
+                                                     inductor_configs=dict(CPU_INDUCTOR_CONFIGS))
         ctx.diagnostics["aoti"].update(compile_s=round(time.perf_counter() - start, 3),
                                        inductor_configs=CPU_INDUCTOR_CONFIGS)
         artifacts.append(_package_artifact(ctx, "aoti", PACKAGE_FILE, "cpu", note=", frozen weights"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,10 @@ def test_cpu_packages_freeze_and_a_bf16_package_keeps_the_fp32_interface(full_bu
     _aoti(result)
     assert result.manifest["diagnostics"]["aoti"]["inductor_configs"] == {"freezing": True}
     packages = {a["name"]: a for a in result.manifest["artifacts"] if a["backend"] == "aoti"}
+    for entry in packages.values():  # frozen for real: the generated C++ calls oneDNN's prepacked convolutions
+        with zipfile.ZipFile(result.build_dir / entry["path"]) as package:
+            code = b"".join(package.read(n) for n in package.namelist() if n.endswith("wrapper.cpp"))
+        assert b"mkldnn__convolution_pointwise" in code and b"aoti_torch_cpu_convolution(" not in code, entry["name"]
     if not cpu_has_native_bf16():
         assert "aoti-bf16" not in packages and "skipped" in result.manifest["diagnostics"]["aoti"]["bf16"]
         return
