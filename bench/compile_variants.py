@@ -61,7 +61,8 @@ def median_ms(call: Callable[[], Any], runs: int = 30, warmup: int = 5) -> float
 
 def _table(title: str, rows: list[tuple[str, float, float]], total: float, top: int = 10) -> None:
     """Print `rows` (name, ms per call, calls per inference) as a markdown table under `title`, heaviest first."""
-    print(f"\n#### {title}: {total:.2f} ms per inference\n\n| what | ms per inference | share | calls |\n| --- | ---: | ---: | ---: |")
+    print(f"\n#### {title}: {total:.2f} ms per inference\n\n"
+          "| what | ms per inference | share | calls |\n| --- | ---: | ---: | ---: |")
     for name, ms, calls in sorted(rows, key=lambda r: -r[1])[:top]:
         print(f"| {name} | {ms:.2f} | {100 * ms / total:.0f} % | {calls:g} |")
 

@@ -62,7 +62,8 @@ def test_zoo_coverage_merges_the_compile_columns_into_a_fast_row() -> None:
             "cells": {"torch.export": {"status": "ok"}, "onnx-fp32": {"status": "pass", "p50_ms": 3.0},
                       "eager": {"status": "reference", "p50_ms": 9.0}}}
     compiled = {"model": "resnet18", "input": "3×96×96", "build_seconds": 100.0, "backends": ["inductor", "aoti"],
-                "inductor_frozen": True, "cells": {"torch.export": {"status": "ok"}, "inductor": {"status": "pass", "p50_ms": 4.0},
+                "inductor_frozen": True,
+                "cells": {"torch.export": {"status": "ok"}, "inductor": {"status": "pass", "p50_ms": 4.0},
                           "aoti": {"status": "fail", "reason": "boom"}, "eager": {"status": "reference"}}}
     merged = zoo.merge_row(fast, compiled)
     assert merged["backends"] == ["onnx", "onnxruntime", "openvino", "inductor", "aoti"]
