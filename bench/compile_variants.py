@@ -175,14 +175,15 @@ def main(argv: list[str] | None = None) -> int:
             elif net == "autocast":
                 net = bf16_autocast(model)
             start = time.perf_counter()
-            # Dynamo reads inductor's global flag when it traces: options={"freezing": True} alone freezes nothing
-            torch._inductor.config.freezing = options.get("freezing", False)
-            function = torch.compile(net, options=options)
-            function(image)
-            seconds = time.perf_counter() - start
-            report(f"inductor {name}", lambda f=function, i=image: f(i), f" (compile {seconds:.0f} s)")
-            if args.profile:
-                torch_profile(lambda f=function, i=image: f(i))
+            # Dynamo reads inductor's global flag when it traces: options={"freezing": True} alone freezes nothing;
+            # patched for this variant only, so the AOTI variants below keep their own inductor_configs
+            with torch._inductor.config.patch(freezing=options.get("freezing", False)):
+                function = torch.compile(net, options=options)
+                function(image)
+                seconds = time.perf_counter() - start
+                report(f"inductor {name}", lambda f=function, i=image: f(i), f" (compile {seconds:.0f} s)")
+                if args.profile:
+                    torch_profile(lambda f=function, i=image: f(i))
             torch._dynamo.reset()
         packages = (("aoti", False, False), ("aoti_freeze", True, False), ("aoti_freeze_bf16", True, True))
         for name, freeze, bf16 in packages:

@@ -107,8 +107,8 @@ def _summary(cell: dict[str, Any]) -> dict[str, Any]:
             "variant": cell.get("variant", "default"), "options": cell.get("options") or {},
             "precision": cell.get("executed_precision") or cell.get("precision"), "batch": cell["batch"],
             "p50_ms": cell.get("p50_ms"), "p99_ms": cell.get("p99_ms"), "throughput_ips": cell.get("throughput_ips"),
-            "unstable": cell.get("unstable"), "cv": cell.get("cv"), "parity": parity.get("status"), "flip_rate": parity.get("flip_rate"),
-            "acc_drop": parity.get("acc_drop")}
+            "unstable": cell.get("unstable"), "cv": cell.get("cv"), "parity": parity.get("status"),
+            "flip_rate": parity.get("flip_rate"), "acc_drop": parity.get("acc_drop")}
 
 
 def _unproven_lead(cell: dict[str, Any], within_budget: Sequence[dict[str, Any]]) -> list[str]:
