@@ -5,9 +5,10 @@ activations, per-channel symmetric int8 weights), MinMax-calibrated on real trai
 images is held back and the result judged there (the parity judge's int8 class, with INT8_MIN_AGREEMENT and
 INT8_MIN_COSINE as its bars). If it fails, Percentile calibration is tried in its place — measured on the trained
 zoo (`bench/int8_calibration.py`, `bench/results/int8-calibration.md`), the better one on densenet and resnet18 and
-no better elsewhere — and kept if it passes. Otherwise the fewest graph nodes whose exclusion makes MinMax's model
-pass are found by bisection and left in fp32 (`nodes_to_exclude`); MinMax, since each round re-calibrates and
-Percentile's rounds take 3–4× longer (densenet: 324 s against 92 s for the whole search).
+no better elsewhere — and kept if it passes. Otherwise, from the closer of the two, the fewest graph nodes whose
+exclusion makes the model pass are found by bisection (latest layers first) and left in fp32 (`nodes_to_exclude`),
+then the costliest of them are tried back in int8: an fp32 layer at full resolution costs most of int8's gain
+(trained resnet50, ORT, batch 1: 12 convolutions left in fp32 ran 0.55× fp32's time, the 4 left now 0.35–0.43×).
 
 `write_qdq` is the one quantizer call; the tensorrt stage uses it for its symmetric int8 copy.
 """
@@ -46,7 +47,8 @@ CALIBRATION_STRIDE_BATCHES = 1
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")  # ONNX Runtime's CalibrationMethod names
 CPU_LAYOUT = "per-channel symmetric int8 weights, asymmetric uint8 activations"
 CPU_OPTIONS = {"ActivationSymmetric": False, "WeightSymmetric": True}
-FALLBACK_TRIALS = 32  # quantize-and-judge rounds the fp32 fallback may spend (densenet: ~4 s each)
+FALLBACK_TRIALS = 32  # quantize-and-judge rounds the fp32 fallback's bisection may spend (densenet: ~4 s each)
+PRUNE_TRIALS = 16  # and the rounds that then try its costliest nodes back in int8 (resnet50: ~6 s each)
 
 
 class CalibrationDataError(UsageError):
@@ -126,8 +128,6 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
     `info` (for the build's diagnostics) receives the calibration split, the held-back verdict before and after
     the fallback and the nodes left in fp32.
     """
-    import onnx
-
     info = {} if info is None else info
     graph_input = _graph_of_a_quantizable_file(source).graph.input[0]
     images = check_calibration(calibration, tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]))
@@ -173,22 +173,30 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
             if info["failures"]:
                 from tqdm import tqdm
 
+                rounds = 0
                 with tqdm(desc="int8 fp32 fallback", unit="trial", disable=not progress, leave=False) as trials:
                     def passes(run: Sequence[str]) -> bool:
-                        nonlocal notes
+                        nonlocal notes, rounds
                         notes = quantize(run, bar=False)
                         info["failures"] = failures()
+                        rounds += 1
                         trials.update(1)
                         return not info["failures"]
 
-                    nodes = [node.name for node in onnx.load(str(prepared), load_external_data=False).graph.node]
-                    excluded = fewest_fp32_nodes(nodes, passes)
+                    costs = node_costs(prepared)
+                    # latest first: of two halves that would both do, bisection keeps the one it tries first, and
+                    # a late layer in fp32 costs less than an early one at full resolution
+                    order = list(costs)
+                    excluded = sorted(fewest_fp32_nodes(order[::-1], passes, cost=costs.__getitem__),
+                                      key=order.index)
+                    info["fallback_trials"] = rounds
                     passes(excluded)  # the file kept; `info["failures"]` says if even it fails (non-monotone)
         compute = _compute_nodes(prepared, excluded)
         info.update(fp32_nodes=excluded, fp32_layers=compute,
                     fp32_layers_why=(f"on {held_back} held-back training images the int8 model failed its class "
                                      f"({'; '.join(info['default_failures'])}); the fewest nodes whose fp32 makes "
-                                     "it pass, found by bisection") if excluded else None)
+                                     "it pass, found by bisection, the costliest then tried back in int8")
+                    if excluded else None)
         with atomic_path(target) as tmp:
             shutil.copyfile(candidate, tmp)
     if held_back:
@@ -201,12 +209,17 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
 
 
 def fewest_fp32_nodes(nodes: Sequence[str], passes: Callable[[Sequence[str]], bool], *,
-                      max_trials: int = FALLBACK_TRIALS) -> list[str]:
-    """A small set of `nodes` (topological order) whose fp32 makes `passes(set)` hold; all nodes pass by definition.
+                      cost: Callable[[str], float] | None = None, max_trials: int = FALLBACK_TRIALS,
+                      prune_trials: int = PRUNE_TRIALS) -> list[str]:
+    """A small, cheap set of `nodes` (topological order) whose fp32 makes `passes(set)` hold; all nodes pass by
+    definition.
 
     Bisection that finds several culprits: if one half of the candidates passes alone, recurse into it; else keep
     each half and shrink it with the other one in fp32. One culprit costs ~2·log2(len(nodes)) calls of `passes`
     (assumed monotone: more fp32, closer to fp32); after `max_trials` calls the candidates left are kept whole.
+    Then each kept node, the most costly first (`cost`, e.g. its multiply-adds), is tried back in int8 (at most
+    `prune_trials` calls) and stays there if the rest still passes: bisection keeps whole halves once its budget
+    is spent, and an fp32 layer at full resolution costs most of int8's gain.
     """
     trials = 0
 
@@ -228,7 +241,14 @@ def fewest_fp32_nodes(nodes: Sequence[str], passes: Callable[[Sequence[str]], bo
         kept_left = shrink(left, fixed + right)
         return kept_left + shrink(right, fixed + kept_left)
 
-    return shrink(list(nodes), [])
+    kept = shrink(list(nodes), [])
+    if len(kept) == len(nodes):  # nothing found: the all-fp32 model is the answer, not worth pruning
+        return kept
+    for node in sorted(kept, key=cost or (lambda _: 0.0), reverse=True)[:prune_trials]:
+        rest = [n for n in kept if n != node]
+        if rest and check(rest):
+            kept = rest
+    return kept
 
 
 def _logits(path: Path, images: np.ndarray, input_name: str) -> np.ndarray:
@@ -236,6 +256,34 @@ def _logits(path: Path, images: np.ndarray, input_name: str) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(None, {input_name: images[i:i + CALIBRATION_BATCH]})[0]
                            for i in range(0, len(images), CALIBRATION_BATCH)])
+
+
+def node_costs(model_path: Path) -> dict[str, float]:
+    """Every node of `model_path` (topological order) → its work per image: multiply-adds for a Conv / Gemm /
+    MatMul, output elements for the rest (what a Q/DQ pair around it costs). Needs shapes inferred on the file
+    (`prepare_for_quantization` does); an unknown dimension counts as 1."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.input, *graph.value_info, *graph.output]}
+    shapes.update({t.name: list(t.dims) for t in graph.initializer})
+
+    def elements(name: str) -> float:
+        return float(np.prod(shapes.get(name, [1])[1:]))  # per image: the batch dimension left out
+
+    costs = {}
+    for node in graph.node:
+        out = elements(node.output[0]) if node.output else 0.0
+        weight = shapes.get(node.input[1], []) if len(node.input) > 1 else []
+        if node.op_type in ("Conv", "ConvTranspose") and len(weight) > 2:
+            costs[node.name] = out * float(np.prod(weight[1:]))
+        elif node.op_type in ("Gemm", "MatMul") and len(weight) > 1:
+            trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+            costs[node.name] = out * float(weight[-1] if trans_b else weight[-2])  # × the reduced dimension
+        else:
+            costs[node.name] = out
+    return costs
 
 
 def _compute_nodes(model_path: Path, names: Sequence[str]) -> list[str]:

@@ -113,6 +113,37 @@ def test_cuda_package_is_compiled_on_cuda_and_a_failure_is_recorded(tmp_path, mo
     assert ctx.warnings == ["aoti: no CUDA package: RuntimeError: nvcc exploded"]
 
 
+def test_a_dynamic_cpu_package_serves_batch_1_from_its_batch_1_model(full_build, monkeypatch) -> None:
+    import torch._inductor.package as aoti_package
+
+    from exporter.backends.aoti import BATCH1_MODEL
+
+    result = full_build(FAST_MODELS[0])
+    artifact = _aoti(result)
+    assert artifact.options["batch1_model"] == BATCH1_MODEL
+    with zipfile.ZipFile(result.build_dir / artifact.path) as package:
+        models = {n.split("/data/aotinductor/")[1].split("/")[0] for n in package.namelist()
+                  if "/data/aotinductor/" in n}
+    assert models == {"model", BATCH1_MODEL}
+    calls = []
+    real = aoti_package.load_package
+
+    def counted(path, model_name="model", **kwargs):
+        compiled = real(path, model_name=model_name, **kwargs)
+
+        def call(x):
+            calls.append((model_name, x.shape[0]))
+            return compiled(x)
+        return call
+
+    monkeypatch.setattr(aoti_package, "load_package", counted)
+    images = np.random.default_rng(1).random((3, *result.manifest["input_shape"]), dtype=np.float32)
+    with runner_for(artifact, result.build_dir) as runner, runner_for(_eager(result), result.build_dir) as eager:
+        for batch in (images[:1], images):
+            np.testing.assert_allclose(runner.infer(batch), eager.infer(batch), rtol=0, atol=1e-4)
+    assert calls == [(BATCH1_MODEL, 1), ("model", 3)]  # aoti_load_package loads "model" through load_package
+
+
 @pytest.mark.gpu
 def test_cuda_package_runs_on_the_gpu_and_matches_eager(tmp_path) -> None:
     import torch

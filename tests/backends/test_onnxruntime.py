@@ -16,6 +16,7 @@ from exporter.backends.onnxruntime_int8 import (
     INT8_FILE,
     CalibrationDataError,
     fewest_fp32_nodes,
+    node_costs,
     quantize_int8,
     write_qdq,
 )
@@ -194,6 +195,44 @@ def test_fp32_fallback_bisects_to_the_culprit_nodes() -> None:
     calls.clear()
     assert fewest_fp32_nodes(nodes, needs(*nodes), max_trials=6) == nodes  # only the fp32 model passes
     assert len(calls) <= 6
+
+
+def test_fp32_fallback_tries_the_costliest_kept_nodes_back_in_int8() -> None:
+    nodes = [f"n{i}" for i in range(8)]
+    calls: list[list[str]] = []
+
+    def passes(run) -> bool:
+        calls.append(list(run))
+        return "n6" in run
+
+    # two rounds of bisection only find that the right half passes; the pruning rounds, costliest first, find n6
+    assert fewest_fp32_nodes(nodes, passes, cost=nodes.index, max_trials=2) == ["n6"]
+    assert calls[2:] == [["n4", "n5", "n6"], ["n4", "n5"], ["n4", "n6"], ["n6"]]
+    calls.clear()
+    assert fewest_fp32_nodes(nodes, passes, cost=nodes.index, max_trials=2, prune_trials=1) == ["n4", "n5", "n6"]
+    assert len(calls) == 3
+
+
+def test_node_costs_are_multiply_adds_for_convolutions_and_elements_elsewhere(tmp_path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 8, 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 5])
+    weights = [numpy_helper.from_array(np.zeros((4, 2, 3, 3), np.float32), "w"),
+               numpy_helper.from_array(np.zeros((5, 4), np.float32), "fc"),
+               numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")]
+    graph = helper.make_graph([
+        helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Reshape", ["p", "shape"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc"], ["out"], name="head", transB=1),
+    ], "tiny", [x], [y], weights)
+    onnx.save(onnx.shape_inference.infer_shapes(helper.make_model(graph)), str(tmp_path / "m.onnx"))
+    costs = node_costs(tmp_path / "m.onnx")
+    assert list(costs) == ["conv", "relu", "pool", "flat", "head"]  # topological order
+    assert costs["conv"] == 4 * 8 * 8 * (2 * 3 * 3) and costs["relu"] == 4 * 8 * 8
+    assert costs["head"] == 5 * 4 and costs["pool"] == 4
 
 
 def _tiny_onnx(path, offset: float) -> None:
