@@ -119,9 +119,9 @@ def test_bad_runner_options_are_one_line_usage_errors(onnx_build) -> None:
         assert runner.infer(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, TEST_NUM_CLASSES)
 
 
-def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_both_bars() -> None:
+def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None:
     """NNCF's accuracy control hands the validation function an iterable without a length; the score reaches
-    INT8_MIN_COSINE only when the worst cosine and the top-1 agreement both meet their bars."""
+    INT8_MIN_COSINE only when the worst cosine, the top-1 agreement and the absolute error all meet their bars."""
     from exporter.backends.base import INT8_MIN_COSINE
     from exporter.backends.openvino import _held_back_score
 
@@ -139,6 +139,12 @@ def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_both_bars() -> None
     tied = [(np.full((1, 1), v, np.float32), np.array([1.0, 0.99, 0.0])) for v in range(50)]
     assert _held_back_score(near, iter(tied)) == pytest.approx(1 - 0.02 * (1 - INT8_MIN_COSINE) / 0.01)
     assert _held_back_score(near, iter(tied)) < INT8_MIN_COSINE  # 1 flip in 50 = agreement 0.98 < 0.99
+
+    def scaled(x: np.ndarray) -> list[np.ndarray]:  # same direction, same top-1, error 4.5 > atol 1 + 0.1·30
+        return [np.array([[34.5, 0.0, 0.0]])]
+
+    large = [(np.zeros((1, 1), np.float32), np.array([30.0, 0.0, 0.0]))]
+    assert _held_back_score(scaled, iter(large)) == pytest.approx(1 - 4.5 / 4.0 * (1 - INT8_MIN_COSINE))
 
 
 def test_nncf_progress_stays_off_json_stdout(tmp_path) -> None:
