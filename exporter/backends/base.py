@@ -38,16 +38,26 @@ DEVICES = ("cpu", "cuda")
 # (densenet: 0.991 on 128 held-back images, 0.986 on 256 test images).
 INT8_MIN_AGREEMENT = 0.99
 INT8_MIN_COSINE = 0.995
+# and this share of the class's atol / rtol (googlenet: 2.8 allowed, 3.0 reached on one logit of 320 test images
+# after passing the full bars on the held-back ones)
+INT8_ABS_SHARE = 0.75
+
+
+def int8_build_bars() -> Any:
+    """The judge's int8 class at the build-time bars above (a `Tolerance`)."""
+    from exporter.judge import tolerance_for
+
+    tol = tolerance_for("int8", min_agreement=INT8_MIN_AGREEMENT)
+    return replace(tol, min_cosine=INT8_MIN_COSINE, atol=tol.atol * INT8_ABS_SHARE, rtol=tol.rtol * INT8_ABS_SHARE)
 
 
 def int8_held_back_verdict(reference: np.ndarray, output: np.ndarray) -> tuple[list[str], float, float]:
     """(failures, top-1 agreement, worst cosine) of an int8 model's logits on held-back images: the judge's int8
-    class at the build-time bars above."""
-    from exporter.judge import compute_metrics, judge, tolerance_for
+    class at the build-time bars (`int8_build_bars`)."""
+    from exporter.judge import compute_metrics, judge
 
-    bars = replace(tolerance_for("int8", min_agreement=INT8_MIN_AGREEMENT), min_cosine=INT8_MIN_COSINE)
     metrics = compute_metrics(reference, output)
-    return judge(reference, output, metrics, bars), metrics.agreement, metrics.min_cosine
+    return judge(reference, output, metrics, int8_build_bars()), metrics.agreement, metrics.min_cosine
 
 
 class BackendUnavailable(ExporterError):

@@ -38,6 +38,7 @@ from exporter.backends.base import (
     RunnerError,
     best_gemm_gflops,
     import_optional,
+    int8_build_bars,
     int8_held_back_verdict,
     register_backend,
     register_peer,
@@ -46,7 +47,7 @@ from exporter.backends.base import (
 )
 from exporter.backends.onnx import module_outputs
 from exporter.errors import UsageError, one_line
-from exporter.judge import row_cosines, tolerance_for
+from exporter.judge import row_cosines
 
 IR_DIR = "openvino"
 IR_FP16_DIR = "openvino-fp16"
@@ -327,11 +328,11 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
 
 def _held_back_score(compiled: Any, items: Any) -> float:
     """NNCF's validation metric for accuracy control: 1 for fp32, and at least INT8_MIN_COSINE exactly when the
-    int8 class's build-time bars all hold: min(the worst cosine with the fp32 logits, the top-1 agreement and the
-    worst |error| / (atol + rtol·|fp32|), each mapped so that its bar lands on INT8_MIN_COSINE). Without the last
-    term a model whose large logits miss the absolute bar scored as fp32 (googlenet) and nothing was reverted.
-    NNCF passes an iterable without a length."""
-    bars = tolerance_for("int8")
+    int8 class's build-time bars (`int8_build_bars`) all hold: min(the worst cosine with the fp32 logits, the
+    top-1 agreement and the worst |error| / (atol + rtol·|fp32|), each mapped so that its bar lands on
+    INT8_MIN_COSINE). Without the last term a model whose large logits miss the absolute bar scored as fp32
+    (googlenet) and nothing was reverted. NNCF passes an iterable without a length."""
+    bars = int8_build_bars()
     worst, worst_excess, flips, count = 1.0, 0.0, 0, 0
     for x, expected in items:
         got = np.asarray(compiled(x)[0], dtype=np.float64).ravel()

@@ -122,7 +122,7 @@ def test_bad_runner_options_are_one_line_usage_errors(onnx_build) -> None:
 def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None:
     """NNCF's accuracy control hands the validation function an iterable without a length; the score reaches
     INT8_MIN_COSINE only when the worst cosine, the top-1 agreement and the absolute error all meet their bars."""
-    from exporter.backends.base import INT8_MIN_COSINE
+    from exporter.backends.base import INT8_ABS_SHARE, INT8_MIN_COSINE
     from exporter.backends.openvino import _held_back_score
 
     def compiled(x: np.ndarray) -> list[np.ndarray]:
@@ -144,7 +144,7 @@ def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None
         return [np.array([[34.5, 0.0, 0.0]])]
 
     large = [(np.zeros((1, 1), np.float32), np.array([30.0, 0.0, 0.0]))]
-    assert _held_back_score(scaled, iter(large)) == pytest.approx(1 - 4.5 / 4.0 * (1 - INT8_MIN_COSINE))
+    assert _held_back_score(scaled, iter(large)) == pytest.approx(1 - 4.5 / (4.0 * INT8_ABS_SHARE) * (1 - INT8_MIN_COSINE))
 
 
 def test_nncf_progress_stays_off_json_stdout(tmp_path) -> None:
