@@ -211,8 +211,8 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
 def fewest_fp32_nodes(nodes: Sequence[str], passes: Callable[[Sequence[str]], bool], *,
                       cost: Callable[[str], float] | None = None, max_trials: int = FALLBACK_TRIALS,
                       prune_trials: int = PRUNE_TRIALS) -> list[str]:
-    """A small, cheap set of `nodes` (topological order) whose fp32 makes `passes(set)` hold; all nodes pass by
-    definition.
+    """A small, cheap set of `nodes` whose fp32 makes `passes(set)` hold; all nodes pass by definition. Order
+    `nodes` by preference: of two halves that would both pass, bisection keeps the first.
 
     Bisection that finds several culprits: if one half of the candidates passes alone, recurse into it; else keep
     each half and shrink it with the other one in fp32. One culprit costs ~2·log2(len(nodes)) calls of `passes`
