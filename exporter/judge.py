@@ -205,6 +205,11 @@ def compute_metrics(reference: np.ndarray, output: np.ndarray, *, labels: np.nda
     return metrics
 
 
+def allowed_error(reference: np.ndarray, tol: Tolerance, atol_scale: float = 1.0) -> np.ndarray:
+    """The largest |out − ref| each element of `reference` allows under `tol`: atol + rtol·|ref|."""
+    return tol.atol * atol_scale + tol.rtol * np.abs(np.asarray(reference, np.float64))
+
+
 def judge(reference: np.ndarray, output: np.ndarray, metrics: Metrics, tol: Tolerance, *, atol_scale: float = 1.0,
           check_agreement: bool = True, logit_scale: float | None = None) -> list[str]:
     """The reasons `output` fails `tol` (empty when it passes); `logit_scale` is the largest |logit| of eager on real
@@ -213,7 +218,7 @@ def judge(reference: np.ndarray, output: np.ndarray, metrics: Metrics, tol: Tole
         return [f"{metrics.nonfinite} non-finite values (NaN/Inf) in the output"]
     failures = []
     atol = tol.atol * atol_scale
-    allowed = atol + tol.rtol * np.abs(reference.astype(np.float64))
+    allowed = allowed_error(reference, tol, atol_scale)
     excess = np.abs(output.astype(np.float64) - reference) - allowed
     if (excess > 0).any():
         worst = np.unravel_index(np.argmax(excess), excess.shape)

@@ -10,14 +10,14 @@ from exporter.build_inputs import BuildError
 
 
 def trace(model: Any, input_shape: tuple[int, int, int], *, static_batch: int | None, max_batch: int,
-          diagnostics: dict[str, Any] | None = None) -> Any:
-    """`torch.export` the model once, with a dynamic batch dimension 1..max_batch unless `static_batch`.
+          diagnostics: dict[str, Any] | None = None, device: str = "cpu") -> Any:
+    """`torch.export` the model (on `device`) once, with a dynamic batch dimension 1..max_batch unless `static_batch`.
 
     The Dynamo tracer (`strict=True`, what torch.compile uses) goes first; if it cannot trace the code, the
     non-strict tracer is tried and the fallback is recorded in `diagnostics["export"]`.
     """
     example_batch = static_batch or 2  # torch.export specialises a batch of 1
-    example = torch.rand((example_batch, *input_shape), generator=torch.Generator().manual_seed(0))
+    example = torch.rand((example_batch, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
     dynamic_shapes = None if static_batch else ({0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))},)
     info: dict[str, Any] = {"example_batch": example_batch, "dynamic_batch": static_batch is None}
     if diagnostics is not None:

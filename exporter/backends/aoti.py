@@ -7,9 +7,9 @@ artifact options; the runner refuses a batch outside it with a one-line error in
 A dynamic-batch CPU package holds two compiled models: `model` (every batch in its range; what
 `aoti_load_package(path)` loads) and `batch1` (batch 1 only), which the runner calls for a single image. Inductor
 prepacks convolution weights for oneDNN only when the input shape is static — with a dynamic batch it reorders
-them on every call — so the batch-1 model is 1.2–1.4× faster (resnet50, 2 cores: fp32 47.9 → 37.6 ms, bf16 20.2 →
-15.0 ms) for twice the weights in the file. A server loads it with
-`torch._inductor.package.load_package(path, model_name="batch1")`.
+them on every call — so the batch-1 model is faster (resnet50 batch 1, `bench/run_matrix.py`: aoti-bf16 30.8 ms
+in intel-xeon-2c-2026-11-27.md, 14.1 ms in -11-28.md; see bench/results/README.md) for twice the weights in the
+file. A server loads it with `torch._inductor.package.load_package(path, model_name="batch1")`.
 
 A package holds kernels for one device: the build compiles `model.aoti.pt2` for the CPU and, where torch sees a
 CUDA device, `model.aoti.cuda.pt2` from the model moved there (TF32 off: fp32 means fp32); without one the CUDA
@@ -36,6 +36,7 @@ from exporter.backends.base import (
 )
 from exporter.backends.eager import TorchRunner, bf16_inside, cpu_has_native_bf16, strict_fp32
 from exporter.backends.inductor import _cpp_compiler_reason
+from exporter.tracing import trace
 
 PACKAGE_FILE = "model.aoti.pt2"
 BF16_PACKAGE_FILE = "model.aoti.bf16.pt2"
@@ -99,18 +100,6 @@ class AOTIRunner(TorchRunner):
 
 
 
-def export_program(model: Any, input_shape: tuple[int, int, int], *, device: str, static_batch: int | None,
-                   max_batch: int) -> Any:
-    """`torch.export` of `model` (eval mode, on `device`) for batch 1..`max_batch`, or exactly `static_batch`."""
-    import torch
-
-    example_batch = static_batch or 2  # torch.export specialises a batch of 1
-    example = torch.rand((example_batch, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
-    dynamic = None if static_batch else ({0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))},)
-    with strict_fp32() if device == "cuda" else contextlib.nullcontext(), torch.no_grad():
-        return torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic, strict=False)
-
-
 def compile_package(model: Any, input_shape: tuple[int, int, int], path: Path, *, device: str,
                     static_batch: int | None, max_batch: int, inductor_configs: dict[str, Any] | None = None,
                     program: Any = None) -> float:
@@ -124,10 +113,11 @@ def compile_package(model: Any, input_shape: tuple[int, int, int], path: Path, *
     if device != "cpu":
         model = copy.deepcopy(model).to(device)
     start = time.perf_counter()
-    programs = {"model": program if program is not None else export_program(
-        model, input_shape, device=device, static_batch=static_batch, max_batch=max_batch)}
-    if device == "cpu" and not static_batch:
-        programs[BATCH1_MODEL] = export_program(model, input_shape, device=device, static_batch=1, max_batch=1)
+    with strict_fp32() if device == "cuda" else contextlib.nullcontext(), torch.no_grad():
+        programs = {"model": program if program is not None else trace(
+            model.eval(), input_shape, static_batch=static_batch, max_batch=max_batch, device=device)}
+        if device == "cpu" and not static_batch:
+            programs[BATCH1_MODEL] = trace(model.eval(), input_shape, static_batch=1, max_batch=1, device=device)
     # no_grad: inductor applies `freezing` (conv-BN folding, prepacked oneDNN weights) only to a graph compiled
     # without autograd; with grad enabled the option was silently ignored (bench/results/compile-profile.md)
     with strict_fp32() if device == "cuda" else contextlib.nullcontext(), torch.no_grad():

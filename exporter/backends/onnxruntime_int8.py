@@ -8,7 +8,8 @@ zoo (`bench/int8_calibration.py`, `bench/results/int8-calibration.md`), the bett
 no better elsewhere — and kept if it passes. Otherwise, from the closer of the two, the fewest graph nodes whose
 exclusion makes the model pass are found by bisection (latest layers first) and left in fp32 (`nodes_to_exclude`),
 then the costliest of them are tried back in int8: an fp32 layer at full resolution costs most of int8's gain
-(trained resnet50, ORT, batch 1: 12 convolutions left in fp32 ran 0.55× fp32's time, the 4 left now 0.35–0.43×).
+(trained resnet50, batch 1, `bench/run_matrix.py`: 12 convolutions left in fp32 ran at 0.54× ORT fp32's time, the
+4 left now at 0.47×).
 
 `write_qdq` is the one quantizer call; the tensorrt stage uses it for its symmetric int8 copy.
 """

@@ -47,7 +47,7 @@ from exporter.backends.base import (
 )
 from exporter.backends.onnx import module_outputs
 from exporter.errors import UsageError, one_line
-from exporter.judge import row_cosines
+from exporter.judge import allowed_error, row_cosines
 
 IR_DIR = "openvino"
 IR_FP16_DIR = "openvino-fp16"
@@ -338,8 +338,8 @@ def _held_back_score(compiled: Any, items: Any) -> float:
         got = np.asarray(compiled(x)[0], dtype=np.float64).ravel()
         expected = np.asarray(expected, np.float64).ravel()
         worst = min(worst, float(row_cosines(expected[None], got[None])[0]))
-        worst_excess = max(worst_excess, float((np.abs(got - expected) / (bars.atol + bars.rtol * np.abs(expected)))
-                                               .max(initial=0.0)))
+        excess = np.abs(got - expected) / allowed_error(expected, bars)
+        worst_excess = max(worst_excess, float(excess.max(initial=0.0)))
         flips += int(got.argmax() != expected.argmax())
         count += 1
     agreement = 1.0 - flips / max(count, 1)
