@@ -7,7 +7,9 @@ The measurement behind the CPU defaults of the `inductor` and `aoti` artifacts (
 of 30 calls after 5 warm-up calls, and each variant's largest |Δ| against eager fp32 on the same random image.
 Variants: `ov` (OpenVINO f32 and bf16, from `ov.convert_model`), `ind` (torch.compile), `ind_freeze`,
 `ind_freeze_bf16` (bf16 weights and input), `ind_autocast` (bf16 autocast inside the compiled graph), `aoti`,
-`aoti_freeze`, `aoti_freeze_bf16`. Untrained weights: latency does not depend on them.
+`aoti_freeze`, `aoti_freeze_bf16`, and `aoti_dynamic` / `aoti_dynamic_bf16`: the package `exporter build` makes
+(batch 1..64, frozen; bf16 behind fp32 input/output), timed at batch 1 through its dynamic-batch model and through
+its batch-1 model. Untrained weights: latency does not depend on them.
 
 `--profile` adds where each variant's time goes: OpenVINO's per-layer counters (layer type, oneDNN implementation),
 torch.profiler's self time per op for the inductor variants (AOTInductor runs the same kernels from C++), and the
@@ -29,7 +31,8 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("ov", "ind", "ind_freeze", "ind_freeze_bf16", "ind_autocast", "aoti", "aoti_freeze", "aoti_freeze_bf16")
+VARIANTS = ("ov", "ind", "ind_freeze", "ind_freeze_bf16", "ind_autocast", "aoti", "aoti_freeze", "aoti_freeze_bf16",
+            "aoti_dynamic", "aoti_dynamic_bf16")
 
 
 def bf16_autocast(model: Any) -> Any:
@@ -198,7 +201,27 @@ def main(argv: list[str] | None = None) -> int:
             package = torch._inductor.aoti_load_package(path)
             size = os.path.getsize(path) / 1e6
             report(name, lambda p=package, i=image: p(i), f" (compile {seconds:.0f} s, {size:.0f} MB)")
+        for name in ("aoti_dynamic", "aoti_dynamic_bf16"):
+            if name in variants:
+                dynamic_package(name, model, x, work, report)
     return 0
+
+
+def dynamic_package(name: str, model: Any, image: Any, work: str, report: Callable[..., None]) -> None:
+    """The build's own dynamic-batch CPU package of `model`, timed at batch 1 through each model it holds."""
+    from torch._inductor.package import load_package
+
+    from exporter.backends.aoti import BATCH1_MODEL, CPU_INDUCTOR_CONFIGS, compile_package
+    from exporter.backends.eager import bf16_inside
+
+    path = Path(work) / f"{name}.pt2"
+    net = bf16_inside(model) if name.endswith("bf16") else model
+    seconds = compile_package(net, tuple(image.shape[1:]), path, device="cpu", static_batch=None, max_batch=64,
+                              inductor_configs=CPU_INDUCTOR_CONFIGS)
+    extra = f" (package compile {seconds:.0f} s, {path.stat().st_size / 1e6:.0f} MB)"
+    for model_name in ("model", BATCH1_MODEL):
+        package = load_package(str(path), model_name=model_name)
+        report(f"{name} [{model_name}]", lambda p=package: p(image), extra)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from exporter import cli
+from exporter.checkpoint import CheckpointError, load_checkpoint, load_trained_model
 from exporter.data import IDX_IMAGES_MAGIC, load_split, to_model_input
 from exporter.errors import ExporterError, UsageError
 from exporter.models import get_spec, list_models
-from exporter.checkpoint import CheckpointError, load_checkpoint, load_trained_model
 from exporter.paths import checkpoint_paths
 from exporter.recipe import CPU_BUDGET_TEST_IMAGES, resolve_recipe
 from exporter.train import train
@@ -268,6 +268,24 @@ def test_cpu_recipe_moves_a_small_model_well_above_chance(tmp_path: Path) -> Non
     sidecar = json.loads(checkpoint_paths("resnet18", tmp_path)[1].read_text())
     assert sidecar["recipe"]["name"] == "cpu" and sidecar["recipe"]["autocast"] in ("bf16", None)
     assert sidecar["speed"]["train_gflops"] > 0
+
+
+def test_epoch_progress_signal_samples_every_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """digits5k's test split is stored sorted by class: the first 256 images are only 0s, 1s and 2s."""
+    import exporter.train as train_module
+
+    evaluated: list[np.ndarray] = []
+    real = train_module._evaluate
+
+    def spy(net, data, subset, *args, **kwargs):
+        evaluated.append(data.labels[subset])
+        return real(net, data, subset, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_evaluate", spy)
+    train("resnet18", resize=16, batch_size=2000, max_steps=3, artifacts_dir=tmp_path, **QUIET)
+    progress, final = evaluated  # 2 steps per epoch: one progress evaluation, then the final one
+    assert len(progress) == train_module.EPOCH_TEST_IMAGES and len(final) == 1000
+    assert set(progress.tolist()) == set(range(10)), np.bincount(progress)
 
 
 @pytest.mark.slow

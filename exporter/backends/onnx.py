@@ -287,9 +287,7 @@ def _import_onnx_source(ctx: BuildContext) -> list[Artifact]:
                                      f"evaluator (limit {REFERENCE_MAX_MACS / 1e9:.1f})")
     else:
         try:  # an op the evaluator lacks (e.g. ONNX Runtime's com.microsoft fused ops) shows on its first run
-            from onnx.reference import ReferenceEvaluator
-
-            evaluator = ReferenceEvaluator(str(ctx.out_dir / FP32_FILE))
+            evaluator = reference_evaluator(ctx.out_dir / FP32_FILE)
             image = np.zeros((ctx.static_batch or 1, *ctx.input_shape), dtype=np.float32)
             with np.errstate(all="ignore"):
                 evaluator.run(None, {evaluator.input_names[0]: image})
@@ -494,6 +492,28 @@ def module_outputs(onnx_path: Path, run_outputs: Callable[[Path, set[str]], dict
     return by_module
 
 
+def reference_evaluator(path: str | Path) -> Any:
+    """`onnx.reference.ReferenceEvaluator` for the ONNX file at `path`, with its MaxPool mended.
+
+    onnx 1.23's evaluator counts the padding twice in a stride-1 `ceil_mode=1` MaxPool's output size (kernel 3, pad
+    1: 12×12 → 14×14), so torchvision's GoogLeNet failed in a Concat. With stride 1 the ceil and floor formulas of
+    the spec give the same size, so ceil_mode is dropped there and the evaluator's own pooling runs unchanged."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.ops.op_max_pool import MaxPool as SpecMaxPool
+
+    class MaxPool(SpecMaxPool):
+        op_domain = ""
+
+        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
+                 storage_order=None, strides=None):
+            if not strides or max(strides) == 1:
+                ceil_mode = 0
+            return super()._run(x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+                                kernel_shape=kernel_shape, pads=pads, storage_order=storage_order, strides=strides)
+
+    return ReferenceEvaluator(str(path), new_ops=[MaxPool])
+
+
 # --- runner --------------------------------------------------------------------------------------------------
 
 
@@ -514,9 +534,7 @@ class OnnxReferenceRunner(Runner):
         return None
 
     def activate_impl(self) -> None:
-        from onnx.reference import ReferenceEvaluator
-
-        self._session = ReferenceEvaluator(str(self.path))
+        self._session = reference_evaluator(self.path)
         self._input = self._session.input_names[0]
         self._outputs = self.options.get("output_names") or self._session.output_names[:1]
 
@@ -532,10 +550,8 @@ class OnnxReferenceRunner(Runner):
     def layer_outputs(self, batch: np.ndarray, *, onnx_source: Path | None, scope_source: Path | None,
                       reference_model: Any) -> tuple[dict[str, list[np.ndarray]], str]:
         """Every node output of the ONNX file, computed by the reference evaluator."""
-        from onnx.reference import ReferenceEvaluator
-
         def run_outputs(path: Path, names: set[str]) -> dict[str, np.ndarray]:
-            evaluator = ReferenceEvaluator(str(path))
+            evaluator = reference_evaluator(path)
             with np.errstate(all="ignore"):
                 return dict(zip(evaluator.output_names, evaluator.run(None, {evaluator.input_names[0]: batch})))
 

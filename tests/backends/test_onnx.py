@@ -18,6 +18,7 @@ from exporter.backends.onnx import (
     export_onnx,
     module_output_tensors,
     read_metadata,
+    reference_evaluator,
     topological_sort,
 )
 from tests.backends.onnx_builds import CHEAP_MODELS, FP32_ATOL, METADATA, make_context, onnx_build  # noqa: F401
@@ -158,6 +159,22 @@ def test_topological_sort_fixes_out_of_order_nodes(tmp_path) -> None:
     check_and_save(model, tmp_path / "good.onnx")
     with OnnxReferenceRunner(tmp_path / "good.onnx") as runner:
         np.testing.assert_array_equal(runner.run(np.array([1.0, -2.0], dtype=np.float32))[0], [0.0, 2.0])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_reference_evaluator_pools_in_ceil_mode_like_torch(tmp_path, stride: int) -> None:
+    """onnx 1.23's own evaluator gives 14×14 for this stride-1 pool (torchvision's GoogLeNet has it)."""
+    from onnx import TensorProto, helper
+
+    pool = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[stride, stride],
+                            pads=[1, 1, 1, 1], ceil_mode=1)
+    graph = helper.make_graph([pool], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    check_and_save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "pool.onnx")
+    x = torch.rand(1, 2, 12, 12)
+    expected = torch.nn.MaxPool2d(3, stride=stride, padding=1, ceil_mode=True)(x).numpy()
+    (result,) = reference_evaluator(tmp_path / "pool.onnx").run(None, {"x": x.numpy()})
+    np.testing.assert_array_equal(result, expected)
 
 
 def test_reference_runner_reports_a_missing_file(tmp_path) -> None:
