@@ -38,8 +38,8 @@ class NiN(nn.Sequential):
                 seed_examples_per_s=2613,
                 recipe=Recipe(lr=0.1, batch_size=256, epochs=10, resize=224,
                               cpu_epochs=1, cpu_max_steps=30, cpu_batch_size=64),
-                # no BatchNorm, and the last block's 3×3 conv sees 1×1 maps below 224 px: no resizing. 3 epochs
-                # gave 0.553, 5 epochs 0.946 (4 min on 2 idle cores, 96 img/s)
+                # no BatchNorm, and the last block's 3×3 conv sees 1×1 maps below 224 px: no resizing. On 2 idle
+                # cores: 3 epochs 0.553, 5 epochs 0.946 (234 s), 6 epochs 0.945 (349 s, training.md)
                 cpu_recipe=CpuRecipe(stages=((1.0, 6),), batch_size=64, lr=1e-3, optimizer="AdamW",
                                      weight_decay=0.05, init="kaiming_normal_"))
 def nin(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:

@@ -212,8 +212,8 @@ _IMAGENET_RECIPE = Recipe(lr=0.05, batch_size=64, epochs=10, resize=224, cpu_epo
 # CPU recipes: most epochs at half (96 px models) or ~2/7 (224 px: 64 px) of the input size, the last at full size.
 _D2L_CPU = CpuRecipe(stages=((0.5, 4), (1.0, 2)), batch_size=64, lr=0.1)
 _D2L_DEEP_CPU = CpuRecipe(stages=((0.5, 3), (1.0, 1)), batch_size=64, lr=0.1)
-# 224 px: one epoch at full size. Measured on 2 idle cores: resnet50v2 0.922 in 11.5 min; half an epoch at 224 px
-# gave 0.824 in 8.3 min (bench/results/training.md).
+# 224 px: one epoch at full size. Measured on 2 idle cores: resnet50v2 0.922 in 10.0 min (bench/results/training.md);
+# half an epoch at 224 px gave 0.824 in 8.3 min.
 _IMAGENET_CPU = CpuRecipe(stages=((0.286, 3), (0.571, 1), (1.0, 1)), batch_size=64, lr=0.1)
 # ResNet-101/152: one epoch at 224 px would take 15–25 min here; the budget ends with 30 full-size steps.
 _IMAGENET_DEEP_CPU = CpuRecipe(stages=((0.286, 2), (1.0, 1)), batch_size=64, lr=0.1, max_steps=155)
