@@ -239,7 +239,7 @@ class Trainer:
         groups = [{"params": decayed, "weight_decay": self.recipe["weight_decay"]},
                   {"params": rest, "weight_decay": 0.0}]
         # One fused kernel per step instead of a chain of foreach ops: vgg11's AdamW step (129 M parameters, 2 idle
-        # cores) 409 → 85 ms, resnet50's SGD step 46 → 17 ms. Same update rule, so a run resumes into the same one.
+        # cores) 409 → 85 ms, resnet50's SGD step 46 → 17 ms (bench/results/README.md, seventh session).
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
         if self.recipe["optimizer"] == "AdamW":  # the CPU recipe of the nets without BatchNorm
             self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=self.recipe["lr"], **fused)
