@@ -61,7 +61,9 @@ def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: flo
         build = run_exporter(["build", f"torchvision:{name}", "--untrained", "--batch", "1", "--backends",
                               ",".join(backends), "--keep-going", "--parity-samples", "8", "--artifacts", art,
                               "--json", *shape], build_timeout)
-        row.update(build_seconds=round(build.seconds, 1), input=shape[1] if shape else "own size")
+        # the label a finished build gives (3×96×96): merge_row keeps the other backends' columns only for the same
+        # input, and a timed-out compile build must not wipe a row's ONNX columns
+        row.update(build_seconds=round(build.seconds, 1), input=shape[1].replace(",", "×") if shape else "own size")
         if build.code is None:
             row["error"] = f"build exceeded {build_timeout:.0f} s"
             return row
@@ -118,7 +120,10 @@ def _failed_cells(row: dict) -> dict[str, dict]:
 def merge_row(old: dict | None, new: dict) -> dict:
     """`new`'s columns over `old`'s: a run replaces only the columns of the backends it built, so the torch.compile
     columns can be added to (or re-run in) a table built without them. A different input size replaces the row."""
-    if old is None or old.get("input") != new.get("input") or set(row_backends(new)) >= set(row_backends(old)):
+    # a build that failed before its manifest knows no more than "own size" for a model at its own input
+    same_input = old is not None and (old.get("input") == new.get("input")
+                                      or ("error" in new and new.get("input") == "own size"))
+    if not same_input or set(row_backends(new)) >= set(row_backends(old)):
         return new
     backends = list(dict.fromkeys(row_backends(old) + row_backends(new)))
     replaced = {column for backend in row_backends(new) for column in STAGE_COLUMNS.get(backend, ())}
