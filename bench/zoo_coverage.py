@@ -38,16 +38,17 @@ STAGE_COLUMNS = {"onnx": ("onnx-fp32", "onnx-reference"), "onnxruntime": ("onnx-
 # the bf16 ones are built only where oneDNN has native bf16; a row without them has no cell there ("not run")
 
 
-def _input_size(name: str, size: int) -> list[str]:
-    """`--input-shape 3,SIZE,SIZE` when the model takes it, else nothing (its own input)."""
-    from exporter.models import check_input_shape
+def _input_size(name: str, size: int) -> tuple[str, list[str]]:
+    """The input the build will use, labelled as its manifest does (3×SIZE×SIZE when the model takes it, else its
+    own), and the `--input-shape` option that asks for it (none for the model's own)."""
+    from exporter.models import check_input_shape, get_spec
     from exporter.models.registry import InputShapeError
 
     try:
         check_input_shape(f"torchvision:{name}", (3, size, size))
     except InputShapeError:
-        return []
-    return ["--input-shape", f"3,{size},{size}"]
+        return "×".join(map(str, get_spec(f"torchvision:{name}").input_shape)), []
+    return f"3×{size}×{size}", ["--input-shape", f"3,{size},{size}"]
 
 
 def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: float, bench_timeout: float) -> dict:
@@ -57,13 +58,12 @@ def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: flo
     if "inductor" in backends:
         row["inductor_frozen"] = True  # since the runner's freezing took effect (see render's footnote)
     with tempfile.TemporaryDirectory(prefix="zoo-coverage-") as art:
-        shape = _input_size(name, size)
+        label, shape = _input_size(name, size)
         build = run_exporter(["build", f"torchvision:{name}", "--untrained", "--batch", "1", "--backends",
                               ",".join(backends), "--keep-going", "--parity-samples", "8", "--artifacts", art,
                               "--json", *shape], build_timeout)
-        # the label a finished build gives (3×96×96): merge_row keeps the other backends' columns only for the same
-        # input, and a timed-out compile build must not wipe a row's ONNX columns
-        row.update(build_seconds=round(build.seconds, 1), input=shape[1].replace(",", "×") if shape else "own size")
+        # labelled before the build so that a timed-out compile build merges into the row instead of replacing it
+        row.update(build_seconds=round(build.seconds, 1), input=label)
         if build.code is None:
             row["error"] = f"build exceeded {build_timeout:.0f} s"
             return row
@@ -120,10 +120,7 @@ def _failed_cells(row: dict) -> dict[str, dict]:
 def merge_row(old: dict | None, new: dict) -> dict:
     """`new`'s columns over `old`'s: a run replaces only the columns of the backends it built, so the torch.compile
     columns can be added to (or re-run in) a table built without them. A different input size replaces the row."""
-    # a build that failed before its manifest knows no more than "own size" for a model at its own input
-    same_input = old is not None and (old.get("input") == new.get("input")
-                                      or ("error" in new and new.get("input") == "own size"))
-    if not same_input or set(row_backends(new)) >= set(row_backends(old)):
+    if old is None or old.get("input") != new.get("input") or set(row_backends(new)) >= set(row_backends(old)):
         return new
     backends = list(dict.fromkeys(row_backends(old) + row_backends(new)))
     replaced = {column for backend in row_backends(new) for column in STAGE_COLUMNS.get(backend, ())}
