@@ -7,9 +7,9 @@ artifact options; the runner refuses a batch outside it with a one-line error in
 A dynamic-batch CPU package holds two compiled models: `model` (every batch in its range; what
 `aoti_load_package(path)` loads) and `batch1` (batch 1 only), which the runner calls for a single image. Inductor
 prepacks convolution weights for oneDNN only when the input shape is static — with a dynamic batch it reorders
-them on every call — so the batch-1 model is faster (resnet50 batch 1, `bench/run_matrix.py`: aoti-bf16 30.8 ms
-in intel-xeon-2c-2026-11-27.md, 14.1 ms in -11-28.md; see bench/results/README.md) for twice the weights in the
-file. A server loads it with `torch._inductor.package.load_package(path, model_name="batch1")`.
+them on every call — so the batch-1 model is faster (`bench/compile_variants.py aoti_dynamic aoti_dynamic_bf16`,
+resnet50 batch 1, 2 cores, one run: fp32 59.9 → 50.7 ms, bf16 28.9 → 27.8 ms; bench/results/README.md) for twice
+the weights in the file. A server loads it with `torch._inductor.package.load_package(path, model_name="batch1")`.
 
 A package holds kernels for one device: the build compiles `model.aoti.pt2` for the CPU and, where torch sees a
 CUDA device, `model.aoti.cuda.pt2` from the model moved there (TF32 off: fp32 means fp32); without one the CUDA
@@ -113,14 +113,13 @@ def compile_package(model: Any, input_shape: tuple[int, int, int], path: Path, *
     if device != "cpu":
         model = copy.deepcopy(model).to(device)
     start = time.perf_counter()
+    # no_grad: inductor applies `freezing` (conv-BN folding, prepacked oneDNN weights) only to a graph compiled
+    # without autograd; with grad enabled the option was silently ignored (bench/results/compile-profile.md)
     with strict_fp32() if device == "cuda" else contextlib.nullcontext(), torch.no_grad():
         programs = {"model": program if program is not None else trace(
             model.eval(), input_shape, static_batch=static_batch, max_batch=max_batch, device=device)}
         if device == "cpu" and not static_batch:
             programs[BATCH1_MODEL] = trace(model.eval(), input_shape, static_batch=1, max_batch=1, device=device)
-    # no_grad: inductor applies `freezing` (conv-BN folding, prepacked oneDNN weights) only to a graph compiled
-    # without autograd; with grad enabled the option was silently ignored (bench/results/compile-profile.md)
-    with strict_fp32() if device == "cuda" else contextlib.nullcontext(), torch.no_grad():
         if len(programs) == 1:
             torch._inductor.aoti_compile_and_package(programs["model"], package_path=str(path),
                                                      inductor_configs=dict(inductor_configs or {}))
