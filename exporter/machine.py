@@ -153,11 +153,16 @@ def measure_peaks(*, size: int, device: str = "cpu", threads: int | None = None,
     return peaks
 
 
+AMX_BF16_FLOPS_PER_CYCLE = 1024  # per core: Intel's figure for the 4th-generation Xeon's tile unit
+
+
 def isa_peak_estimate() -> dict[str, Any] | None:
     """An estimate (not a measurement) of the fp32/bf16 peak: cores × FMA units × vector width × 2 × clock.
 
     Assumes two 512-bit FMA pipes per core with AVX-512 (one for AVX2) and that bf16 dot products (AVX512_BF16)
-    double the fp32 rate; the clock is the current frequency /proc/cpuinfo reports.
+    double the fp32 rate; with AMX-BF16 the tile unit's 1,024 bf16 FLOPs per cycle per core (a 16×32 by 32×16
+    tile product, 16,384 FLOPs, every 16 cycles) set the bf16 figure. The clock is the current frequency
+    /proc/cpuinfo reports.
     """
     mhz = _cpuinfo_field("cpu mhz")
     flags = set((_cpuinfo_field("flags") or "").split())
@@ -167,10 +172,17 @@ def isa_peak_estimate() -> dict[str, Any] | None:
     fmas = 2
     per_core = fmas * width * 2 * float(mhz) / 1000  # GFLOP/s per core (2 FLOPs per FMA lane)
     fp32 = usable_cores() * per_core
-    bf16 = fp32 * 2 if "avx512_bf16" in flags else None
+    formula = f"{usable_cores()} cores × {fmas} FMA units × {width} fp32 lanes × 2 × {float(mhz):.0f} MHz"
+    if "amx_bf16" in flags:
+        bf16: float | None = usable_cores() * AMX_BF16_FLOPS_PER_CYCLE * float(mhz) / 1000
+        formula += f" (bf16: {usable_cores()} cores × {AMX_BF16_FLOPS_PER_CYCLE} AMX FLOPs per cycle × clock)"
+    elif "avx512_bf16" in flags:
+        bf16 = fp32 * 2
+        formula += " (bf16: ×2, AVX512_BF16)"
+    else:
+        bf16 = None
     return {"fp32": round(fp32, 1), "bf16": round(bf16, 1) if bf16 else None, "clock_mhz": float(mhz),
-            "formula": f"{usable_cores()} cores × {fmas} FMA units × {width} fp32 lanes × 2 × {float(mhz):.0f} MHz"
-                       + (" (bf16: ×2, AVX512_BF16)" if bf16 else "")}
+            "formula": formula}
 
 
 # --- memory -----------------------------------------------------------------------------------------------------

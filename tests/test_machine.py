@@ -141,7 +141,24 @@ def test_isa_estimate_is_a_formula_on_linux() -> None:
     lanes = 16 if "avx512f" in machine.cpu_flags() else 8 if "avx2" in machine.cpu_flags() else 4
     assert estimate["fp32"] == pytest.approx(machine.usable_cores() * 2 * lanes * 2 * estimate["clock_mhz"] / 1000,
                                              abs=0.1)
-    assert (estimate["bf16"] is not None) == ("avx512_bf16" in machine.cpu_flags())
+    flags = machine.cpu_flags()
+    assert (estimate["bf16"] is not None) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+@pytest.mark.parametrize(("flags", "bf16_per_core_cycle"), [("avx512f avx512_bf16", 2 * 16 * 2 * 2),
+                                                             ("avx512f avx512_bf16 amx_bf16 amx_tile", 1024),
+                                                             ("avx512f", None), ("avx2", None)])
+def test_isa_estimate_counts_amx_for_bf16(monkeypatch: pytest.MonkeyPatch, flags: str,
+                                          bf16_per_core_cycle: int | None) -> None:
+    fields = {"cpu mhz": "2000.0", "flags": flags}
+    monkeypatch.setattr(machine, "_cpuinfo_field", lambda prefix: fields.get(prefix))
+    estimate = machine.isa_peak_estimate()
+    cores = machine.usable_cores()
+    if bf16_per_core_cycle is None:
+        assert estimate["bf16"] is None
+    else:
+        assert estimate["bf16"] == pytest.approx(cores * bf16_per_core_cycle * 2.0, abs=0.1)
+        assert ("AMX" in estimate["formula"]) == ("amx_bf16" in flags)
 
 
 def test_isa_estimate_without_a_clock_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
