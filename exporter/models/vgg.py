@@ -43,8 +43,8 @@ _VGG_SMALL_RECIPE = Recipe(lr=0.05, batch_size=256, epochs=10, resize=224, cpu_e
 
 
 @register_model(family="vgg", seed="001 §3", input_shape=(1, 224, 224), recipe=_VGG_RECIPE,
-                # fixed input: no resizing. On 2 idle cores one epoch reached 0.950 in 863 s (training.md, 2026-11-28),
-                # past the 12-minute budget: 0.8 of an epoch (100 steps) trades that margin for time
+                # fixed input: no resizing. On 2 idle cores one epoch reached 0.950 in 863 s (2026-11-28, a slow day),
+                # past the 12-minute budget; 0.8 of an epoch (100 steps): 0.942 in 320 s (2026-12-02)
                 cpu_recipe=CpuRecipe(stages=((1.0, 0.8),), batch_size=32, lr=2e-4, optimizer="AdamW",
                                      weight_decay=0.05, init="kaiming_normal_"))
 def vgg11(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
