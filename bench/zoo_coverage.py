@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"stages to build, from {', '.join(STAGE_COLUMNS)} (default: {','.join(FAST_BACKENDS)})")
     parser.add_argument("--build-timeout", type=float, default=300.0, help="seconds per build (default 300)")
     parser.add_argument("--bench-timeout", type=float, default=180.0, help="seconds per bench (default 180)")
-    parser.add_argument("--missing", action="store_true", help="only the models without a row yet")
+    parser.add_argument("--missing", action="store_true",
+                        help="only the models without a row, or without the --backends columns, yet")
     args = parser.parse_args(argv)
     every = torchvision_classification_models()
     names = [n.strip() for n in args.models.split(",")] if args.models else every
