@@ -171,16 +171,16 @@ def isa_peak_estimate() -> dict[str, Any] | None:
     width = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     fmas = 2
     per_core = fmas * width * 2 * float(mhz) / 1000  # GFLOP/s per core (2 FLOPs per FMA lane)
-    fp32 = usable_cores() * per_core
-    formula = f"{usable_cores()} cores × {fmas} FMA units × {width} fp32 lanes × 2 × {float(mhz):.0f} MHz"
+    cores = usable_cores()
+    fp32 = cores * per_core
+    formula = f"{cores} cores × {fmas} FMA units × {width} fp32 lanes × 2 × {float(mhz):.0f} MHz"
+    bf16: float | None = None
     if "amx_bf16" in flags:
-        bf16: float | None = usable_cores() * AMX_BF16_FLOPS_PER_CYCLE * float(mhz) / 1000
-        formula += f" (bf16: {usable_cores()} cores × {AMX_BF16_FLOPS_PER_CYCLE} AMX FLOPs per cycle × clock)"
+        bf16 = cores * AMX_BF16_FLOPS_PER_CYCLE * float(mhz) / 1000
+        formula += f" (bf16: {cores} cores × {AMX_BF16_FLOPS_PER_CYCLE} AMX FLOPs per cycle × clock)"
     elif "avx512_bf16" in flags:
         bf16 = fp32 * 2
         formula += " (bf16: ×2, AVX512_BF16)"
-    else:
-        bf16 = None
     return {"fp32": round(fp32, 1), "bf16": round(bf16, 1) if bf16 else None, "clock_mhz": float(mhz),
             "formula": formula}
 
