@@ -213,15 +213,16 @@ _IMAGENET_RECIPE = Recipe(lr=0.05, batch_size=64, epochs=10, resize=224, cpu_epo
 # CPU recipes: most epochs at half (96 px models) or ~2/7 (224 px: 64 px) of the input size, the last at full size.
 _D2L_CPU = CpuRecipe(stages=((0.5, 4), (1.0, 2)), batch_size=64, lr=0.1)
 _D2L_DEEP_CPU = CpuRecipe(stages=((0.5, 3), (1.0, 1)), batch_size=64, lr=0.1)
-# 224 px: one epoch at full size. Measured on 2 idle cores: resnet50v2 0.922 in 10.0 min (bench/results/training.md);
-# half an epoch at 224 px gave 0.824 in 8.3 min.
+# 224 px: one epoch at full size. Measured on 2 idle cores: resnet50v2 0.922 in 474 s (bench/results/training.md);
+# half an epoch at 224 px gave 0.824–0.857.
 _IMAGENET_CPU = CpuRecipe(stages=((0.286, 3), (0.571, 1), (1.0, 1)), batch_size=64, lr=0.1)
 # ResNet-50 (v1, stride on the 1×1 conv) drops more accuracy at each size change than v2: at batch 64 it scored 0.879
 # in 576 s, at batch 32 (twice the steps) 0.920 in 522 s; 0.75 epoch at 224 px with batch 32 gave 0.868–0.893
 # (2 idle cores, bench/results/README.md, ninth session).
 _IMAGENET_V1_CPU = dataclasses.replace(_IMAGENET_CPU, batch_size=32)
 # ResNet-101/152: one epoch at 224 px would take 15–25 min here. A budget that leaves chance and keeps the whole zoo
-# within an hour on 2 cores: 1.5 epochs at 64 px, then 0.3 epoch (37 steps of 32) at full size.
+# within an hour on 2 cores: 1.5 epochs at 64 px, then 0.3 epoch (37 steps of 32) at full size. Measured: 0.31–0.38
+# in 299–406 s each, the whole zoo 58.9 min (bench/results/training.md).
 _IMAGENET_DEEP_CPU = CpuRecipe(stages=((0.286, 1.5), (1.0, 0.3)), batch_size=32, lr=0.1)
 
 
