@@ -138,9 +138,7 @@ def merge_row(old: dict | None, new: dict) -> dict:
     return merged
 
 
-def _cell_text(cell: dict | None) -> str:
-    if cell is None:
-        return "not run"
+def _cell_text(cell: dict) -> str:
     status = cell["status"]
     text = {"pass": "✓", "ok": "✓", "reference": "ref"}.get(status, status.upper())
     if cell.get("p50_ms") is not None:
@@ -155,7 +153,9 @@ NOT_RUN_MARKS = {"onnx-reference": "²", **{c: "³" for b in COMPILE_BACKENDS fo
 
 
 def _not_run_text(column: str, row: dict) -> str:
-    """A `NOT_RUN_MARKS` column's text in a row that has no cell there."""
+    """A column's text in a row that has no cell there, with the footnote mark that says why."""
+    if column not in NOT_RUN_MARKS:
+        return "not run"
     if column == "onnx-reference":
         return f"skipped{NOT_RUN_MARKS[column]}" if "onnx-fp32" in row["cells"] else "not run"
     compiled = any(column in STAGE_COLUMNS[b] for b in row_backends(row))
@@ -206,7 +206,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         texts = []
         for column in columns:
             cell = cells.get(column)
-            text = _cell_text(cell) if cell or column not in NOT_RUN_MARKS else _not_run_text(column, row)
+            text = _cell_text(cell) if cell else _not_run_text(column, row)
             if cell and column in STAGE_COLUMNS["inductor"] and not row.get("inductor_frozen"):
                 text += " †"
             if cell and cell["status"] in ("pass", "ok"):

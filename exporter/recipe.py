@@ -110,7 +110,7 @@ def _cpu_values(spec: Any, *, epochs: int | None, lr: float | None, batch_size: 
     return {
         "name": "cpu", "epochs": math.ceil(sum(count for _, count in stages)), "stages": stages,
         "batch_size": int(batch_size if batch_size is not None else cpu.batch_size),
-        "max_steps": max_steps if max_steps is not None else cpu.max_steps,
+        "max_steps": max_steps,
         "test_images": test_images, "lr": float(lr if lr is not None else cpu.lr), "resize": target,
         "optimizer": cpu.optimizer, "momentum": 0.9 if cpu.optimizer == "SGD" else None,
         "nesterov": cpu.optimizer == "SGD", "weight_decay": cpu.weight_decay,

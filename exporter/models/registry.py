@@ -56,7 +56,6 @@ class CpuRecipe:
     weight_decay: float = 5e-4
     warmup: float = 0.25  # fraction of the steps spent warming up
     label_smoothing: float = 0.0
-    max_steps: int | None = None  # cuts the last stage short
     init: str = "xavier_normal_"  # the seed's; "kaiming_normal_" for deep ReLU nets without BatchNorm
     optimizer: str = "SGD"  # SGD with Nesterov momentum; "AdamW" (per-weight step sizes) for nets without BatchNorm
 

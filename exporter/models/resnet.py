@@ -214,7 +214,7 @@ _IMAGENET_RECIPE = Recipe(lr=0.05, batch_size=64, epochs=10, resize=224, cpu_epo
 _D2L_CPU = CpuRecipe(stages=((0.5, 4), (1.0, 2)), batch_size=64, lr=0.1)
 _D2L_DEEP_CPU = CpuRecipe(stages=((0.5, 3), (1.0, 1)), batch_size=64, lr=0.1)
 # 224 px: one epoch at full size. Measured on 2 idle cores: resnet50v2 0.922 in 474 s (bench/results/training.md);
-# half an epoch at 224 px gave 0.824–0.857.
+# half an epoch at 224 px gave 0.824 (an earlier recipe) and 0.857 (after 1.5 epochs at 128 px; one thread).
 _IMAGENET_CPU = CpuRecipe(stages=((0.286, 3), (0.571, 1), (1.0, 1)), batch_size=64, lr=0.1)
 # ResNet-50 (v1, stride on the 1×1 conv) drops more accuracy at each size change than v2: at batch 64 it scored 0.879
 # in 576 s, at batch 32 (twice the steps) 0.920 in 522 s; 0.75 epoch at 224 px with batch 32 gave 0.868–0.893
