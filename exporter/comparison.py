@@ -31,6 +31,9 @@ from exporter.judge import (
 
 PARITY_FORMAT = 2
 ODD_BATCH = 7
+# The build's quick check runs the real images in batches of at most this: torch.compile gives batches 2–15 one
+# graph (the runner compiles it at activate) and ≥ 16 another, and the quick check should not pay for a third.
+QUICK_BATCH = 8
 LARGE_PIXEL_SCALE = 255.0  # "large values": real images left unscaled (0–255), the classic preprocessing slip
 PASS, FAIL, ERROR, NOT_RUN = "pass", "fail", "error", "not run"
 NATURAL_SETS = ("real", "batch=")  # sets of real images: their errors are the ones summaries show
@@ -69,13 +72,13 @@ def make_input_sets(images: np.ndarray, labels: np.ndarray | None, *, max_batch:
                     static_batch: int | None = None, seed: int = 0, quick: bool = False) -> list[InputSet]:
     """Real images in batches of `max_batch`, the batch sweep (1, odd, max) and the adversarial inputs.
 
-    `quick` (the build's check): the real images and a batch of one only.
+    `quick` (the build's check): the real images in batches of at most QUICK_BATCH, and a batch of one only.
     """
     if images.ndim != 4 or not len(images):
         raise UsageError(f"parity needs a non-empty NCHW image batch, got shape {images.shape}")
     images = np.ascontiguousarray(images, dtype=np.float32)
     n = len(images)
-    biggest = static_batch or max_batch
+    biggest = static_batch or (min(max_batch, QUICK_BATCH) if quick else max_batch)
     sets = [InputSet("real", f"{n} real test images", images, chunks(n, biggest), labels=labels,
                      check_agreement=True)]
     if static_batch:
@@ -176,6 +179,7 @@ class ComparisonResult:
     bisection: Any = None  # exporter.bisect.Bisection
     bisection_error: str = ""
     seconds: float = 0.0
+    activate_seconds: float | None = None  # load, session creation or compile (torch.compile's happens here)
 
     def __bool__(self) -> bool:
         return self.status == PASS
@@ -228,7 +232,8 @@ class ComparisonResult:
                 "tolerance": self.tolerance.to_dict(), "failures": self.failures, "summary": self.summary(),
                 "sets": [s.to_dict() for s in self.sets],
                 "bisection": self.bisection.to_dict() if self.bisection else None,
-                "bisection_error": self.bisection_error, "seconds": round(self.seconds, 3)}
+                "bisection_error": self.bisection_error, "seconds": round(self.seconds, 3),
+                "activate_s": None if self.activate_seconds is None else round(self.activate_seconds, 3)}
 
 
 def _finite_or_text(x: float) -> float | str:
@@ -324,7 +329,9 @@ def compare_variant(variant: Variant, build_dir: Path, sets: list[InputSet], ref
     outputs: dict[str, np.ndarray] = {}
     try:
         runner = variant.runner(build_dir)
+        activating = time.perf_counter()
         runner.activate()
+        result.activate_seconds = time.perf_counter() - activating
     except BackendUnavailable as exc:
         result.status, result.reason = NOT_RUN, str(exc)
     except ExporterError as exc:

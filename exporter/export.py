@@ -252,7 +252,8 @@ def quick_parity(build_dir: Path, artifacts: list[Artifact], images: np.ndarray,
         m = real.metrics
         progress.say(f"  {'✓' if result else '✗'} {artifact.name:<24} {result.executed_precision:<5} judged "
                      f"{result.tolerance.precision:<5} max|Δ| {m.max_abs:.2e}  top-1 agree {m.agreement:.3f}  "
-                     f"acc {m.accuracy if m.accuracy is not None else float('nan'):.3f}"
+                     f"acc {m.accuracy if m.accuracy is not None else float('nan'):.3f}  "
+                     f"ready in {result.activate_seconds or 0:.1f}s"
                      + ("" if result else f"  MISMATCH ({result.failures[0]})"))
     info = reference_info(eager, sha256_file(Path(build_dir) / eager.path), refs, labels)
     return ParityReport(model=model, build_dir=None, source="build", dataset=dataset, samples=int(len(images)),

@@ -55,6 +55,15 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
 
 
+def int8_dot_product_saturates() -> bool:
+    """Whether this x86 CPU multiplies uint8 × int8 through AVX2/AVX-512 `pmaddubsw`, whose int16 pair sums saturate
+    (no VNNI or AMX-INT8, which accumulate in int32): ONNX Runtime's u8s8 kernels then need 7-bit weights."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None where the OS does not say)."""
     with contextlib.suppress(OSError, ValueError, IndexError):

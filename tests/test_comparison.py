@@ -17,8 +17,8 @@ import pytest
 from exporter.backends import BACKENDS, Artifact, BackendUnavailable, Variant
 from exporter.backends.base import Runner, RunnerError
 from exporter.comparison import (
-    ERROR, FAIL, NOT_RUN, PARITY_FORMAT, PASS, ComparisonResult, Overrides, ParityReport, compare_variant,
-    make_input_sets, not_run, reference_outputs, run_batches,
+    ERROR, FAIL, NOT_RUN, PARITY_FORMAT, PASS, ComparisonResult, Overrides, ParityReport, QUICK_BATCH,
+    compare_variant, make_input_sets, not_run, reference_outputs, run_batches,
 )
 from exporter.errors import UsageError
 from exporter.judge import TOLERANCES
@@ -98,12 +98,17 @@ def test_input_sets_sweep_batch_sizes_and_adversarial_inputs() -> None:
 
 
 def test_quick_sets_are_the_real_images_and_a_batch_of_one() -> None:
-    """The build's check: the same sets as verify's first two, nothing else."""
+    """The build's check: the same images as verify's first two sets (the real ones in batches of at most
+    QUICK_BATCH, one torch.compile graph), nothing else."""
     images = np.random.default_rng(0).random((10, 1, 8, 8), dtype=np.float32)
     quick = make_input_sets(images, None, max_batch=16, quick=True)
     assert [s.name for s in quick] == ["real", "batch=1"]
+    assert quick[0].batches == [QUICK_BATCH, 10 - QUICK_BATCH]
     full = make_input_sets(images, None, max_batch=16)
-    assert [s.summary() for s in quick] == [s.summary() for s in full[:2]]
+    assert full[0].batches == [10]
+    for a, b in zip(quick, full[:2]):
+        assert a.name == b.name and np.array_equal(a.images, b.images)
+    assert quick[1].summary() == full[1].summary()
     static = make_input_sets(images, None, max_batch=4, static_batch=4, quick=True)
     assert [s.name for s in static] == ["real", "batch=4"]
 

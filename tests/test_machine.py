@@ -115,6 +115,10 @@ def test_every_backend_probe_is_none_or_positive(backend: str) -> None:
     if backend == "eager":
         assert cls.gemm_peak_gflops("fp32", size=128, device="cpu", threads=1) > 0  # torch always probes fp32
         assert cls.gemm_peak_gflops("int8", size=128, device="cpu", threads=1) is None
+        from exporter.backends.eager import cpu_has_native_bf16
+
+        bf16 = cls.gemm_peak_gflops("bf16", size=128, device="cpu", threads=1)
+        assert (bf16 is not None) == cpu_has_native_bf16()  # an emulated bf16 matmul is not a peak
 
 
 def test_real_measure_peaks_names_an_installed_library() -> None:

@@ -39,6 +39,7 @@ from exporter.backends.base import (
 from exporter.backends.onnx import INPUT_NAME, external_data_file, read_metadata, set_metadata, uses_external_data
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_path
+from exporter.machine import int8_dot_product_saturates
 
 INT8_FILE = "model.int8.onnx"
 CALIBRATION_BATCH = 16
@@ -136,14 +137,20 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
     calibration_images, validation = images[:len(images) - held_back], images[len(images) - held_back:]
     info.update(method="MinMax", calibration_images=len(calibration_images), held_back_images=held_back,
                 min_agreement=INT8_MIN_AGREEMENT, min_cosine_target=INT8_MIN_COSINE)
+    # Without VNNI, ORT's x86 u8s8 kernels sum uint8×int8 pairs in saturating int16 (pmaddubsw): 7-bit weights keep
+    # the sums in range (ORT's quantization docs, reduce_range). A file built here saturates on no CPU; one built on
+    # a VNNI CPU may lose accuracy on a CPU without it (its manifest says which it is).
+    reduce_range = int8_dot_product_saturates()
+    layout = CPU_LAYOUT + (", weights in 7 bits (this CPU has no VNNI)" if reduce_range else "")
+    info["reduce_range"] = reduce_range
     with tempfile.TemporaryDirectory(prefix="exporter-int8-") as work:
         prepared = prepare_for_quantization(source, Path(work))
         candidate = Path(work) / "candidate.onnx"
 
         def quantize(excluded: Sequence[str], *, bar: bool = progress) -> list[str]:
             return write_qdq(prepared, candidate, calibration_images, activation_type="uint8",
-                             extra_options=CPU_OPTIONS, layout=CPU_LAYOUT, progress=bar, method=info["method"],
-                             nodes_to_exclude=excluded, prepared=True,
+                             extra_options=CPU_OPTIONS, layout=layout, progress=bar, method=info["method"],
+                             nodes_to_exclude=excluded, prepared=True, reduce_range=reduce_range,
                              ranges_cache=Path(work) / f"ranges-{info['method']}.json")
 
         notes = quantize(())
@@ -309,10 +316,11 @@ def prepare_for_quantization(source: Path, work: Path) -> Path:
 def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, activation_type: str,
               extra_options: dict[str, Any], layout: str, progress: bool = True, method: str = "MinMax",
               nodes_to_exclude: Sequence[str] = (), prepared: bool = False,
-              ranges_cache: Path | None = None) -> list[str]:
+              ranges_cache: Path | None = None, reduce_range: bool = False) -> list[str]:
     """Write a QDQ int8 copy of `source` to `target`: per-channel int8 weights, `activation_type` ("uint8" or
     "int8") activations, `method`-calibrated on `calibration`, `nodes_to_exclude` left in fp32; `extra_options`
-    go to `quantize_static` as they are; `prepared`: `source` already went through `prepare_for_quantization`.
+    go to `quantize_static` as they are; `prepared`: `source` already went through `prepare_for_quantization`;
+    `reduce_range`: 7-bit weights (ONNX Runtime's remedy for u8s8 saturation on CPUs without VNNI).
     `ranges_cache`: a JSON file of calibrated tensor ranges, written by the first call and read by the next ones
     with the same source, images and method (the ranges do not depend on `nodes_to_exclude`); with an ONNX Runtime
     whose `quantize_static` has no `calibration_cache_path`, every call calibrates.
@@ -340,7 +348,7 @@ def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, act
         try:
             quantize_static(
                 str(ready), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=activations, weight_type=QuantType.QInt8,
+                activation_type=activations, weight_type=QuantType.QInt8, reduce_range=reduce_range,
                 calibrate_method=getattr(CalibrationMethod, method), nodes_to_exclude=list(nodes_to_exclude),
                 extra_options={**extra_options, "CalibStridedMinMax": CALIBRATION_STRIDE_BATCHES}, **cache,
             )

@@ -13,10 +13,26 @@ from tests.export_builds import FAST_MODELS, full_build  # noqa: F401  (fixture)
 
 
 def test_build_records_compile_diagnostics(full_build) -> None:
-    diagnostics = full_build(FAST_MODELS[0]).manifest["diagnostics"]["inductor"]
-    assert diagnostics["compile_s"] > 0 and diagnostics["graphs"] == 1 and diagnostics["graph_breaks"] == 0
+    result = full_build(FAST_MODELS[0])
+    diagnostics = result.manifest["diagnostics"]["inductor"]
+    assert diagnostics["backend"] == "eager" and "compile_s" not in diagnostics  # Dynamo's decisions, no codegen
+    assert diagnostics["graphs"] == 1 and diagnostics["graph_breaks"] == 0
     assert diagnostics["batch_sizes_run"][:3] == [2, 7, 1]
     assert diagnostics["recompilations"] >= 1  # batch 1 is always specialised by Dynamo
+    compiled = next(r for r in result.parity["results"] if r["artifact"] == "inductor")
+    assert compiled["activate_s"] > 0  # the real compile: the quick parity's runner at activate
+
+
+def test_dynamo_splits_the_batch_range_at_16_which_the_quick_check_avoids() -> None:
+    from exporter.comparison import QUICK_BATCH, make_input_sets
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten()).eval()
+    result = compile_diagnostics(model, torch.rand(2, 1, 8, 8), dynamic_batch=True,
+                                 batch_sizes=(2, QUICK_BATCH, 15, 16))
+    assert result["recompilations"] == 1  # 2, 8 and 15 share a graph; 16 is another (a conv guard in torch)
+    images = np.zeros((32, 1, 8, 8), np.float32)
+    real = make_input_sets(images, None, max_batch=32, quick=True)[0]
+    assert max(real.batches) == QUICK_BATCH < 16
 
 
 def test_graph_break_is_reported() -> None:
@@ -100,8 +116,9 @@ def test_build_adds_cuda_compile_diagnostics_where_torch_sees_cuda(tmp_path, mon
 
     devices = []
 
-    def diagnose(model, sample, *, dynamic_batch, batch_sizes, device="cpu"):
+    def diagnose(model, sample, *, dynamic_batch, batch_sizes, device="cpu", backend="eager"):
         devices.append(device)
+        assert backend == ("inductor" if device == "cuda" else "eager")  # only CUDA is compiled for real here
         return {"compile_s": 1.0, "graph_breaks": 0, "graph_break_reasons": [], "device": device}
 
     monkeypatch.setattr(inductor, "compile_diagnostics", diagnose)
