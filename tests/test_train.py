@@ -21,10 +21,10 @@ from exporter import cli
 from exporter.checkpoint import CheckpointError, load_checkpoint, load_trained_model
 from exporter.data import IDX_IMAGES_MAGIC, load_split, to_model_input
 from exporter.errors import ExporterError, UsageError
-from exporter.models import get_spec, list_models
+from exporter.models import create_model, get_spec, list_models
 from exporter.paths import checkpoint_paths
 from exporter.recipe import CPU_BUDGET_TEST_IMAGES, resolve_recipe
-from exporter.train import train
+from exporter.train import inference_copy, train
 from tests.test_data import idx_bytes, write_idx_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -628,3 +628,34 @@ def test_sigterm_ends_training_with_one_line_and_exit_143(tmp_path: Path) -> Non
     assert "Traceback" not in err and out == ""
     saved = json.loads(state.read_text())["epoch"]
     assert f"last completed epoch ({saved})" in last
+
+
+def _accepts(net: torch.nn.Module, shape: tuple[int, ...]) -> bool:
+    try:
+        with torch.no_grad():
+            net(torch.zeros(shape))
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_the_evaluation_copy_computes_the_same_logits(name: str) -> None:
+    """The final fp32 evaluation runs a BatchNorm-folded channels-last copy: same logits, the model untouched."""
+    in_channels = get_spec(name).input_shape[0]
+    net = create_model(name, num_classes=7).eval()
+    size = next(s for s in (28, 32, 64, 96, 128, 224) if _accepts(net, (1, in_channels, s, s)))
+    generator = torch.Generator().manual_seed(0)
+    for module in net.modules():  # statistics that are not the identity, or folding them would change nothing
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(3, in_channels, size, size, generator=generator)
+    folded = inference_copy(net)
+    with torch.no_grad():
+        expected, got = net(x), folded(x.contiguous(memory_format=torch.channels_last))
+    assert folded is not net and got.shape == (3, 7)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
