@@ -60,8 +60,7 @@ def int8_dot_product_saturates() -> bool:
     (no VNNI or AMX-INT8, which accumulate in int32): ONNX Runtime's u8s8 kernels then need 7-bit weights."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    flags = set((_cpuinfo_field("flags") or "").split())
-    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    return not set(cpu_flags()) & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def available_memory_bytes() -> int | None:

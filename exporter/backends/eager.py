@@ -124,6 +124,17 @@ def cpu_has_native_bf16() -> bool:
     return bool(probe and probe())
 
 
+def batchnorm_folded_copy(model: Any) -> Any:
+    """An eval-mode copy of `model` with each BatchNorm that follows a convolution folded into it (torch.fx);
+    a plain copy where torch.fx cannot trace the model."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(copy.deepcopy(model).eval())
+    except Exception:  # noqa: BLE001  (not symbolically traceable: keep the BatchNorms)
+        return copy.deepcopy(model).eval()
+
+
 def bf16_inside(model: Any) -> Any:
     """A copy of `model` with bf16 weights and arithmetic behind an fp32 interface (input cast in, logits cast
     out), so the artifact takes and returns what every other artifact does.
@@ -133,7 +144,6 @@ def bf16_inside(model: Any) -> Any:
     cosine 0.9991 to 0.9975 against fp32 (under the bf16 class's 0.998). A model torch.fx cannot trace keeps its
     BatchNorms (then folded by the compiler)."""
     import torch
-    from torch.fx.experimental.optimization import fuse
 
     class Bf16Inside(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
@@ -143,11 +153,7 @@ def bf16_inside(model: Any) -> Any:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.inner(x.to(torch.bfloat16)).float()
 
-    try:
-        inner = fuse(copy.deepcopy(model).eval())
-    except Exception:  # noqa: BLE001  (not symbolically traceable: the compiler folds instead)
-        inner = copy.deepcopy(model)
-    return Bf16Inside(inner.to(torch.bfloat16)).eval()
+    return Bf16Inside(batchnorm_folded_copy(model).to(torch.bfloat16)).eval()  # untraceable: the compiler folds
 
 
 class TorchRunner(Runner):
