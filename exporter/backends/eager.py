@@ -129,8 +129,12 @@ def batchnorm_folded_copy(model: Any) -> Any:
     a plain copy where torch.fx cannot trace the model."""
     from torch.fx.experimental.optimization import fuse
 
+    from exporter.errors import ExporterError
+
     try:
         return fuse(copy.deepcopy(model).eval())
+    except ExporterError:  # ours, e.g. training's SIGTERM arriving mid-trace: never swallowed as "untraceable"
+        raise
     except Exception:  # noqa: BLE001  (not symbolically traceable: keep the BatchNorms)
         return copy.deepcopy(model).eval()
 

@@ -91,3 +91,25 @@ def test_bf16_inside_folds_batchnorm_in_fp32_before_rounding() -> None:
     cosine = torch.nn.functional.cosine_similarity(got, want).min()
     assert cosine > 0.998 and (got - want).abs().max() <= 2 * (unfolded - want).abs().max()
     assert [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]  # the original is untouched
+
+
+def test_batchnorm_folding_never_swallows_our_errors() -> None:
+    """An untraceable model is copied as it is, but an ExporterError raised meanwhile (training's SIGTERM handler
+    raises one) propagates: swallowing it once left `exporter train` running after SIGTERM."""
+    import torch
+
+    from exporter.backends.eager import batchnorm_folded_copy
+    from exporter.errors import ExporterError
+
+    class Untraceable(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if x.sum() > 0 else -x  # data-dependent: torch.fx cannot trace it
+
+    class Interrupted(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ExporterError("interrupted by SIGTERM")
+
+    copied = batchnorm_folded_copy(Untraceable())
+    assert isinstance(copied, Untraceable) and not copied.training
+    with pytest.raises(ExporterError, match="SIGTERM"):
+        batchnorm_folded_copy(Interrupted())
