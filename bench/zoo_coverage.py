@@ -51,10 +51,17 @@ def _input_size(name: str, size: int) -> tuple[str, list[str]]:
     return f"3×{size}×{size}", ["--input-shape", f"3,{size},{size}"]
 
 
+def machine_label() -> str:
+    """The machine a row's columns were built and timed on: CPU model, vector extension, cores."""
+    from exporter.machine import machine_info, vector_isa
+
+    return f"{machine_info()['cpu']} ({vector_isa()}), {os.cpu_count()} cores"
+
+
 def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: float, bench_timeout: float) -> dict:
     """Build, verify (the build's quick parity on real images) and bench one torchvision model; one row."""
     row: dict = {"model": name, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "backends": list(backends)}
+                 "backends": list(backends), "machines_by": {",".join(backends): machine_label()}}
     if "inductor" in backends:
         row["inductor_frozen"] = True  # since the runner's freezing took effect (see render's footnote)
     with tempfile.TemporaryDirectory(prefix="zoo-coverage-") as art:
@@ -132,8 +139,10 @@ def merge_row(old: dict | None, new: dict) -> dict:
         cells.update(new["cells"])
     seconds = {**old.get("build_seconds_by", {",".join(row_backends(old)): old.get("build_seconds", 0.0)}),
                ",".join(row_backends(new)): new.get("build_seconds", 0.0)}
+    machines = {**old.get("machines_by", {}), **new.get("machines_by", {})}
     merged = {**old, **{k: v for k, v in new.items() if k not in ("error", "cells")}, "backends": backends,
-              "cells": cells, "build_seconds_by": seconds, "build_seconds": round(sum(seconds.values()), 1)}
+              "cells": cells, "build_seconds_by": seconds, "build_seconds": round(sum(seconds.values()), 1),
+              "machines_by": machines}
     merged.pop("error", None)
     return merged
 
@@ -162,6 +171,13 @@ def _not_run_text(column: str, row: dict) -> str:
     return "not run" if compiled else f"not run{NOT_RUN_MARKS[column]}"  # compiled: a bf16 cell needs native bf16
 
 
+def _columns_run_elsewhere(row: dict, machine: str) -> dict[str, str]:
+    """The columns of `row` built on a machine other than `machine` (rows from before machines were recorded ran on
+    the header's machine), each with that machine."""
+    return {column: label for group, label in row.get("machines_by", {}).items() if label and label != machine
+            for backend in group.split(",") for column in STAGE_COLUMNS.get(backend, ())}
+
+
 def render(rows: dict[str, dict], meta: dict) -> str:
     from exporter.backends.onnx import REFERENCE_MAX_MACS
     from exporter.models.sources import torchvision_classification_models
@@ -181,7 +197,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         f"backends still build. Backends run: {', '.join(meta['backends'])}"
         + "".join(f"; {backend} on {sum(backend in row_backends(r) for r in rows.values())} of {len(every)} models"
                   for backend in meta["backends"] if backend in COMPILE_BACKENDS)
-        + f". Machine: {meta.get('cpu', 'CPU')}, {meta['cpus']} cores, torch {meta['torch']}, torchvision "
+        + f". Machine: {meta['machine']} (cells marked ‡ ran on another), torch {meta['torch']}, torchvision "
         f"{meta['torchvision']}, last run {meta['date']}.",
         "",
     ]
@@ -189,6 +205,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
     lines += ["| model | input | " + " | ".join(columns) + " | eager p50 | build s |",
               "| --- | --- | " + " | ".join("---" for _ in columns) + " | ---: | ---: |"]
     notes: list[str] = []
+    other_machines: set[str] = set()
     counts = {c: 0 for c in columns}
     for name in every:
         row = rows.get(name)
@@ -203,12 +220,16 @@ def render(rows: dict[str, dict], meta: dict) -> str:
                          + f" | | {row.get('build_seconds', '')} |")
             continue
         cells = row["cells"]
+        elsewhere = _columns_run_elsewhere(row, meta["machine"])
         texts = []
         for column in columns:
             cell = cells.get(column)
             text = _cell_text(cell) if cell else _not_run_text(column, row)
             if cell and column in STAGE_COLUMNS["inductor"] and not row.get("inductor_frozen"):
                 text += " †"
+            if cell and column in elsewhere:
+                text += " ‡"
+                other_machines.add(elsewhere[column])
             if cell and cell["status"] in ("pass", "ok"):
                 counts[column] += 1
             if cell and cell["status"] not in ("pass", "ok", "reference") and cell.get("reason"):
@@ -238,7 +259,12 @@ def render(rows: dict[str, dict], meta: dict) -> str:
               "† compiled before the inductor runner's `freezing` took effect (2026-11-27 21:45 UTC; "
               "[compile-profile.md](compile-profile.md)): no conv-BN folding, unpacked oneDNN weights, so slower than "
               "the artifact is now; the verdict stands. `--backends inductor --models …` refreshes them.",
-              "", "## Why the others failed", ""]
+              ""]
+    if other_machines:
+        lines += ["‡ built and timed on " + " and ".join(sorted(other_machines)) + ", not on the machine in the "
+                  "header: the verdict stands, the latency is that machine's and not comparable with the row's "
+                  "other cells.", ""]
+    lines += ["## Why the others failed", ""]
     lines += notes or ["Nothing failed."]
     return "\n".join(lines) + "\n"
 
@@ -274,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     from exporter.machine import machine_info
 
     known = saved.get("meta", {}).get("backends", [])
-    meta = {"cpu": machine_info()["cpu"], "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
+    old = saved.get("meta", {})
+    # the header's machine stays the one most of the table ran on; columns from another one are marked in it
+    first = old.get("machine") or (f"{old['cpu']}, {old['cpus']} cores" if old.get("cpu") else machine_label())
+    meta = {"machine": first, "cpu": machine_info()["cpu"], "cpus": os.cpu_count(),
+            "platform": platform.platform(terse=True),
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "backends": list(dict.fromkeys([*known, *backends])),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -55,6 +55,17 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
 
 
+def vector_isa(flags: list[str] | None = None) -> str:
+    """The widest vector / matrix extension of this CPU, as a short label (`amx`, `avx512-bf16`, `avx512`, `avx2`):
+    the CPU model name alone does not tell an AVX2-only EPYC (Zen 3) from an AVX-512 BF16 one (Zen 4)."""
+    found = set(cpu_flags() if flags is None else flags)
+    for flag, label in (("amx_bf16", "amx"), ("avx512_bf16", "avx512-bf16"), ("avx512f", "avx512"),
+                        ("avx2", "avx2"), ("avx", "avx")):
+        if flag in found:
+            return label
+    return platform.machine().lower() or "cpu"
+
+
 def int8_dot_product_saturates() -> bool:
     """Whether this x86 CPU multiplies uint8 × int8 through AVX2/AVX-512 `pmaddubsw`, whose int16 pair sums saturate
     (no VNNI or AMX-INT8, which accumulate in int32): ONNX Runtime's u8s8 kernels then need 7-bit weights."""

@@ -93,7 +93,8 @@ def test_zoo_coverage_merges_the_compile_columns_into_a_fast_row() -> None:
     assert failed["cells"]["aoti"] == {"status": "fail", "reason": "the build failed: killed"}
     assert zoo.merge_row(fast, {**compiled, "input": "3×224×224"})["input"] == "3×224×224"  # replaced, not merged
 
-    meta = {"cpu": "test cpu", "cpus": 2, "torch": "t", "torchvision": "v", "date": "today",
+    meta = {"machine": "test cpu, 2 cores", "cpu": "test cpu", "cpus": 2, "torch": "t", "torchvision": "v",
+            "date": "today",
             "backends": ["onnx", "onnxruntime", "openvino", "inductor", "aoti"]}
     text = zoo.render({"resnet18": merged, "alexnet": {**fast, "model": "alexnet", "error": "oom"},
                        "resnet34": {**fast, "model": "resnet34"}}, meta)
@@ -108,3 +109,10 @@ def test_zoo_coverage_merges_the_compile_columns_into_a_fast_row() -> None:
     assert "- **resnet18** aoti: boom" in text and "inductor on 1 of" in text
     unfrozen = {**merged, "inductor_frozen": False}  # compiled before the runner's freezing took effect
     assert "| ✓ 4.0 ms † |" in zoo.render({"resnet18": unfrozen}, meta)
+    # compile columns added on another machine: marked ‡ with that machine under the table, the others not
+    elsewhere = zoo.merge_row({**fast, "machines_by": {"onnx,onnxruntime,openvino": "test cpu, 2 cores"}},
+                              {**compiled, "machines_by": {"inductor,aoti": "other cpu (avx2), 2 cores"}})
+    text = zoo.render({"resnet18": elsewhere}, meta)
+    assert "| ✓ 3.0 ms | skipped² |" in text and "| ✓ 4.0 ms ‡ |" in text and "| FAIL ‡ |" in text
+    assert "‡ built and timed on other cpu (avx2), 2 cores" in text
+    assert "‡ built" not in zoo.render({"resnet18": merged}, meta)

@@ -198,3 +198,13 @@ def test_cuda_memory_is_the_device_wide_drop_in_free_memory(monkeypatch: pytest.
     probe.sample()
     report = probe.stop()
     assert report["delta_mb"] == pytest.approx(2_500) and "device-wide" in report["kind"]
+
+
+def test_vector_isa_names_the_widest_extension() -> None:
+    from exporter.machine import vector_isa
+
+    assert vector_isa(["avx", "avx2", "fma"]) == "avx2"
+    assert vector_isa(["avx2", "avx512f", "avx512_vnni"]) == "avx512"
+    assert vector_isa(["avx2", "avx512f", "avx512_bf16"]) == "avx512-bf16"
+    assert vector_isa(["avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]) == "amx"
+    assert vector_isa() in ("amx", "avx512-bf16", "avx512", "avx2", "avx") or vector_isa() == vector_isa([])
