@@ -222,6 +222,9 @@ def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rtol", type=float, help="override the relative tolerance of every class")
     p.add_argument("--min-agreement", type=float, metavar="FRACTION",
                    help="override the minimum top-1 agreement (0–1) of every class")
+    p.add_argument("--max-acc-drop", type=float, metavar="POINTS",
+                   help="override how many points of test accuracy below eager every class may lose (default 0.5; "
+                   "0 for fp32)")
     add_artifacts_option(p)
     add_json_option(p, "the report")
     p.set_defaults(handler=_cmd_verify)
@@ -232,7 +235,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from exporter.comparison import Overrides
     from exporter.manifest import load_build
 
-    overrides = Overrides(args.tolerance_class, atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
+    overrides = Overrides(args.tolerance_class, atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement,
+                          max_acc_drop=args.max_acc_drop)
     build = load_build(args.target, artifacts_dir(args))
     # before any artifact runs: records that could not be saved would be lost
     check_writable(build.dir, "the parity records of `exporter verify`")

@@ -300,21 +300,23 @@ class ParityReport:
 
 @dataclass
 class Overrides:
-    """What the user changed about the judge: a forced class and any of atol / rtol / min_agreement."""
+    """What the user changed about the judge: a forced class and any of atol / rtol / min_agreement / max_acc_drop."""
 
     tolerance_class: str | None = None
     atol: float | None = None
     rtol: float | None = None
     min_agreement: float | None = None
+    max_acc_drop: float | None = None
 
     def __post_init__(self) -> None:
         if self.tolerance_class is not None:
             tolerance_for(self.tolerance_class)
-        tolerance_for("fp32", atol=self.atol, rtol=self.rtol, min_agreement=self.min_agreement)  # validate early
+        self.tolerance("fp32", None)  # validate early
 
     def tolerance(self, stored: str, executed: str | None) -> tuple[Tolerance, str]:
         klass, by = judged_class(stored, executed, self.tolerance_class)
-        return tolerance_for(klass, atol=self.atol, rtol=self.rtol, min_agreement=self.min_agreement), by
+        return tolerance_for(klass, atol=self.atol, rtol=self.rtol, min_agreement=self.min_agreement,
+                             max_acc_drop=self.max_acc_drop), by
 
 
 def compare_variant(variant: Variant, build_dir: Path, sets: list[InputSet], refs: dict[str, np.ndarray], *,

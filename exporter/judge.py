@@ -35,8 +35,9 @@ class Tolerance:
     """How far an artifact of one precision may be from eager fp32 and still pass.
 
     An output element passes when |out − ref| ≤ atol + rtol·|ref| (numpy's `allclose` rule); on top of that
-    the real-image top-1 agreement must reach `min_agreement` and every image's logit vector must have cosine
-    similarity ≥ `min_cosine` with the reference. `rel_floor` is the floor of the *reported* relative error
+    the real-image top-1 agreement must reach `min_agreement`, the artifact's own accuracy on labelled real images may
+    be at most `max_acc_drop` points below eager's, and every image's logit vector must have cosine similarity
+    ≥ `min_cosine` with the reference. `rel_floor` is the floor of the *reported* relative error
     |out − ref| / max(|ref|, rel_floor): below it a logit is ~0 and only the absolute error means anything.
     `layer_tol` is the bisection threshold on a layer's error normalised by that layer's activation scale,
     max|out − ref| / max|ref|. Images whose largest |logit| is below `cosine_floor` × the largest real-image |logit|
@@ -52,6 +53,21 @@ class Tolerance:
     layer_tol: float
     why: str = ""
     cosine_floor: float = 0.0
+    max_acc_drop: float = 0.5  # percentage points of test accuracy below eager fp32
+    # images the agreement and accuracy bars always allow, whatever the sample size: one near-tie flip in 32 images
+    # is no evidence against a 99 % bar (an artifact that agrees on exactly 99 % flips one of 32 images 27 % of the
+    # time); 0 where the class allows no flip at all, and at the int8 build's own stricter bars
+    slack_images: int = 1
+
+    def allowed_flips(self, n: int) -> int:
+        """How many of `n` images may change top-1 class."""
+        slack = self.slack_images if self.min_agreement < 1 else 0
+        return max(math.floor((1.0 - self.min_agreement) * n + 1e-9), slack)
+
+    def allowed_images_lost(self, n: int) -> int:
+        """How many of `n` labelled images the artifact may get wrong, net, beyond those eager gets wrong."""
+        slack = self.slack_images if self.max_acc_drop > 0 else 0
+        return max(math.floor(self.max_acc_drop / 100.0 * n + 1e-9), slack)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,10 +90,17 @@ class Tolerance:
 # |       |         |       |       |           |            |       | fp32 accumulation: ~20·u on O(10) logits.    |
 # | fp16  | 4.9e-4  | 5e-2  | 2e-2  | 0.99      | 0.9995     | 2e-2  | tf32's mantissa but also fp16 storage of     |
 # |       |         |       |       |           |            |       | every activation: errors compound per layer. |
-# | bf16  | 3.9e-3  | 2.5e-1| 5e-2  | 0.98      | 0.998      | 1e-1  | 8-bit mantissa everywhere: 8× fp16's u; near-|
-# |       |         |       |       |           |            |       | tied images may flip (≤ 2 %).                |
-# | int8  | ~4e-3·s | 1.0   | 1e-1  | 0.95      | 0.99       | 2.5e-1| per-tensor quantisation noise ~ scale/255 per|
+# | bf16  | 3.9e-3  | 2.5e-1| 5e-2  | 0.99      | 0.998      | 1e-1  | 8-bit mantissa everywhere: 8× fp16's u; near-|
+# |       |         |       |       |           |            |       | tied images may flip (≤ 1 %).                |
+# | int8  | ~4e-3·s | 1.0   | 1e-1  | 0.99      | 0.99       | 2.5e-1| per-tensor quantisation noise ~ scale/255 per|
 # |       |         |       |       |           |            |       | layer; judged mainly on agreement + cosine.  |
+#
+# Every class below fp32 also bounds the accuracy lost on labelled real images: at most 0.5 points below eager's
+# (fp32 allows no flip, so no loss). Agreement ≥ 0.99 and a drop ≤ 0.5 points are what a user shipping a low-precision
+# artifact is promised (issue 11); on trained weights (bench/results/parity.md, 256 test images) every fp16, bf16 and
+# int8 artifact agreed on ≥ 0.988 of the images. Both bars are counted in images, and one image is always allowed
+# (`slack_images`): the build's quick check judges 32 images, where a single near-tie flip says nothing about a 1 %
+# rate. So 32 images allow 1 flip and 1 net image lost, 256 allow 2 and 1, 1,000 allow 10 and 5.
 #
 # int8 alone has a cosine floor: 5 % of the largest real-image logit (a few output quantisation steps; int8's
 # error on a trained net is ~1–3 % of that scale). On an all-zeros input eager's logits are ~0.07 (alexnet, real
@@ -89,22 +112,23 @@ class Tolerance:
 # (trained lenet_bn/resnet18 in bf16: max abs ≤ 4e-2, ≤ 1 flip in 256).
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance("fp32", atol=1e-3, rtol=1e-3, rel_floor=1e-3, min_agreement=1.0, min_cosine=0.99999,
-                      layer_tol=1e-3, why="same arithmetic, other kernels/summation order; no image may flip"),
+                      layer_tol=1e-3, why="same arithmetic, other kernels/summation order; no image may flip",
+                      max_acc_drop=0.0, slack_images=0),
     "tf32": Tolerance("tf32", atol=1e-2, rtol=1e-2, rel_floor=1e-2, min_agreement=0.99, min_cosine=0.9999,
                       layer_tol=1e-2, why="10-bit mantissa in conv/matmul inputs, fp32 accumulation"),
     "fp16": Tolerance("fp16", atol=5e-2, rtol=2e-2, rel_floor=1e-1, min_agreement=0.99, min_cosine=0.9995,
                       layer_tol=2e-2, why="10-bit mantissa and fp16 activations, error compounds per layer"),
-    "bf16": Tolerance("bf16", atol=2.5e-1, rtol=5e-2, rel_floor=1.0, min_agreement=0.98, min_cosine=0.998,
+    "bf16": Tolerance("bf16", atol=2.5e-1, rtol=5e-2, rel_floor=1.0, min_agreement=0.99, min_cosine=0.998,
                       layer_tol=1e-1, why="8-bit mantissa everywhere; near-tied images may flip"),
-    "int8": Tolerance("int8", atol=1.0, rtol=1e-1, rel_floor=1.0, min_agreement=0.95, min_cosine=0.99,
+    "int8": Tolerance("int8", atol=1.0, rtol=1e-1, rel_floor=1.0, min_agreement=0.99, min_cosine=0.99,
                       layer_tol=2.5e-1, why="per-tensor quantisation noise; judged mainly on agreement/cosine",
                       cosine_floor=0.05),
 }
 
 
 def tolerance_for(precision: str, *, atol: float | None = None, rtol: float | None = None,
-                  min_agreement: float | None = None) -> Tolerance:
-    """The tolerance class of `precision`, with any of atol / rtol / min_agreement overridden."""
+                  min_agreement: float | None = None, max_acc_drop: float | None = None) -> Tolerance:
+    """The tolerance class of `precision`, with any of atol / rtol / min_agreement / max_acc_drop overridden."""
     if precision not in TOLERANCES:
         raise UsageError(f"unknown tolerance class {precision!r}; choose one of {', '.join(TOLERANCES)}")
     for label, value in (("atol", atol), ("rtol", rtol)):
@@ -112,8 +136,11 @@ def tolerance_for(precision: str, *, atol: float | None = None, rtol: float | No
             raise UsageError(f"--{label} must be a finite number ≥ 0, got {value}")
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
         raise UsageError(f"--min-agreement must be between 0 and 1, got {min_agreement}")
+    if max_acc_drop is not None and not 0.0 <= max_acc_drop <= 100.0:
+        raise UsageError(f"--max-acc-drop must be between 0 and 100 accuracy points, got {max_acc_drop}")
     tol = TOLERANCES[precision]
-    overrides = {k: v for k, v in (("atol", atol), ("rtol", rtol), ("min_agreement", min_agreement)) if v is not None}
+    overrides = {k: v for k, v in (("atol", atol), ("rtol", rtol), ("min_agreement", min_agreement),
+                                   ("max_acc_drop", max_acc_drop)) if v is not None}
     return replace(tol, **overrides, why=tol.why + (" (overridden: " + ", ".join(overrides) + ")" if overrides else ""))
 
 
@@ -236,9 +263,15 @@ def judge(reference: np.ndarray, output: np.ndarray, metrics: Metrics, tol: Tole
             failures.append(f"cosine similarity {worst_cosine:.6f} < {tol.min_cosine}"
                             + (f" ({skipped} images with every |logit| ≤ {floor:.3g} not judged)"
                                if skipped else ""))
-    if check_agreement and metrics.agreement < tol.min_agreement:
-        failures.append(f"top-1 agreement {metrics.agreement:.4f} < {tol.min_agreement} "
-                        f"({metrics.flipped} of {metrics.n} images flip)")
+    if check_agreement and metrics.flipped > tol.allowed_flips(metrics.n):
+        failures.append(f"top-1 agreement {metrics.agreement:.4f} < {tol.min_agreement} ({metrics.flipped} of "
+                        f"{metrics.n} images flip, {tol.allowed_flips(metrics.n)} allowed)")
+    if check_agreement and metrics.accuracy is not None and metrics.reference_accuracy is not None:
+        lost = round((metrics.reference_accuracy - metrics.accuracy) * metrics.n)  # net images lost
+        if lost > tol.allowed_images_lost(metrics.n):
+            failures.append(f"accuracy {metrics.accuracy:.4f} is {100.0 * lost / metrics.n:.2f} points below eager's "
+                            f"{metrics.reference_accuracy:.4f} (> {tol.max_acc_drop:g} allowed; {lost} of "
+                            f"{metrics.n} labelled images lost net, {tol.allowed_images_lost(metrics.n)} allowed)")
     return failures
 
 

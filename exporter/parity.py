@@ -307,7 +307,7 @@ def report_rows(report: ParityReport) -> list[dict[str, str]]:
                 max_abs=_fmt(max(s.metrics.max_abs for s in natural)),
                 max_rel=_fmt(max(s.metrics.max_rel for s in natural)),
                 mean_abs=_fmt(real.metrics.mean_abs if real else None),
-                cosine=_fmt(min(s.metrics.min_cosine for s in r.sets), ".6f"),
+                cosine=_fmt(min(s.metrics.min_cosine for s in natural), ".6f"),
                 kl=_fmt(real.metrics.kl if real else None),
                 top1=f"{real.metrics.agreement:.4f} ({real.metrics.flipped})" if real else "-",
                 top5=_fmt(real.metrics.top5_overlap if real else None, ".4f"),

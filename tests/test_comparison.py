@@ -195,6 +195,9 @@ def test_overrides_force_the_class_and_tolerances(fake: Path) -> None:
         Overrides("fp64")
     with pytest.raises(UsageError, match="min-agreement"):
         Overrides(min_agreement=2.0)
+    with pytest.raises(UsageError, match="max-acc-drop"):
+        Overrides(max_acc_drop=101.0)
+    assert Overrides(max_acc_drop=2.0).tolerance("int8", None)[0].max_acc_drop == 2.0
 
 
 def test_flipped_images_count_in_the_summary(fake: Path) -> None:
@@ -205,6 +208,7 @@ def test_flipped_images_count_in_the_summary(fake: Path) -> None:
     assert summary["acc_drop"] == pytest.approx(50.0)  # percentage points
     assert summary["max_abs"] > 0 and summary["min_cosine"] < 0
     assert result.status == FAIL and any("top-1 agreement" in f for f in result.failures)
+    assert any("50.00 points below eager's 1.0000" in f for f in result.failures)
 
 
 def test_summary_without_labels_has_no_accuracy(fake: Path) -> None:

@@ -358,6 +358,11 @@ def test_table_and_details_show_every_verdict(fake_backends: Path) -> None:
     assert rows["eager-bf16"]["status"] == "PASS" and rows["eager-bf16"]["class"] == "bf16"
     assert rows["test_nan"]["status"] == "FAIL" and rows["test_wrong_shape"]["status"] == "ERROR"
     assert {key for key, _ in parity.TABLE_COLUMNS} >= set(rows["eager-bf16"])
+    # the table's errors are the natural images' (an int8 artifact's saturated "large" set is a note, not its cosine)
+    bf16 = report.result("eager-bf16")
+    bf16.set("large").metrics.min_cosine = 0.1
+    natural = min(s.metrics.min_cosine for s in bf16.sets if s.name == "real" or s.name.startswith("batch="))
+    assert {row["artifact"]: row for row in parity.report_rows(report)}["eager-bf16"]["cosine"] == f"{natural:.6f}"
     details = parity.report_details(report)
     assert any(line.startswith("test_wrong_shape: error") for line in details)
     assert any(line.startswith("test_nan: FAIL on real") for line in details)

@@ -34,9 +34,11 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8")
 DEVICES = ("cpu", "cuda")
 # Every int8 artifact's build-time goal on held-back calibration images: the judge's int8 class with this top-1
 # agreement and worst cosine; below it, the backend leaves its most sensitive layers in fp32. Stricter than the
-# class itself (0.95 / 0.99): `exporter verify` judges twice as many images, and the worst of more images is worse
-# (densenet: 0.991 on 128 held-back images, 0.986 on 256 test images).
-INT8_MIN_AGREEMENT = 0.99
+# class itself (0.99 / 0.99): `exporter verify` judges twice as many images, and the worst of more images is worse
+# (densenet: 0.991 on 128 held-back images, 0.986 on 256 test images; resnet50v2's onnx-int8 built to 0.99 agreed
+# on 0.988 of 256 test images). 0.995 on the 128 held-back images of a default build admits no flip; those images
+# carry no labels, so the class's accuracy-drop bar is judged at verification only (a flip is the only way to lose).
+INT8_MIN_AGREEMENT = 0.995
 INT8_MIN_COSINE = 0.995
 # and this share of the class's atol / rtol (googlenet's openvino-int8 passed the full bars on 128 held-back images
 # and missed them on one logit of 320 test images: 3.01 > 2.91 allowed)
@@ -48,7 +50,8 @@ def int8_build_bars() -> Any:
     from exporter.judge import tolerance_for
 
     tol = tolerance_for("int8", min_agreement=INT8_MIN_AGREEMENT)
-    return replace(tol, min_cosine=INT8_MIN_COSINE, atol=tol.atol * INT8_ABS_SHARE, rtol=tol.rtol * INT8_ABS_SHARE)
+    return replace(tol, min_cosine=INT8_MIN_COSINE, atol=tol.atol * INT8_ABS_SHARE, rtol=tol.rtol * INT8_ABS_SHARE,
+                   slack_images=0)
 
 
 def int8_held_back_verdict(reference: np.ndarray, output: np.ndarray) -> tuple[list[str], float, float]:

@@ -122,7 +122,7 @@ def test_bad_runner_options_are_one_line_usage_errors(onnx_build) -> None:
 def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None:
     """NNCF's accuracy control hands the validation function an iterable without a length; the score reaches
     INT8_MIN_COSINE only when the worst cosine, the top-1 agreement and the absolute error all meet their bars."""
-    from exporter.backends.base import INT8_ABS_SHARE, INT8_MIN_COSINE
+    from exporter.backends.base import INT8_ABS_SHARE, INT8_MIN_AGREEMENT, INT8_MIN_COSINE
     from exporter.backends.openvino import _held_back_score
 
     def compiled(x: np.ndarray) -> list[np.ndarray]:
@@ -137,8 +137,9 @@ def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None
         return [np.array([[1.0, 1.01, 0.0]]) if x.sum() == 0 else np.array([[1.0, 0.99, 0.0]])]
 
     tied = [(np.full((1, 1), v, np.float32), np.array([1.0, 0.99, 0.0])) for v in range(50)]
-    assert _held_back_score(near, iter(tied)) == pytest.approx(1 - 0.02 * (1 - INT8_MIN_COSINE) / 0.01)
-    assert _held_back_score(near, iter(tied)) < INT8_MIN_COSINE  # 1 flip in 50 = agreement 0.98 < 0.99
+    assert _held_back_score(near, iter(tied)) == pytest.approx(1 - 0.02 * (1 - INT8_MIN_COSINE)
+                                                                / (1 - INT8_MIN_AGREEMENT))
+    assert _held_back_score(near, iter(tied)) < INT8_MIN_COSINE  # 1 flip in 50 = agreement 0.98 < 0.995
 
     def scaled(x: np.ndarray) -> list[np.ndarray]:  # same direction, same top-1, error 4.5 > atol 1 + 0.1·30
         return [np.array([[34.5, 0.0, 0.0]])]
