@@ -73,6 +73,10 @@ def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: flo
         row.update(build_seconds=round(build.seconds, 1), input=label)
         if build.code is None:
             row["error"] = f"build exceeded {build_timeout:.0f} s"
+            if set(backends) & set(COMPILE_BACKENDS):
+                from exporter.backends.eager import cpu_has_native_bf16
+
+                row["native_bf16"] = cpu_has_native_bf16()  # without it no bf16 column was to be built
             return row
         if not build.stdout.strip():
             row["error"] = error_line(build.stderr)
@@ -121,7 +125,8 @@ def row_backends(row: dict) -> list[str]:
 def _failed_cells(row: dict) -> dict[str, dict]:
     """A whole-build failure as one failed cell per column of the backends that build ran."""
     return {column: {"status": "fail", "reason": f"the build failed: {row['error']}"}
-            for backend in row_backends(row) for column in STAGE_COLUMNS.get(backend, ())}
+            for backend in row_backends(row) for column in STAGE_COLUMNS.get(backend, ())
+            if row.get("native_bf16", True) or not column.endswith("-bf16")}
 
 
 def merge_row(old: dict | None, new: dict) -> dict:

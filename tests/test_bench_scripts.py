@@ -72,6 +72,9 @@ def test_a_timed_out_compile_build_keeps_the_rows_onnx_columns(monkeypatch: pyte
     merged = zoo.merge_row(fast, row)
     assert merged["cells"]["onnx-fp32"] == {"status": "pass"}
     assert merged["cells"]["inductor"]["reason"] == "the build failed: build exceeded 480 s"
+    # where the CPU has no native bf16 the build would not have made the bf16 columns: not run, not failed
+    assert ("inductor-bf16" in merged["cells"]) == row["native_bf16"]
+    assert "aoti-bf16" not in zoo.merge_row(fast, {**row, "native_bf16": False})["cells"]
 
 
 def test_zoo_coverage_merges_the_compile_columns_into_a_fast_row() -> None:

@@ -48,6 +48,7 @@ from exporter.backends.base import (
 from exporter.backends.onnx import module_outputs
 from exporter.errors import UsageError, one_line
 from exporter.judge import allowed_error, row_cosines
+from exporter.machine import int8_dot_product_saturates
 
 IR_DIR = "openvino"
 IR_FP16_DIR = "openvino-fp16"
@@ -390,6 +391,11 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
     items = [(validation[i:i + 1], reference[i]) for i in range(len(validation))]
 
     rest = "bf16" if cpu_supports_bf16() else "f32"
+    # Without VNNI the CPU plugin's u8×i8 dot products sum pairs in saturating int16 (OpenVINO's "saturation issue");
+    # NNCF's overflow fix for every layer (not only the first, its default) quantizes weights to 7 bits.
+    saturates = int8_dot_product_saturates()
+    advanced = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE) if saturates else None
+    info["overflow_fix"] = "every layer (7-bit weights: this CPU has no VNNI)" if saturates else "NNCF default"
 
     def verdict(quantized: Any) -> tuple[list[str], float, float]:
         compiled = shared_core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": rest})
@@ -397,7 +403,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
 
     calibration_data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
     with stdout_to_stderr():
-        quantized = nncf.quantize(model, calibration_data, subset_size=len(calibration))
+        quantized = nncf.quantize(model, calibration_data, subset_size=len(calibration), advanced_parameters=advanced)
     failures, agreement, cosine = verdict(quantized)
     info.update(method="nncf.quantize (default: MinMax, symmetric int8 weights per channel)",
                 calibration_images=len(calibration), held_back_images=len(validation), default_agreement=agreement,
@@ -407,7 +413,8 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         with stdout_to_stderr():
             quantized = nncf.quantize_with_accuracy_control(
                 model, calibration_data, nncf.Dataset(items), validation_fn=_held_back_score,
-                max_drop=1 - INT8_MIN_COSINE, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
+                max_drop=1 - INT8_MIN_COSINE, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration),
+                advanced_quantization_parameters=advanced)
         failures, agreement, cosine = verdict(quantized)
         info.update(method="nncf.quantize_with_accuracy_control (metric: worst cosine with fp32, top-1 "
                            "agreement and absolute error on held-back images, max drop "
@@ -423,7 +430,8 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
                     notes=[f"NNCF int8 ({info['method']}), calibrated on {len(calibration)} training images; "
                            f"on {len(validation)} held-back images: top-1 agreement with fp32 "
                            f"{info['agreement']:.3f}, min cosine {info['min_cosine']:.4f}; layers left unquantized: "
-                           f"{len(info['fp32_layers'])}; what is not quantized runs in {rest}"])
+                           f"{len(info['fp32_layers'])}; what is not quantized runs in {rest}"
+                           + ("; weights in 7 bits (this CPU has no VNNI)" if saturates else "")])
 
 
 def _peer(name: str, path: str, precision: str, hint: str, note: str) -> Artifact:

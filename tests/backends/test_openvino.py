@@ -172,6 +172,18 @@ def test_nncf_progress_stays_off_json_stdout(tmp_path) -> None:
     with runner_for(artifact_from_entry(entry), Path(summary["manifest"]).parent) as runner:
         assert runner.executed_precision == "int8"
 
+    # Without VNNI the CPU plugin's int8 dot products saturate: NNCF's overflow fix on every layer (7-bit weights)
+    from exporter.machine import int8_dot_product_saturates
+
+    saturates = int8_dot_product_saturates()
+    int8 = manifest["diagnostics"]["openvino"]["int8"]
+    assert ("7-bit" in int8["overflow_fix"]) == saturates and ("7 bits" in entry["notes"][0]) == saturates
+    ir = ov.Core().read_model(str(Path(summary["manifest"]).parent / entry["path"]))
+    weights = [op.get_data() for op in ir.get_ops()
+               if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8]
+    assert len(weights) == 5  # lenet_bn's two convolutions and three linear layers
+    assert (max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64) == saturates
+
 
 def test_one_core_serves_the_whole_process() -> None:
     # A released Core unloads the CPU plugin and leaves Python's signal handlers on a freed alternate stack.
