@@ -119,3 +119,23 @@ def test_zoo_coverage_merges_the_compile_columns_into_a_fast_row() -> None:
     assert "| ✓ 3.0 ms | skipped² |" in text and "| ✓ 4.0 ms ‡ |" in text and "| FAIL ‡ |" in text
     assert "‡ built and timed on other cpu (avx2), 2 cores" in text
     assert "‡ built" not in zoo.render({"resnet18": merged}, meta)
+
+
+def test_parity_report_marks_rows_todays_judge_would_fail() -> None:
+    """A stored pass whose flip or accuracy counts miss today's class is rendered FAIL* with the count that fails."""
+    parity_all = _script("parity_all")
+    base = {"label": "onnx-int8", "backend": "onnxruntime", "precision": "int8", "executed": "int8",
+            "judged_as": "int8", "status": "pass", "reason": "", "failures": [], "samples": 256, "flips": 2,
+            "accuracy": 0.918, "reference_accuracy": 0.922, "acc_drop": 100 * 1 / 256, "max_abs": 0.3,
+            "min_cosine": 0.997}
+    assert parity_all.current_count_failures(base) == []
+    assert parity_all.current_count_failures({**base, "flips": 3}) == ["3 of 256 images flip, 2 allowed"]
+    assert parity_all.current_count_failures({**base, "acc_drop": 100 * 2 / 256}) == [
+        "2 of 256 images lost net (0.78 points), 1 allowed"]
+    assert parity_all.current_count_failures({**base, "flips": 9, "status": "fail"}) == []  # already a failure
+    row = {"model": "lenet", "reference": {"accuracy": 0.922}, "samples": 256, "results": [{**base, "flips": 3}]}
+    meta = {"backends": "onnx,onnxruntime", "samples": 256, "cpus": 2, "torch": "t", "date": "today"}
+    text = parity_all.render({"lenet": row}, meta)
+    assert "| onnx-int8 | int8 | int8 | FAIL* |" in text and "fails today's int8 class): 3 of 256" in text
+    assert "FAIL\\* — verified under an earlier class" in text
+    assert "FAIL*" not in parity_all.render({"lenet": {**row, "results": [base]}}, meta)
