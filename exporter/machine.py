@@ -110,10 +110,13 @@ def machine_info() -> dict[str, Any]:
 
 
 def machine_slug(info: dict[str, Any] | None = None) -> str:
-    """A short file-name-safe machine name: CPU model, usable cores and GPU (e.g. `amd-epyc-2c`)."""
+    """A short file-name-safe machine name: CPU model, its widest vector extension, usable cores and GPU (e.g.
+    `amd-epyc-avx2-2c`: the model name alone is the same for an AVX2-only and an AVX-512 BF16 EPYC, and tuning
+    results are only reused on the machine they were measured on)."""
     info = info or machine_info()
     cpu = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", "", info["cpu"].lower())
-    parts = [re.sub(r"[^a-z0-9]+", "-", cpu).strip("-") or "cpu", f"{info['usable_cores']}c"]
+    isa = vector_isa(info["cpu_flags"]) if info.get("cpu_flags") is not None else vector_isa()
+    parts = [re.sub(r"[^a-z0-9]+", "-", cpu).strip("-") or "cpu", isa, f"{info['usable_cores']}c"]
     if info.get("gpu"):
         parts.append(re.sub(r"[^a-z0-9]+", "-", info["gpu"].lower().replace("nvidia", "")).strip("-"))
     return "-".join(parts)

@@ -21,8 +21,12 @@ def test_machine_info_and_slug() -> None:
     assert info["logical_cpus"] >= info["usable_cores"]
     slug = machine.machine_slug(info)
     assert slug and all(ch.isalnum() or ch == "-" for ch in slug) and slug.endswith(f"{info['usable_cores']}c")
-    gpu = dict(info, cpu="Intel(R) Xeon(R) CPU @ 2.10GHz", usable_cores=4, gpu="NVIDIA H100 80GB HBM3")
-    assert machine.machine_slug(gpu) == "intel-xeon-4c-h100-80gb-hbm3"
+    gpu = dict(info, cpu="Intel(R) Xeon(R) CPU @ 2.10GHz", usable_cores=4, gpu="NVIDIA H100 80GB HBM3",
+               cpu_flags=["avx2", "avx512f", "avx512_bf16", "amx_bf16"])
+    assert machine.machine_slug(gpu) == "intel-xeon-amx-4c-h100-80gb-hbm3"
+    zen3, zen4 = (dict(info, cpu="AMD EPYC", usable_cores=2, gpu=None, cpu_flags=flags)
+                  for flags in (["avx", "avx2"], ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]))
+    assert (machine.machine_slug(zen3), machine.machine_slug(zen4)) == ("amd-epyc-avx2-2c", "amd-epyc-avx512-bf16-2c")
 
 
 def test_library_versions_list_every_backend_library() -> None:
