@@ -115,8 +115,8 @@ def machine_slug(info: dict[str, Any] | None = None) -> str:
     results are only reused on the machine they were measured on)."""
     info = info or machine_info()
     cpu = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", "", info["cpu"].lower())
-    isa = vector_isa(info["cpu_flags"]) if info.get("cpu_flags") is not None else vector_isa()
-    parts = [re.sub(r"[^a-z0-9]+", "-", cpu).strip("-") or "cpu", isa, f"{info['usable_cores']}c"]
+    isa = [vector_isa(info["cpu_flags"])] if info.get("cpu_flags") else []  # records from before cpu_flags: none
+    parts = [re.sub(r"[^a-z0-9]+", "-", cpu).strip("-") or "cpu", *isa, f"{info['usable_cores']}c"]
     if info.get("gpu"):
         parts.append(re.sub(r"[^a-z0-9]+", "-", info["gpu"].lower().replace("nvidia", "")).strip("-"))
     return "-".join(parts)

@@ -27,6 +27,7 @@ def test_machine_info_and_slug() -> None:
     zen3, zen4 = (dict(info, cpu="AMD EPYC", usable_cores=2, gpu=None, cpu_flags=flags)
                   for flags in (["avx", "avx2"], ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]))
     assert (machine.machine_slug(zen3), machine.machine_slug(zen4)) == ("amd-epyc-avx2-2c", "amd-epyc-avx512-bf16-2c")
+    assert machine.machine_slug(dict(zen3, cpu_flags=None)) == "amd-epyc-2c"  # a record that did not keep the flags
 
 
 def test_library_versions_list_every_backend_library() -> None:
