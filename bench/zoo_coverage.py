@@ -183,6 +183,11 @@ def _columns_run_elsewhere(row: dict, machine: str) -> dict[str, str]:
             for backend in group.split(",") for column in STAGE_COLUMNS.get(backend, ())}
 
 
+def header_machine(meta: dict) -> str:
+    """The machine in the table's header (tables from before machines were labelled: its CPU and cores)."""
+    return meta.get("machine") or f"{meta.get('cpu', 'CPU')}, {meta.get('cpus', '?')} cores"
+
+
 def render(rows: dict[str, dict], meta: dict) -> str:
     from exporter.backends.onnx import REFERENCE_MAX_MACS
     from exporter.models.sources import torchvision_classification_models
@@ -202,7 +207,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         f"backends still build. Backends run: {', '.join(meta['backends'])}"
         + "".join(f"; {backend} on {sum(backend in row_backends(r) for r in rows.values())} of {len(every)} models"
                   for backend in meta["backends"] if backend in COMPILE_BACKENDS)
-        + f". Machine: {meta['machine']} (cells marked ‡ ran on another), torch {meta['torch']}, torchvision "
+        + f". Machine: {header_machine(meta)} (cells marked ‡ ran on another), torch {meta['torch']}, torchvision "
         f"{meta['torchvision']}, last run {meta['date']}.",
         "",
     ]
@@ -225,7 +230,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
                          + f" | | {row.get('build_seconds', '')} |")
             continue
         cells = row["cells"]
-        elsewhere = _columns_run_elsewhere(row, meta["machine"])
+        elsewhere = _columns_run_elsewhere(row, header_machine(meta))
         texts = []
         for column in columns:
             cell = cells.get(column)
@@ -305,9 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     from exporter.machine import machine_info
 
     known = saved.get("meta", {}).get("backends", [])
-    old = saved.get("meta", {})
     # the header's machine stays the one most of the table ran on; columns from another one are marked in it
-    first = old.get("machine") or (f"{old['cpu']}, {old['cpus']} cores" if old.get("cpu") else machine_label())
+    first = header_machine(saved["meta"]) if saved.get("meta") else machine_label()
     meta = {"machine": first, "cpu": machine_info()["cpu"], "cpus": os.cpu_count(),
             "platform": platform.platform(terse=True),
             "torch": torch.__version__, "torchvision": torchvision.__version__,
