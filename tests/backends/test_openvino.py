@@ -190,3 +190,37 @@ def test_one_core_serves_the_whole_process() -> None:
     from exporter.backends.openvino import shared_core
 
     assert shared_core() is shared_core()
+
+
+@pytest.mark.parametrize("histogram_is_closer", [True, False])
+def test_int8_tries_histogram_ranges_when_the_default_fails(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                            histogram_is_closer: bool) -> None:
+    """NNCF's default failing the build bars: histogram activation ranges next, kept when closer; accuracy control
+    only if the kept one fails too, starting from the kept ranges."""
+    import nncf
+
+    from exporter.backends import openvino as ovb
+
+    verdicts = iter([(["default: cosine"], 0.99, 0.95),
+                     ([], 1.0, 0.999) if histogram_is_closer else (["histogram: worse"], 0.98, 0.90),
+                     ([], 1.0, 0.998)])  # after accuracy control
+    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output: next(verdicts))
+    controlled = []
+
+    def accuracy_control(model, *args, advanced_quantization_parameters=None, **kwargs):
+        controlled.append(advanced_quantization_parameters)
+        return model
+
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", accuracy_control)
+    calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    ctx = make_context("lenet_bn", tmp_path, int8=True, calibration=calibration)
+    assert "openvino-int8" in {a.name for a in export_openvino(ctx)}
+    info = ctx.diagnostics["openvino"]["int8"]
+    assert info["default_failures"] == ["default: cosine"]
+    assert set(info["methods_measured"]) == {"default", "histogram"}
+    if histogram_is_closer:
+        assert info["method"].startswith("nncf.quantize (histogram") and not controlled and not info["failures"]
+    else:
+        assert len(controlled) == 1 and "accuracy_control" in info["method"] and "histogram" not in info["method"]
+        ranges = getattr(controlled[0], "activations_range_estimator_params", None)  # None: NNCF's defaults
+        assert ranges != nncf.quantization.range_estimator.RangeEstimatorParametersSet.HISTOGRAM
