@@ -35,6 +35,29 @@ def script_parser(doc: str, *, models: str, artifacts: str | None = None) -> arg
     return parser
 
 
+
+def machine_label() -> str:
+    """The machine a result row was measured on: CPU model, vector extension, cores (the model name alone does not
+    tell an AVX2-only EPYC from an AVX-512 BF16 one)."""
+    from exporter.machine import machine_info, vector_isa
+
+    return f"{machine_info()['cpu']} ({vector_isa()}), {os.cpu_count()} cores"
+
+
+def rows_from_elsewhere(rows: dict[str, dict], here: str) -> dict[str, str]:
+    """The rows measured on another machine than `here` (a `machine_label`), each with that machine; rows from before
+    machines were recorded say so rather than pass for this one."""
+    return {name: row.get("machine") or "a machine not recorded (an earlier session)" for name, row in rows.items()
+            if row.get("machine") != here}
+
+
+def elsewhere_notes(elsewhere: dict[str, str], verb: str) -> list[str]:
+    """One Markdown paragraph per other machine: `‡ VERB on MACHINE: a, b.`"""
+    lines = []
+    for other in sorted(set(elsewhere.values())):
+        lines += [f"‡ {verb} on {other}: " + ", ".join(n for n, m in elsewhere.items() if m == other) + ".", ""]
+    return lines
+
 @dataclass(frozen=True)
 class Finished:
     """One finished (or timed-out: `code` None) subprocess."""

@@ -19,7 +19,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import atomic_write_text, error_line, run_exporter, run_rows, script_parser  # noqa: E402
+from bench.common import (  # noqa: E402
+    atomic_write_text,
+    elsewhere_notes,
+    error_line,
+    machine_label,
+    rows_from_elsewhere,
+    run_exporter,
+    run_rows,
+    script_parser,
+)
 from exporter.models import list_models  # noqa: E402
 from exporter.paths import checkpoint_paths  # noqa: E402
 
@@ -29,7 +38,8 @@ BACKENDS = "inductor,onnx,onnxruntime,openvino"
 def check_model(name: str, *, artifacts: Path, samples: int, backends: str, timeout: float) -> dict:
     """Build (fp16 + int8) and verify one trained model; the verify report's per-artifact rows."""
     started = time.perf_counter()
-    row: dict = {"model": name, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    row: dict = {"model": name, "machine": machine_label(), "backends": backends,
+                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     build = run_exporter(["build", name, "--fp16", "--int8", "--backends", backends, "--artifacts", str(artifacts),
                           "--json"], timeout)
     if not build.stdout.strip():
@@ -80,6 +90,8 @@ def current_count_failures(result: dict) -> list[str]:
 
 
 def render(rows: dict[str, dict], meta: dict) -> str:
+    here = meta.get("machine") or f"{meta.get('cpu', 'CPU')}, {meta['cpus']} cores"
+    elsewhere = rows_from_elsewhere(rows, here)
     lines = [
         "# Parity on trained weights",
         "",
@@ -95,7 +107,8 @@ def render(rows: dict[str, dict], meta: dict) -> str:
            + ", ".join(b for b in ("inductor", "aoti") if b not in meta["backends"])
            + " (`exporter build MODEL` builds and checks them)."),
         "",
-        f"Machine: {meta.get('cpu', 'CPU')}, {meta['cpus']} cores, torch {meta['torch']}, last run {meta['date']}.",
+        f"Machine: {here}, torch {meta['torch']}, last run {meta['date']}."
+        + (" Models marked ‡ were verified on another machine (named below)." if elsewhere else ""),
         "",
         "| model | eager acc | artifact | runs in | judged as | verdict | max abs | min cos | top-1 (flips) | acc "
         "| Δacc |",
@@ -105,8 +118,9 @@ def render(rows: dict[str, dict], meta: dict) -> str:
     order = [n for n in list_models() if n in rows] + sorted(set(rows) - set(list_models()))
     for name in order:
         row = rows[name]
+        label = name + (" ‡" if name in elsewhere else "")
         if "error" in row:
-            lines.append(f"| {name} | | failed: {row['error'].replace('|', '/')} | | | | | | | | |")
+            lines.append(f"| {label} | | failed: {row['error'].replace('|', '/')} | | | | | | | | |")
             findings.append(f"- **{name}** not checked: {row['error']}")
             continue
         eager_acc = _f(row["reference"].get("accuracy"), ".3f")
@@ -115,7 +129,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
             drop = _f(r.get("acc_drop"), ".1f")  # in points already
             stale = current_count_failures(r)
             verdict = "FAIL*" if stale else r["status"].upper()
-            lines.append(f"| {name} | {eager_acc} | {r['label']} | {r['executed']} | {r['judged_as']} "
+            lines.append(f"| {label} | {eager_acc} | {r['label']} | {r['executed']} | {r['judged_as']} "
                          f"| {verdict} | {_f(r.get('max_abs'), '.2e')} | {_f(r.get('min_cosine'), '.5f')} "
                          f"| {top1} | {_f(r.get('accuracy'), '.3f')} | {drop} |")
             if stale:
@@ -126,7 +140,13 @@ def render(rows: dict[str, dict], meta: dict) -> str:
                                 + (r.get("reason") or "; ".join(r.get("failures") or []) or "see parity.json"))
         for failure in row.get("failed") or []:
             findings.append(f"- **{name}** build stage {failure['backend']} failed: {failure['error']}")
-    lines += ["", "## Findings", ""] + (findings or ["Every artifact of every model passed its class."])
+    other_stages = {n: rows[n]["backends"] for n in order
+                    if rows[n].get("backends", meta["backends"]) != meta["backends"]}
+    for stages in sorted(set(other_stages.values())):
+        lines += ["", f"Built with `--backends {stages}` instead: "
+                  + ", ".join(n for n, b in other_stages.items() if b == stages) + "."]
+    lines += [""] + elsewhere_notes({n: elsewhere[n] for n in order if n in elsewhere}, "verified")
+    lines += ["## Findings", ""] + (findings or ["Every artifact of every model passed its class."])
     if any("(FAIL*" in f for f in findings):
         lines += ["", "FAIL\\* — verified under an earlier class and passed; today's judge (since 2026-12-02 every "
                   "class below fp32 needs top-1 agreement ≥ 0.99 and at most 0.5 points of accuracy lost, counted in "
@@ -159,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from exporter.machine import machine_info
 
-    meta = {"cpu": machine_info()["cpu"], "cpus": os.cpu_count(), "torch": torch.__version__,
-            "backends": args.backends, "samples": args.samples,
+    meta = {"machine": machine_label(), "cpu": machine_info()["cpu"], "cpus": os.cpu_count(),
+            "torch": torch.__version__, "backends": args.backends, "samples": args.samples,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     run_rows(names, rows, lambda name: check_model(name, artifacts=artifacts, samples=args.samples,
                                                    backends=args.backends, timeout=args.timeout),

@@ -23,7 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, run_rows, script_parser  # noqa: E402
+from bench.common import (  # noqa: E402
+    REPO,
+    elsewhere_notes,
+    machine_label,
+    rows_from_elsewhere,
+    run_rows,
+    script_parser,
+)
 from exporter.models import get_spec, list_models  # noqa: E402
 
 
@@ -43,7 +50,7 @@ def train_one(name: str, *, artifacts: Path, seed: int, threads: int | None, ext
     stdout = proc.stdout.read()
     code = proc.wait()
     wall = time.perf_counter() - started
-    row = {"model": name, "command": " ".join(["exporter", *cmd[3:]]), "wall_seconds": wall,
+    row = {"model": name, "machine": machine_label(), "command": " ".join(["exporter", *cmd[3:]]), "wall_seconds": wall,
            "load_at_start": load, "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if code != 0:
         row["error"] = next((line for line in reversed(tail) if line), f"exit code {code}")
@@ -60,8 +67,15 @@ def train_one(name: str, *, artifacts: Path, seed: int, threads: int | None, ext
     return row
 
 
+def header_machine(machine: dict) -> str:
+    """The machine of the latest run (headers from before machines were labelled: its CPU and cores)."""
+    return machine.get("label") or f"{machine.get('cpu', 'CPU')}, {machine['cpus']} cores"
+
+
 def render(rows: dict[str, dict], machine: dict) -> str:
     order = [name for name in list_models() if name in rows] + sorted(set(rows) - set(list_models()))
+    here = header_machine(machine)
+    elsewhere = rows_from_elsewhere(rows, here)
     lines = [
         "# Training every model on digits5k",
         "",
@@ -82,9 +96,9 @@ def render(rows: dict[str, dict], machine: dict) -> str:
         "the whole command. The seeds' accuracies are on **Fashion-MNIST** after 10 epochs on a GPU, a reference "
         "for the recipe, not a target.",
         "",
-        f"Machine: {machine.get('cpu', 'CPU')}, {machine['cpus']} cores, {machine['platform']}, "
-        f"torch {machine['torch']}, "
-        f"last run {machine['date']}.",
+        f"Machine: {header_machine(machine)}, {machine['platform']}, torch {machine['torch']}, last run "
+        f"{machine['date']}." + (" Rows marked ‡ were trained on another machine (named below); their times are "
+                                 "that machine's." if elsewhere else ""),
         "",
         "| model | recipe | sizes (px × epochs) | epochs × steps × batch | input | test acc | test imgs | train acc "
         "| examples/s | GFLOP/s | % peak | wall s | load | seed's Fashion-MNIST acc |",
@@ -93,13 +107,14 @@ def render(rows: dict[str, dict], machine: dict) -> str:
     total = 0.0
     for name in order:
         row = rows[name]
+        label = name + (" ‡" if name in elsewhere else "")
         spec_acc = get_spec(name).seed_test_acc if name in list_models() else None
         seed_acc = f"{spec_acc:.3f}" if spec_acc is not None else "–"
         peak_load = row.get("load_average", row.get("load_at_start"))
         load = (f"{peak_load:.1f}" + (" **loaded**" if row.get("loaded") else "")) if peak_load is not None else "–"
         total += row.get("wall_seconds", 0.0)
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error'].replace('|', '/')} | | | | | | | | | | "
+            lines.append(f"| {label} | failed: {row['error'].replace('|', '/')} | | | | | | | | | | "
                          f"{row['wall_seconds']:.0f} | {load} | {seed_acc} |")
             continue
         shape = "×".join(map(str, row["input_shape"]))
@@ -109,12 +124,14 @@ def render(rows: dict[str, dict], machine: dict) -> str:
         gflops = f"{row['train_gflops']:.0f}" if row.get("train_gflops") is not None else "–"
         pct = f"{row['pct_of_peak']:.0f}% of {row.get('peak_precision')}" if row.get("pct_of_peak") else "–"
         lines.append(
-            f"| {name} | {recipe} | {sizes or '–'} | {row['epochs']} × {row['steps']} × {row['batch_size']} | {shape} "
+            f"| {label} | {recipe} | {sizes or '–'} | {row['epochs']} × {row['steps']} × {row['batch_size']} | {shape} "
             f"| {row['test_accuracy']:.3f} | {row['test_examples']} | {row['train_accuracy']:.3f} "
             f"| {row['examples_per_s']:.1f} | {gflops} | {pct} | {row['wall_seconds']:.0f} | {load} | {seed_acc} |"
         )
-    lines += ["", f"Total wall time of the rows above: {total / 60:.1f} min.", "",
-              "What made the difference (details in `docs/training.md`): the nets without BatchNorm (alexnet, the "
+    lines += ["", f"Total wall time of the rows above: {total / 60:.1f} min"
+              + (" (on more than one machine)." if elsewhere else "."), ""]
+    lines += elsewhere_notes({name: elsewhere[name] for name in order if name in elsewhere}, "trained")
+    lines += ["What made the difference (details in `docs/training.md`): the nets without BatchNorm (alexnet, the "
               "VGGs, nin, googlenet) train with AdamW and Kaiming-normal init at full size — with the seed's Xavier "
               "init and SGD + momentum they stalled at the uniform prediction (loss 2.303) or, for googlenet, at "
               "0.33; the BatchNorm nets use SGD + Nesterov with a one-cycle lr, progressive resizing and zero-init "
@@ -147,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from exporter.machine import machine_info
 
-    machine = {"cpu": machine_info()["cpu"], "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
-               "torch": torch.__version__,
+    machine = {"label": machine_label(), "cpu": machine_info()["cpu"], "cpus": os.cpu_count(),
+               "platform": platform.platform(terse=True), "torch": torch.__version__,
                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     started = time.perf_counter()
     run_rows(names, rows, lambda name: train_one(name, artifacts=Path(args.artifacts), seed=args.seed,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import error_line, run_exporter, run_rows, script_parser  # noqa: E402
+from bench.common import error_line, machine_label, run_exporter, run_rows, script_parser  # noqa: E402
 
 FAST_BACKENDS = ("onnx", "onnxruntime", "openvino")
 COMPILE_BACKENDS = ("inductor", "aoti")
@@ -49,13 +49,6 @@ def _input_size(name: str, size: int) -> tuple[str, list[str]]:
     except InputShapeError:
         return "×".join(map(str, get_spec(f"torchvision:{name}").input_shape)), []
     return f"3×{size}×{size}", ["--input-shape", f"3,{size},{size}"]
-
-
-def machine_label() -> str:
-    """The machine a row's columns were built and timed on: CPU model, vector extension, cores."""
-    from exporter.machine import machine_info, vector_isa
-
-    return f"{machine_info()['cpu']} ({vector_isa()}), {os.cpu_count()} cores"
 
 
 def cover(name: str, *, size: int, backends: tuple[str, ...], build_timeout: float, bench_timeout: float) -> dict:

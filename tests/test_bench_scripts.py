@@ -139,3 +139,11 @@ def test_parity_report_marks_rows_todays_judge_would_fail() -> None:
     assert "| onnx-int8 | int8 | int8 | FAIL* |" in text and "fails today's int8 class): 3 of 256" in text
     assert "FAIL\\* — verified under an earlier class" in text
     assert "FAIL*" not in parity_all.render({"lenet": {**row, "results": [base]}}, meta)
+    # a model verified on another machine than the header's (or before machines were recorded) is marked ‡
+    here = {**meta, "machine": "this cpu (avx512-bf16), 2 cores"}
+    text = parity_all.render({"lenet": {**row, "machine": here["machine"]}, "lenet_bn": row}, here)
+    assert "| lenet | 0.922 |" in text and "| lenet_bn ‡ | 0.922 |" in text
+    assert "‡ verified on a machine not recorded (an earlier session): lenet_bn." in text
+    assert "Built with" not in text  # every row with the header's stages
+    text = parity_all.render({"lenet": {**row, "backends": "onnx,onnxruntime,aoti"}, "lenet_bn": row}, here)
+    assert "Built with `--backends onnx,onnxruntime,aoti` instead: lenet." in text

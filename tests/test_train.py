@@ -395,7 +395,8 @@ def test_bench_train_all_merges_runs(tmp_path: Path) -> None:
     spec.loader.exec_module(train_all)
     results = tmp_path / "results"
     results.mkdir()
-    earlier = {"model": "lenet_bn", "error": "an earlier failed run", "wall_seconds": 3.0, "load_at_start": 0.5}
+    earlier = {"model": "lenet_bn", "error": "an earlier failed run", "wall_seconds": 3.0, "load_at_start": 0.5,
+               "machine": "Another CPU (avx2), 2 cores"}
     (results / "training.json").write_text(json.dumps({"machine": {}, "rows": {"lenet_bn": earlier}}))
     common = ["--results", str(results), "--artifacts", str(tmp_path / "art"), "--threads", "1"]
     assert train_all.main(["--models", "lenet", *common, "--max-steps", "1", "--device", "cpu"]) == 0
@@ -403,7 +404,8 @@ def test_bench_train_all_merges_runs(tmp_path: Path) -> None:
     assert rows["lenet_bn"] == earlier and rows["lenet"]["steps"] == 1 and rows["lenet"]["test_examples"] == 1000
     table = (results / "training.md").read_text()
     assert "| lenet | seed | 28×150 | 1 × 1 × 256 | 1×28×28 |" in table  # 150 epochs: the seed's 600k images
-    assert "| lenet_bn | failed: an earlier failed run |" in table
+    assert "| lenet ‡" not in table and "| lenet_bn ‡ | failed: an earlier failed run |" in table
+    assert "‡ trained on Another CPU (avx2), 2 cores: lenet_bn." in table  # its times are not this machine's
     assert "| 0.824 |" in table  # the seed's Fashion-MNIST accuracy next to ours
     with pytest.raises(UnknownModelError):
         train_all.main(["--models", "lenett", *common])
