@@ -35,18 +35,22 @@ from exporter.paths import checkpoint_paths  # noqa: E402
 BACKENDS = "inductor,onnx,onnxruntime,openvino"
 
 
-def check_model(name: str, *, artifacts: Path, samples: int, backends: str, timeout: float) -> dict:
-    """Build (fp16 + int8) and verify one trained model; the verify report's per-artifact rows."""
+def check_model(name: str, *, artifacts: Path, samples: int, backends: str, timeout: float,
+                built: dict | None = None) -> dict:
+    """Build (fp16 + int8) and verify one trained model; the verify report's per-artifact rows. With `built` (this
+    script's earlier row for the model) the latest build is verified again instead, e.g. on more images."""
     started = time.perf_counter()
     row: dict = {"model": name, "machine": machine_label(), "backends": backends,
                  "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    build = run_exporter(["build", name, "--fp16", "--int8", "--backends", backends, "--artifacts", str(artifacts),
-                          "--json"], timeout)
-    if not build.stdout.strip():
-        row["error"] = f"build: {_failure(build, timeout)}"
-        return row
-    summary = json.loads(build.stdout)
-    row["failed"] = summary["failed"]
+    if built is None:
+        build = run_exporter(["build", name, "--fp16", "--int8", "--backends", backends, "--artifacts",
+                              str(artifacts), "--json"], timeout)
+        if not build.stdout.strip():
+            row["error"] = f"build: {_failure(build, timeout)}"
+            return row
+        row["failed"] = json.loads(build.stdout)["failed"]
+    else:
+        row.update(backends=built["backends"], failed=built.get("failed") or [])
     verify = run_exporter(["verify", name, "--samples", str(samples), "--artifacts", str(artifacts), "--json"],
                           timeout)
     if not verify.stdout.strip():
@@ -142,6 +146,10 @@ def render(rows: dict[str, dict], meta: dict) -> str:
             findings.append(f"- **{name}** build stage {failure['backend']} failed: {failure['error']}")
     other_stages = {n: rows[n]["backends"] for n in order
                     if rows[n].get("backends", meta["backends"]) != meta["backends"]}
+    other_samples = {n: rows[n]["samples"] for n in order if rows[n].get("samples", meta["samples"]) != meta["samples"]}
+    for count in sorted(set(other_samples.values())):
+        lines += ["", f"Verified on {count} test images instead: "
+                  + ", ".join(n for n, c in other_samples.items() if c == count) + "."]
     for stages in sorted(set(other_stages.values())):
         lines += ["", f"Built with `--backends {stages}` instead: "
                   + ", ".join(n for n, b in other_stages.items() if b == stages) + "."]
@@ -165,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default=BACKENDS, help=f"build stages (default {BACKENDS})")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per build or verify (default 900)")
     parser.add_argument("--render-only", action="store_true", help="re-render parity.md from parity.json")
+    parser.add_argument("--verify-only", action="store_true", help="verify each model's latest build again (the "
+                        "one this script built before, e.g. with more --samples) instead of building it")
     args = parser.parse_args(argv)
     artifacts = Path(args.artifacts)
     names = ([n.strip() for n in args.models.split(",")] if args.models
@@ -182,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"machine": machine_label(), "cpu": machine_info()["cpu"], "cpus": os.cpu_count(),
             "torch": torch.__version__, "backends": args.backends, "samples": args.samples,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if args.verify_only and saved.get("meta"):  # the table's usual stages and image count; this run's rows differ
+        meta.update(backends=saved["meta"]["backends"], samples=saved["meta"]["samples"])
+    if args.verify_only and (unbuilt := [n for n in names if "results" not in rows.get(n, {})]):
+        parser.error(f"--verify-only: no earlier build by this script for {', '.join(unbuilt)}; run without it")
     run_rows(names, rows, lambda name: check_model(name, artifacts=artifacts, samples=args.samples,
-                                                   backends=args.backends, timeout=args.timeout),
+                                                   backends=args.backends, timeout=args.timeout,
+                                                   built=rows[name] if args.verify_only else None),
              store=store, header=meta, render=render,
              outcome=lambda row: row.get("error") or ("PASS" if row["passed"] else "FAIL"))
     return 0

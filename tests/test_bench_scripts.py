@@ -147,3 +147,12 @@ def test_parity_report_marks_rows_todays_judge_would_fail() -> None:
     assert "Built with" not in text  # every row with the header's stages
     text = parity_all.render({"lenet": {**row, "backends": "onnx,onnxruntime,aoti"}, "lenet_bn": row}, here)
     assert "Built with `--backends onnx,onnxruntime,aoti` instead: lenet." in text
+    assert "Verified on 1000 test images instead: lenet." in parity_all.render(
+        {"lenet": {**row, "samples": 1000}, "lenet_bn": row}, here)
+
+
+def test_parity_verify_only_refuses_a_model_it_never_built(tmp_path: Path) -> None:
+    """`--verify-only` re-verifies a build this script made; for any other model it says so and exits 2."""
+    with pytest.raises(SystemExit) as exc:
+        _script("parity_all").main(["--models", "lenet", "--verify-only", "--results", str(tmp_path)])
+    assert exc.value.code == 2
