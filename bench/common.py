@@ -35,7 +35,6 @@ def script_parser(doc: str, *, models: str, artifacts: str | None = None) -> arg
     return parser
 
 
-
 def machine_label() -> str:
     """The machine a result row was measured on: CPU model, vector extension, cores (the model name alone does not
     tell an AVX2-only EPYC from an AVX-512 BF16 one)."""
@@ -57,6 +56,7 @@ def elsewhere_notes(elsewhere: dict[str, str], verb: str) -> list[str]:
     for other in sorted(set(elsewhere.values())):
         lines += [f"‡ {verb} on {other}: " + ", ".join(n for n, m in elsewhere.items() if m == other) + ".", ""]
     return lines
+
 
 @dataclass(frozen=True)
 class Finished:
