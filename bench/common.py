@@ -43,9 +43,15 @@ def machine_label() -> str:
     return f"{machine_info()['cpu']} ({vector_isa()}), {os.cpu_count()} cores"
 
 
+def header_machine(meta: dict) -> str:
+    """The machine named in a table's header: its `machine_label` (headers from before machines were labelled: the
+    CPU and cores they stored)."""
+    return meta.get("machine") or f"{meta.get('cpu', 'CPU')}, {meta.get('cpus', '?')} cores"
+
+
 def rows_from_elsewhere(rows: dict[str, dict], here: str) -> dict[str, str]:
-    """The rows measured on another machine than `here` (a `machine_label`), each with that machine; rows from before
-    machines were recorded say so rather than pass for this one."""
+    """The rows measured on another machine than `here` (a `machine_label`), each with that machine, in the rows'
+    order; rows from before machines were recorded say so rather than pass for this one."""
     return {name: row.get("machine") or "a machine not recorded (an earlier session)" for name, row in rows.items()
             if row.get("machine") != here}
 

@@ -23,6 +23,7 @@ from bench.common import (  # noqa: E402
     atomic_write_text,
     elsewhere_notes,
     error_line,
+    header_machine,
     machine_label,
     rows_from_elsewhere,
     run_exporter,
@@ -94,8 +95,9 @@ def current_count_failures(result: dict) -> list[str]:
 
 
 def render(rows: dict[str, dict], meta: dict) -> str:
-    here = meta.get("machine") or f"{meta.get('cpu', 'CPU')}, {meta['cpus']} cores"
-    elsewhere = rows_from_elsewhere(rows, here)
+    here = header_machine(meta)
+    order = [n for n in list_models() if n in rows] + sorted(set(rows) - set(list_models()))
+    elsewhere = rows_from_elsewhere({n: rows[n] for n in order}, here)
     lines = [
         "# Parity on trained weights",
         "",
@@ -119,7 +121,6 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     findings = []
-    order = [n for n in list_models() if n in rows] + sorted(set(rows) - set(list_models()))
     for name in order:
         row = rows[name]
         label = name + (" ‡" if name in elsewhere else "")
@@ -153,7 +154,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
     for stages in sorted(set(other_stages.values())):
         lines += ["", f"Built with `--backends {stages}` instead: "
                   + ", ".join(n for n, b in other_stages.items() if b == stages) + "."]
-    lines += [""] + elsewhere_notes({n: elsewhere[n] for n in order if n in elsewhere}, "verified")
+    lines += [""] + elsewhere_notes(elsewhere, "verified")
     lines += ["## Findings", ""] + (findings or ["Every artifact of every model passed its class."])
     if any("(FAIL*" in f for f in findings):
         lines += ["", "FAIL\\* — verified under an earlier class and passed; today's judge (since 2026-12-02 every "

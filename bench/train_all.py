@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     REPO,
     elsewhere_notes,
+    header_machine,
     machine_label,
     rows_from_elsewhere,
     run_rows,
@@ -67,15 +68,9 @@ def train_one(name: str, *, artifacts: Path, seed: int, threads: int | None, ext
     return row
 
 
-def header_machine(machine: dict) -> str:
-    """The machine of the latest run (headers from before machines were labelled: its CPU and cores)."""
-    return machine.get("label") or f"{machine.get('cpu', 'CPU')}, {machine['cpus']} cores"
-
-
 def render(rows: dict[str, dict], machine: dict) -> str:
     order = [name for name in list_models() if name in rows] + sorted(set(rows) - set(list_models()))
-    here = header_machine(machine)
-    elsewhere = rows_from_elsewhere(rows, here)
+    elsewhere = rows_from_elsewhere({name: rows[name] for name in order}, header_machine(machine))
     lines = [
         "# Training every model on digits5k",
         "",
@@ -130,7 +125,7 @@ def render(rows: dict[str, dict], machine: dict) -> str:
         )
     lines += ["", f"Total wall time of the rows above: {total / 60:.1f} min"
               + (" (on more than one machine)." if elsewhere else "."), ""]
-    lines += elsewhere_notes({name: elsewhere[name] for name in order if name in elsewhere}, "trained")
+    lines += elsewhere_notes(elsewhere, "trained")
     lines += ["What made the difference (details in `docs/training.md`): the nets without BatchNorm (alexnet, the "
               "VGGs, nin, googlenet) train with AdamW and Kaiming-normal init at full size — with the seed's Xavier "
               "init and SGD + momentum they stalled at the uniform prediction (loss 2.303) or, for googlenet, at "
@@ -164,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from exporter.machine import machine_info
 
-    machine = {"label": machine_label(), "cpu": machine_info()["cpu"], "cpus": os.cpu_count(),
+    machine = {"machine": machine_label(), "cpu": machine_info()["cpu"], "cpus": os.cpu_count(),
                "platform": platform.platform(terse=True), "torch": torch.__version__,
                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     started = time.perf_counter()

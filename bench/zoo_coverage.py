@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import error_line, machine_label, run_exporter, run_rows, script_parser  # noqa: E402
+from bench.common import error_line, header_machine, machine_label, run_exporter, run_rows, script_parser  # noqa: E402
 
 FAST_BACKENDS = ("onnx", "onnxruntime", "openvino")
 COMPILE_BACKENDS = ("inductor", "aoti")
@@ -174,11 +174,6 @@ def _columns_run_elsewhere(row: dict, machine: str) -> dict[str, str]:
     the header's machine), each with that machine."""
     return {column: label for group, label in row.get("machines_by", {}).items() if label and label != machine
             for backend in group.split(",") for column in STAGE_COLUMNS.get(backend, ())}
-
-
-def header_machine(meta: dict) -> str:
-    """The machine in the table's header (tables from before machines were labelled: its CPU and cores)."""
-    return meta.get("machine") or f"{meta.get('cpu', 'CPU')}, {meta.get('cpus', '?')} cores"
 
 
 def render(rows: dict[str, dict], meta: dict) -> str:
