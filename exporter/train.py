@@ -49,8 +49,9 @@ from exporter.checkpoint import (
     save_state,
     write_checkpoint,
 )
-from exporter.data import Dataset, check_channels, load_split, to_model_tensor
+from exporter.data import Dataset, check_channels, load_split
 from exporter.errors import UsageError
+from exporter.evaluation import evaluate, test_subset
 from exporter.fileio import atomic_write_bytes
 from exporter.machine import available_memory_bytes, library_versions
 from exporter.recipe import (
@@ -60,12 +61,18 @@ from exporter.recipe import (
     lr_at,
     resolve_recipe,
 )
-from exporter.training_runtime import Dist, ResizedImages, SigtermGuard, Throughput, pick_device, thread_count
+from exporter.training_runtime import (
+    Dist,
+    ResizedImages,
+    SigtermGuard,
+    Throughput,
+    pick_device,
+    reused_heap,
+    thread_count,
+)
 
 CURVE_NAME = "training_curve.png"
-EVAL_BATCH = 16  # resnet50 fp32 at 224 px on 2 cores: 22.4 img/s at 16, 20.3 at 256 (smaller batches stay in cache)
 EPOCH_TEST_IMAGES = 256  # test images evaluated after an epoch that is not the last (CPU recipe)
-TEST_SUBSET_SEED = 0  # which test images a --test-images subset holds (fixed, so runs compare)
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -119,41 +126,6 @@ def plot_curve(history: list[dict], points: list[dict], path: Path, title: str) 
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def test_subset(size: int, limit: int | None) -> np.ndarray:
-    """Indices of the test images evaluated: all of them, or a fixed seeded subset of `limit` (sorted)."""
-    if limit is None or limit >= size:
-        return np.arange(size)
-    return np.sort(np.random.default_rng(TEST_SUBSET_SEED).permutation(size)[:limit])
-
-
-def inference_copy(net: nn.Module) -> nn.Module:
-    """A copy of `net` for fp32 evaluation: BatchNorm folded into the convolutions, channels-last (probe on 2 AVX2
-    cores, batch 16: resnet50 at 224 px 5.8 → 10.1 img/s, googlenet 75 → 116, alexnet 39 → 57; logits equal to
-    1e-7)."""
-    from exporter.backends.eager import batchnorm_folded_copy
-
-    return batchnorm_folded_copy(net).to(memory_format=torch.channels_last)
-
-
-def _evaluate(net: nn.Module, data: Dataset, subset: np.ndarray, input_shape: tuple[int, int, int],
-              device: torch.device, dist: Dist, autocast: str | None = None) -> float:
-    """Accuracy on `subset` of the split; under DDP each rank takes every world_size-th image, counts are summed."""
-    net.eval()
-    if autocast is None:
-        net = inference_copy(net)
-    memory_format = torch.channels_last if autocast is None else torch.contiguous_format
-    index = subset[dist.rank::dist.world_size]
-    correct = 0
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        for start in range(0, len(index), EVAL_BATCH):
-            batch = index[start:start + EVAL_BATCH]
-            x = to_model_tensor(data.images[batch], input_shape).to(device, memory_format=memory_format)
-            y = torch.from_numpy(data.labels[batch]).to(device)
-            correct += int((net(x).argmax(dim=1) == y).sum())
-    total_correct, total = dist.sum([float(correct), float(len(index))], device)
-    return total_correct / max(total, 1.0)
-
-
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
@@ -176,6 +148,7 @@ class Trainer:
     progress: bool = True
     force: bool = False
     started: float = field(default_factory=time.perf_counter)
+    heap_reused: bool = False  # see training_runtime.reused_heap
     # Run state, filled by setup() / resume() / run_epoch().
     start_epoch: int = 0
     steps: int = 0
@@ -419,11 +392,11 @@ class Trainer:
         (what the checkpoint scores); earlier epochs of the CPU recipe on a fixed seeded EPOCH_TEST_IMAGES of them
         at the size they train at, in the training's autocast precision (a progress signal that costs little)."""
         if final or self.recipe["name"] != "cpu":
-            return _evaluate(self.net, self.test_data, self.test_index, self.input_shape, self.device, self.dist)
+            return evaluate(self.net, self.test_data, self.test_index, self.input_shape, self.device, self.dist)
         size = self.stage_size(self.steps - 1)  # the size it trains at now (BatchNorm's statistics are for it)
         # a seeded sample, not the first images: digits5k's test split is sorted by class (the first 256: 0, 1, 2)
         signal = self.test_index[test_subset(len(self.test_index), EPOCH_TEST_IMAGES)]
-        return _evaluate(self.net, self.test_data, signal,
+        return evaluate(self.net, self.test_data, signal,
                          (self.input_shape[0], size, size), self.device, self.dist, autocast=self.recipe["autocast"])
 
     def save_state(self, epoch: int) -> None:
@@ -493,7 +466,8 @@ class Trainer:
             "test_examples": len(self.test_index), "examples_per_s": self.examples_per_s,
             "train_seconds": self.train_seconds, "seconds": time.perf_counter() - self.started,
             "device": str(self.device), "world_size": self.world, "rank": self.dist.rank,
-            "threads": torch.get_num_threads(), "seed": self.seed, "resumed_from_epoch": self.resumed_from,
+            "threads": torch.get_num_threads(), "heap_reused": self.heap_reused, "seed": self.seed,
+            "resumed_from_epoch": self.resumed_from,
             "checkpoint": str(weights), "sidecar": str(sidecar),
             "checkpoint_action": None if self.written is None else self.written.action,
             "curve": str(self.model_dir / CURVE_NAME),
@@ -578,13 +552,13 @@ def train(
         check_batch_memory(input_shape, recipe["batch_size"])
         model_dir = paths.ensure_writable_dir(paths.model_dir(model, artifacts_dir))
         paths.ensure_writable_dir(guard.state_dir)
-        with thread_count(threads), _device_rng(run_device):
+        with thread_count(threads), _device_rng(run_device), reused_heap(run_device) as heap_reused:
             dist = Dist(run_device)
             try:
                 trainer = Trainer(model=model, recipe=recipe, train_data=train_data, test_data=test_data,
                                   input_shape=input_shape, device=run_device, dist=dist, seed=seed,
                                   model_dir=model_dir, data_arg=data, say=_logger(log, dist), guard=guard,
-                                  progress=progress, force=force, started=started)
+                                  progress=progress, force=force, started=started, heap_reused=heap_reused)
                 return trainer.run(resume)
             finally:
                 dist.close()

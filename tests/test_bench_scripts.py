@@ -31,6 +31,15 @@ def test_build_all_reports_a_build_and_its_parity(tmp_path: Path) -> None:
     assert "| lenet_bn | untrained --backends onnx,onnxruntime" in out.read_text()
 
 
+def test_heap_probe_times_both_heaps_in_their_own_processes(capsys: pytest.CaptureFixture[str]) -> None:
+    code = _script("heap_probe").main(["--model", "lenet_bn", "--shape", "1,28,28", "--batch", "8", "--steps", "2",
+                                       "--rounds", "1"])
+    assert code == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  heap ")]
+    assert [row[1] for row in rows] == ["default", "reused"]
+    assert all(float(row[2]) > 0 for row in rows)
+
+
 def test_a_timed_out_command_says_so() -> None:
     from bench import common
 

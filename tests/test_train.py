@@ -21,10 +21,11 @@ from exporter import cli
 from exporter.checkpoint import CheckpointError, load_checkpoint, load_trained_model
 from exporter.data import IDX_IMAGES_MAGIC, load_split, to_model_input
 from exporter.errors import ExporterError, UsageError
+from exporter.evaluation import inference_copy
 from exporter.models import create_model, get_spec, list_models
 from exporter.paths import checkpoint_paths
 from exporter.recipe import CPU_BUDGET_TEST_IMAGES, resolve_recipe
-from exporter.train import inference_copy, train
+from exporter.train import train
 from tests.test_data import idx_bytes, write_idx_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,13 +276,13 @@ def test_epoch_progress_signal_samples_every_class(tmp_path: Path, monkeypatch: 
     import exporter.train as train_module
 
     evaluated: list[np.ndarray] = []
-    real = train_module._evaluate
+    real = train_module.evaluate
 
     def spy(net, data, subset, *args, **kwargs):
         evaluated.append(data.labels[subset])
         return real(net, data, subset, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_evaluate", spy)
+    monkeypatch.setattr(train_module, "evaluate", spy)
     train("resnet18", resize=16, batch_size=2000, max_steps=3, artifacts_dir=tmp_path, **QUIET)
     progress, final = evaluated  # 2 steps per epoch: one progress evaluation, then the final one
     assert len(progress) == train_module.EPOCH_TEST_IMAGES and len(final) == 1000
