@@ -31,8 +31,8 @@ def inference_copy(net: nn.Module) -> nn.Module:
     return batchnorm_folded_copy(net).to(memory_format=torch.channels_last)
 
 
-def evaluate(net: nn.Module, data: Dataset, subset: np.ndarray, input_shape: tuple[int, int, int],
-              device: torch.device, dist: Dist, autocast: str | None = None) -> float:
+def accuracy(net: nn.Module, data: Dataset, subset: np.ndarray, input_shape: tuple[int, int, int],
+             device: torch.device, dist: Dist, autocast: str | None = None) -> float:
     """Accuracy on `subset` of the split; under DDP each rank takes every world_size-th image, counts are summed."""
     net.eval()
     if autocast is None:

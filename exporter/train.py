@@ -51,7 +51,7 @@ from exporter.checkpoint import (
 )
 from exporter.data import Dataset, check_channels, load_split
 from exporter.errors import UsageError
-from exporter.evaluation import evaluate, test_subset
+from exporter.evaluation import accuracy, test_subset
 from exporter.fileio import atomic_write_bytes
 from exporter.machine import available_memory_bytes, library_versions
 from exporter.recipe import (
@@ -392,12 +392,12 @@ class Trainer:
         (what the checkpoint scores); earlier epochs of the CPU recipe on a fixed seeded EPOCH_TEST_IMAGES of them
         at the size they train at, in the training's autocast precision (a progress signal that costs little)."""
         if final or self.recipe["name"] != "cpu":
-            return evaluate(self.net, self.test_data, self.test_index, self.input_shape, self.device, self.dist)
+            return accuracy(self.net, self.test_data, self.test_index, self.input_shape, self.device, self.dist)
         size = self.stage_size(self.steps - 1)  # the size it trains at now (BatchNorm's statistics are for it)
         # a seeded sample, not the first images: digits5k's test split is sorted by class (the first 256: 0, 1, 2)
         signal = self.test_index[test_subset(len(self.test_index), EPOCH_TEST_IMAGES)]
-        return evaluate(self.net, self.test_data, signal,
-                         (self.input_shape[0], size, size), self.device, self.dist, autocast=self.recipe["autocast"])
+        return accuracy(self.net, self.test_data, signal,
+                        (self.input_shape[0], size, size), self.device, self.dist, autocast=self.recipe["autocast"])
 
     def save_state(self, epoch: int) -> None:
         """Weights, optimizer and every rank's RNG after `epoch`, what --resume continues from."""

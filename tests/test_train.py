@@ -276,13 +276,13 @@ def test_epoch_progress_signal_samples_every_class(tmp_path: Path, monkeypatch: 
     import exporter.train as train_module
 
     evaluated: list[np.ndarray] = []
-    real = train_module.evaluate
+    real = train_module.accuracy
 
     def spy(net, data, subset, *args, **kwargs):
         evaluated.append(data.labels[subset])
         return real(net, data, subset, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", spy)
+    monkeypatch.setattr(train_module, "accuracy", spy)
     train("resnet18", resize=16, batch_size=2000, max_steps=3, artifacts_dir=tmp_path, **QUIET)
     progress, final = evaluated  # 2 steps per epoch: one progress evaluation, then the final one
     assert len(progress) == train_module.EPOCH_TEST_IMAGES and len(final) == 1000
