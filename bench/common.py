@@ -49,6 +49,14 @@ def header_machine(meta: dict) -> str:
     return meta.get("machine") or f"{meta.get('cpu', 'CPU')}, {meta.get('cpus', '?')} cores"
 
 
+def registry_order(rows: dict[str, dict]) -> list[str]:
+    """The names of `rows` in the model registry's order, then any others (model sources) sorted."""
+    from exporter.models import list_models
+
+    registered = list_models()
+    return [n for n in registered if n in rows] + sorted(set(rows) - set(registered))
+
+
 def rows_from_elsewhere(rows: dict[str, dict], here: str) -> dict[str, str]:
     """The rows measured on another machine than `here` (a `machine_label`), each with that machine, in the rows'
     order; rows from before machines were recorded say so rather than pass for this one."""

@@ -25,6 +25,7 @@ from bench.common import (  # noqa: E402
     error_line,
     header_machine,
     machine_label,
+    registry_order,
     rows_from_elsewhere,
     run_exporter,
     run_rows,
@@ -96,7 +97,7 @@ def current_count_failures(result: dict) -> list[str]:
 
 def render(rows: dict[str, dict], meta: dict) -> str:
     here = header_machine(meta)
-    order = [n for n in list_models() if n in rows] + sorted(set(rows) - set(list_models()))
+    order = registry_order(rows)
     elsewhere = rows_from_elsewhere({n: rows[n] for n in order}, here)
     lines = [
         "# Parity on trained weights",

@@ -28,6 +28,7 @@ from bench.common import (  # noqa: E402
     elsewhere_notes,
     header_machine,
     machine_label,
+    registry_order,
     rows_from_elsewhere,
     run_rows,
     script_parser,
@@ -69,7 +70,7 @@ def train_one(name: str, *, artifacts: Path, seed: int, threads: int | None, ext
 
 
 def render(rows: dict[str, dict], machine: dict) -> str:
-    order = [name for name in list_models() if name in rows] + sorted(set(rows) - set(list_models()))
+    order = registry_order(rows)
     elsewhere = rows_from_elsewhere({name: rows[name] for name in order}, header_machine(machine))
     lines = [
         "# Training every model on digits5k",

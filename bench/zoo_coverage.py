@@ -28,7 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import error_line, header_machine, machine_label, run_exporter, run_rows, script_parser  # noqa: E402
+from bench.common import (  # noqa: E402
+    error_line,
+    header_machine,
+    machine_label,
+    run_exporter,
+    run_rows,
+    script_parser,
+)
 
 FAST_BACKENDS = ("onnx", "onnxruntime", "openvino")
 COMPILE_BACKENDS = ("inductor", "aoti")
