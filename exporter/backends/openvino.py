@@ -60,6 +60,10 @@ PEER_DIR = "peers"  # the peer baseline's NNCF-default int8 IR, made by `exporte
 OV_TO_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 PRECISION_TO_OV = {v: k for k, v in OV_TO_PRECISION.items()}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+# NNCF accuracy control's bounds: it ranks every quantized layer group on the ranking images (one compile and
+# inference each) and ranks again after each step back; unbounded, a trained resnet101 ran past 18 minutes.
+ACCURACY_CONTROL_MAX_REVERTED = 32
+ACCURACY_CONTROL_RANKING_IMAGES = 64
 
 
 def ov_type_to_precision(value: Any) -> str:
@@ -362,18 +366,33 @@ def _fp32_layers(model: Any) -> list[str]:
     return found
 
 
+def _ignored_scope_from_onnxruntime(ctx: BuildContext, model: Any) -> list[str]:
+    """The IR operations of the layers the build's ORT int8 bisection left in fp32 (`onnx-int8`): the IR converted
+    from that ONNX file names a Conv node's convolution `NAME` or `NAME/WithoutBiases`."""
+    onnx_layers = set(ctx.diagnostics.get("onnxruntime", {}).get("int8", {}).get("fp32_layers") or [])
+    if not onnx_layers:
+        return []
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")
+            and op.get_friendly_name().split("/")[0] in onnx_layers]
+
+
 def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifact:
     """`openvino-int8`: NNCF post-training quantization of the IR, calibrated on real training images.
 
-    NNCF's default `nncf.quantize` comes first, judged on the held-back quarter of the images in the int8 class at
-    the build-time bars (INT8_MIN_AGREEMENT, INT8_MIN_COSINE); if it fails, histogram activation ranges are tried
-    and kept if closer; if that fails too, `nncf.quantize_with_accuracy_control` (from the closer ranges) reverts
-    the most sensitive layers to fp32 until the bars hold again (`_held_back_score`). `info` records which was kept,
+    Each candidate is judged on the held-back quarter of the images in the int8 class at the build-time bars
+    (INT8_MIN_AGREEMENT, INT8_MIN_COSINE), and the first that passes is kept: NNCF's default `nncf.quantize`;
+    histogram activation ranges (kept as the base if closer); the same with the layers that the build's ORT int8
+    bisection left in fp32 ignored (`_ignored_scope_from_onnxruntime`); then `nncf.quantize_with_accuracy_control`
+    from there, which reverts the most sensitive layers to fp32 until its metric (`_held_back_score`) holds — at
+    most ACCURACY_CONTROL_MAX_REVERTED layers, ranked on ACCURACY_CONTROL_RANKING_IMAGES images, so a deep model
+    that cannot reach the bars ends in bounded time and fails its verdict instead. `info` records which was kept,
     the verdicts and the layers left unquantized, for the manifest.
 
-    What stays unquantized runs in bf16 where the CPU has it natively (the plugin's own choice, which NNCF's
-    accuracy control validates with; the int8 class bounds the artifact either way), else in f32; the build-time
-    verdict compiles the model the same way.
+    What stays unquantized runs in bf16 where the CPU has it natively, else in f32. NNCF's accuracy control
+    validates with f32 (NNCF 3.x compiles with INFERENCE_PRECISION_HINT=f32), so a candidate that fails with a
+    bf16 rest is judged again with f32 and, if that passes, keeps f32 (resnet50: 0.984 held-back agreement with a
+    bf16 rest after accuracy control had reached its target in f32).
     """
     import torch
 
@@ -391,7 +410,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         reference = np.concatenate([np.asarray(compiled(validation[i:i + 1])[0]) for i in range(len(validation))])
     items = [(validation[i:i + 1], reference[i]) for i in range(len(validation))]
 
-    rest = "bf16" if cpu_supports_bf16() else "f32"
+    rests = ["bf16", "f32"] if cpu_supports_bf16() else ["f32"]
     # Without VNNI the CPU plugin's u8×i8 dot products sum pairs in saturating int16 (OpenVINO's "saturation issue");
     # NNCF's overflow fix for every layer (not only the first, its default) quantizes weights to 7 bits.
     saturates = int8_dot_product_saturates()
@@ -403,19 +422,29 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
             options["activations_range_estimator_params"] = ranges
         return nncf.AdvancedQuantizationParameters(**options) if options else None
 
-    def verdict(quantized: Any) -> tuple[list[str], float, float]:
-        compiled = shared_core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": rest})
-        return int8_held_back_verdict(reference, np.concatenate([np.asarray(compiled(x)[0]) for x, _ in items]))
+    def verdict(quantized: Any) -> tuple[list[str], float, float, str]:
+        """(failures, agreement, worst cosine, precision of the rest): the first rest that passes, else the first."""
+        judged = []
+        for rest in rests:
+            compiled = shared_core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": rest})
+            output = np.concatenate([np.asarray(compiled(x)[0]) for x, _ in items])
+            judged.append((*int8_held_back_verdict(reference, output), rest))
+            if not judged[-1][0]:
+                return judged[-1]
+        return judged[0]
 
     calibration_data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
 
-    def quantize(ranges: Any = None) -> Any:
+    def scope(names: list[str]) -> Any:
+        return nncf.IgnoredScope(names=names, validate=False) if names else None
+
+    def quantize(ranges: Any = None, ignored: list[str] = ()) -> Any:
         with stdout_to_stderr():
             return nncf.quantize(model, calibration_data, subset_size=len(calibration),
-                                 advanced_parameters=parameters(ranges))
+                                 advanced_parameters=parameters(ranges), ignored_scope=scope(list(ignored)))
 
-    quantized, ranges = quantize(), None
-    failures, agreement, cosine = verdict(quantized)
+    quantized, ranges, ignored = quantize(), None, []
+    failures, agreement, cosine, rest = verdict(quantized)
     info.update(method="nncf.quantize (default: MinMax, symmetric int8 weights per channel)",
                 calibration_images=len(calibration), held_back_images=len(validation), default_agreement=agreement,
                 default_min_cosine=cosine, default_failures=failures, agreement=agreement, min_cosine=cosine,
@@ -423,35 +452,52 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
     if failures:
         # Histogram activation ranges clip the outliers NNCF's default min/max keeps, as Percentile does for ORT:
         # trained googlenet, 1,000 test images, worst cosine with fp32 0.925 → 0.998 (bench/results/README.md).
-        # Tried only when the default fails; accuracy control then starts from the closer of the two.
+        # Tried only when the default fails; what follows starts from the closer of the two.
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
         histogram = RangeEstimatorParametersSet.HISTOGRAM
         candidate = quantize(histogram)
         judged = verdict(candidate)
-        measured = {"default": (agreement, cosine), "histogram": judged[1:]}
+        measured = {"default": (agreement, cosine), "histogram": judged[1:3]}
         info["methods_measured"] = {m: {"agreement": a, "min_cosine": c} for m, (a, c) in measured.items()}
         if measured["histogram"] > measured["default"]:
             quantized, ranges = candidate, histogram
-            failures, agreement, cosine = judged
+            failures, agreement, cosine, rest = judged
             info.update(method="nncf.quantize (histogram activation ranges, symmetric int8 weights per channel)",
                         agreement=agreement, min_cosine=cosine, failures=failures)
+    ranges_note = "; histogram activation ranges" if ranges is not None else ""
+    if failures and (seed := _ignored_scope_from_onnxruntime(ctx, model)):
+        candidate = quantize(ranges, seed)
+        judged = verdict(candidate)
+        info["methods_measured"]["onnxruntime_fp32_layers"] = {"agreement": judged[1], "min_cosine": judged[2]}
+        if judged[1:3] > (agreement, cosine):
+            quantized, ignored = candidate, seed
+            failures, agreement, cosine, rest = judged
+            info.update(method=f"nncf.quantize ({len(seed)} layers ignored: those ORT's int8 bisection left in "
+                               f"fp32{ranges_note})", agreement=agreement, min_cosine=cosine, failures=failures)
     if failures:
+        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+        restorer = AdvancedAccuracyRestorerParameters(max_num_iterations=ACCURACY_CONTROL_MAX_REVERTED,
+                                                      ranking_subset_size=ACCURACY_CONTROL_RANKING_IMAGES)
         with stdout_to_stderr():
             quantized = nncf.quantize_with_accuracy_control(
                 model, calibration_data, nncf.Dataset(items), validation_fn=_held_back_score,
                 max_drop=1 - INT8_MIN_COSINE, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration),
-                advanced_quantization_parameters=parameters(ranges))
-        failures, agreement, cosine = verdict(quantized)
+                ignored_scope=scope(ignored), advanced_quantization_parameters=parameters(ranges),
+                advanced_accuracy_restorer_parameters=restorer)
+        failures, agreement, cosine, rest = verdict(quantized)
         info.update(method="nncf.quantize_with_accuracy_control (metric: worst cosine with fp32, top-1 "
                            "agreement and absolute error on held-back images, max drop "
-                           f"{1 - INT8_MIN_COSINE:g}"
-                           + ("; histogram activation ranges" if ranges is not None else "") + ")",
+                           f"{1 - INT8_MIN_COSINE:g}, at most {ACCURACY_CONTROL_MAX_REVERTED} layers reverted"
+                           + ranges_note + (f"; from {len(ignored)} layers ignored as in ORT's int8" if ignored
+                                            else "") + ")",
                     agreement=agreement, min_cosine=cosine, failures=failures)
     info["unquantized_layers_run_in"] = rest
     info["fp32_layers"] = _fp32_layers(quantized)
-    info["fp32_layers_why"] = ("left unquantized by NNCF (its defaults skip some layers; accuracy control reverts "
-                               "the layers whose quantization costs the most cosine with fp32)")
+    info["fp32_layers_why"] = ("left unquantized by NNCF (its defaults skip some layers; the ignored scope holds the "
+                               "layers ORT's int8 bisection left in fp32; accuracy control reverts the layers whose "
+                               "quantization costs the most on the held-back images)")
     _save_ir(ov, quantized, ctx.out_dir / IR_INT8_DIR, compress_to_fp16=False)
     return Artifact(name="openvino-int8", backend="openvino", path=f"{IR_INT8_DIR}/{IR_FILE}", precision="int8",
                     options={"inference_precision": rest},

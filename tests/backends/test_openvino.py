@@ -193,34 +193,105 @@ def test_one_core_serves_the_whole_process() -> None:
 
 
 @pytest.mark.parametrize("histogram_is_closer", [True, False])
-def test_int8_tries_histogram_ranges_when_the_default_fails(tmp_path, monkeypatch: pytest.MonkeyPatch,
-                                                            histogram_is_closer: bool) -> None:
-    """NNCF's default failing the build bars: histogram activation ranges next, kept when closer; accuracy control
-    only if the kept one fails too, starting from the kept ranges."""
+@pytest.mark.parametrize("onnxruntime_fp32_layers", [0, 2])
+def test_int8_candidates_in_order_until_one_passes(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                   histogram_is_closer: bool, onnxruntime_fp32_layers: int) -> None:
+    """NNCF's default failing the build bars: histogram activation ranges next, kept when closer; then, where the
+    build's ORT int8 left layers in fp32, those layers ignored; accuracy control only if all fail, starting from
+    the kept ranges and ignored layers, with bounded iterations."""
     import nncf
 
     from exporter.backends import openvino as ovb
 
+    monkeypatch.setattr(ovb, "cpu_supports_bf16", lambda core=None: False)  # one verdict per candidate
+    seed = [f"conv{i}" for i in range(onnxruntime_fp32_layers)]
+    monkeypatch.setattr(ovb, "_ignored_scope_from_onnxruntime", lambda ctx, model: seed)
     verdicts = iter([(["default: cosine"], 0.99, 0.95),
-                     ([], 1.0, 0.999) if histogram_is_closer else (["histogram: worse"], 0.98, 0.90),
-                     ([], 1.0, 0.998)])  # after accuracy control
+                     ([], 1.0, 0.999) if histogram_is_closer else (["histogram: worse"], 0.98, 0.90)]
+                    + ([(["seed: closer"], 0.992, 0.99)] if seed and not histogram_is_closer else [])
+                    + [([], 1.0, 0.998)])  # after accuracy control
     monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output: next(verdicts))
-    controlled = []
+    ignored_scopes, controlled = [], []
+    quantize = nncf.quantize
 
-    def accuracy_control(model, *args, advanced_quantization_parameters=None, **kwargs):
-        controlled.append(advanced_quantization_parameters)
+    def recording_quantize(model, dataset, *args, ignored_scope=None, **kwargs):
+        ignored_scopes.append(ignored_scope and ignored_scope.names)
+        return quantize(model, dataset, *args, **kwargs)
+
+    def accuracy_control(model, *args, advanced_quantization_parameters=None, ignored_scope=None,
+                         advanced_accuracy_restorer_parameters=None, **kwargs):
+        controlled.append((advanced_quantization_parameters, ignored_scope and ignored_scope.names,
+                           advanced_accuracy_restorer_parameters))
         return model
 
+    monkeypatch.setattr(nncf, "quantize", recording_quantize)
     monkeypatch.setattr(nncf, "quantize_with_accuracy_control", accuracy_control)
     calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
     ctx = make_context("lenet_bn", tmp_path, int8=True, calibration=calibration)
-    assert "openvino-int8" in {a.name for a in export_openvino(ctx)}
+    artifact = {a.name: a for a in export_openvino(ctx)}["openvino-int8"]
+    assert artifact.options == {"inference_precision": "f32"}
     info = ctx.diagnostics["openvino"]["int8"]
     assert info["default_failures"] == ["default: cosine"]
-    assert set(info["methods_measured"]) == {"default", "histogram"}
     if histogram_is_closer:
         assert info["method"].startswith("nncf.quantize (histogram") and not controlled and not info["failures"]
-    else:
-        assert len(controlled) == 1 and "accuracy_control" in info["method"] and "histogram" not in info["method"]
-        ranges = getattr(controlled[0], "activations_range_estimator_params", None)  # None: NNCF's defaults
-        assert ranges != nncf.quantization.range_estimator.RangeEstimatorParametersSet.HISTOGRAM
+        assert ignored_scopes == [None, None] and set(info["methods_measured"]) == {"default", "histogram"}
+        return
+    assert ignored_scopes == [None, None] + ([seed] if seed else [])
+    assert set(info["methods_measured"]) == {"default", "histogram"} | ({"onnxruntime_fp32_layers"} if seed else set())
+    assert len(controlled) == 1 and "accuracy_control" in info["method"] and "histogram" not in info["method"]
+    ranges, ignored, restorer = controlled[0]
+    assert getattr(ranges, "activations_range_estimator_params", None) != \
+        nncf.quantization.range_estimator.RangeEstimatorParametersSet.HISTOGRAM  # the default ranges were closer
+    assert ignored == (seed or None)  # accuracy control starts from the closer ignored scope
+    assert restorer.max_num_iterations == ovb.ACCURACY_CONTROL_MAX_REVERTED
+    assert restorer.ranking_subset_size == ovb.ACCURACY_CONTROL_RANKING_IMAGES
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no native bf16: the rest of an int8 model runs in f32 anyway")
+@pytest.mark.parametrize("f32_passes", [True, False])
+def test_int8_rest_falls_back_to_f32_only_when_that_passes(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                          f32_passes: bool) -> None:
+    """NNCF validates in f32: a candidate failing with its unquantized layers in bf16 is judged again in f32 and
+    keeps f32 where that passes (resnet50); where neither passes, the faster bf16 stays and the failure is kept."""
+    from exporter.backends import openvino as ovb
+
+    bf16, f32 = (["bf16: flips"], 0.984, 0.996), ([], 1.0, 0.999) if f32_passes else (["f32: flips"], 0.99, 0.99)
+    # default (bf16, then f32); where f32 fails too: histogram and accuracy control's result, each bf16 then f32
+    verdicts = iter([bf16, f32] * (1 if f32_passes else 3))
+    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output: next(verdicts))
+    monkeypatch.setattr(ovb, "_ignored_scope_from_onnxruntime", lambda ctx, model: [])
+    import nncf
+
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", lambda model, *args, **kwargs: model)
+    calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    ctx = make_context("lenet_bn", tmp_path, int8=True, calibration=calibration)
+    artifact = {a.name: a for a in export_openvino(ctx)}["openvino-int8"]
+    info = ctx.diagnostics["openvino"]["int8"]
+    rest = "f32" if f32_passes else "bf16"
+    assert artifact.options == {"inference_precision": rest} and info["unquantized_layers_run_in"] == rest
+    assert bool(info["failures"]) != f32_passes
+
+
+def test_ignored_scope_names_the_ir_operations_of_ort_fp32_layers(onnx_build) -> None:
+    """The IR converted from the ONNX file names a Conv node's convolution NAME or NAME/WithoutBiases."""
+    import onnx
+
+    from exporter.backends.openvino import _ignored_scope_from_onnxruntime
+
+    build = onnx_build("lenet_bn")
+    graph = onnx.load(str(build.path("onnx-fp32")), load_external_data=False).graph
+    conv = next(n.name for n in graph.node if n.op_type == "Conv")
+    gemm = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1]
+    model = ov.Core().read_model(str(build.path("openvino-fp32")))
+    ctx = build.ctx
+    saved = ctx.diagnostics.get("onnxruntime")
+    try:
+        ctx.diagnostics["onnxruntime"] = {"int8": {"fp32_layers": [conv, gemm, "node_not_in_this_model"]}}
+        names = _ignored_scope_from_onnxruntime(ctx, model)
+        ctx.diagnostics["onnxruntime"] = {"int8": {"fp32_layers": []}}
+        assert _ignored_scope_from_onnxruntime(ctx, model) == []
+    finally:
+        ctx.diagnostics["onnxruntime"] = saved
+    assert len(names) == 2 and {n.split("/")[0] for n in names} == {conv, gemm}
+    kinds = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
+    assert {kinds[n] for n in names} <= {"Convolution", "MatMul"}
