@@ -123,29 +123,29 @@ def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None
     """NNCF's accuracy control hands the validation function an iterable without a length; the score reaches
     INT8_MIN_COSINE only when the worst cosine, the top-1 agreement and the absolute error all meet their bars."""
     from exporter.backends.base import INT8_ABS_SHARE, INT8_MIN_AGREEMENT, INT8_MIN_COSINE
-    from exporter.backends.openvino import _held_back_score
+    from exporter.backends.openvino_int8 import held_back_score
 
     def compiled(x: np.ndarray) -> list[np.ndarray]:
         return [np.eye(3, dtype=np.float32)[[int(x.sum()) % 3]]]
 
     items = [(np.full((1, 1), v, np.float32), np.eye(3)[label]) for v, label in ((0, 0), (1, 1), (2, 0), (4, 1))]
-    assert _held_back_score(compiled, iter(items)) == pytest.approx(0.0)  # image 2 points elsewhere
-    assert _held_back_score(compiled, iter(items[:2])) == pytest.approx(1.0)
-    assert _held_back_score(compiled, []) == 1.0
+    assert held_back_score(compiled, iter(items)) == pytest.approx(0.0)  # image 2 points elsewhere
+    assert held_back_score(compiled, iter(items[:2])) == pytest.approx(1.0)
+    assert held_back_score(compiled, []) == 1.0
 
     def near(x: np.ndarray) -> list[np.ndarray]:  # cosine ≈ 0.9999 everywhere, but image 0's top-1 flips
         return [np.array([[1.0, 1.01, 0.0]]) if x.sum() == 0 else np.array([[1.0, 0.99, 0.0]])]
 
     tied = [(np.full((1, 1), v, np.float32), np.array([1.0, 0.99, 0.0])) for v in range(50)]
-    assert _held_back_score(near, iter(tied)) == pytest.approx(1 - 0.02 * (1 - INT8_MIN_COSINE)
+    assert held_back_score(near, iter(tied)) == pytest.approx(1 - 0.02 * (1 - INT8_MIN_COSINE)
                                                                 / (1 - INT8_MIN_AGREEMENT))
-    assert _held_back_score(near, iter(tied)) < INT8_MIN_COSINE  # 1 flip in 50 = agreement 0.98 < 0.995
+    assert held_back_score(near, iter(tied)) < INT8_MIN_COSINE  # 1 flip in 50 = agreement 0.98 < 0.995
 
     def scaled(x: np.ndarray) -> list[np.ndarray]:  # same direction, same top-1, error 4.5 > atol 1 + 0.1·30
         return [np.array([[34.5, 0.0, 0.0]])]
 
     large = [(np.zeros((1, 1), np.float32), np.array([30.0, 0.0, 0.0]))]
-    assert _held_back_score(scaled, iter(large)) == pytest.approx(1 - 4.5 / (4.0 * INT8_ABS_SHARE) * (1 - INT8_MIN_COSINE))
+    assert held_back_score(scaled, iter(large)) == pytest.approx(1 - 4.5 / (4.0 * INT8_ABS_SHARE) * (1 - INT8_MIN_COSINE))
 
 
 def test_nncf_progress_stays_off_json_stdout(tmp_path) -> None:
@@ -201,11 +201,11 @@ def test_int8_candidates_in_order_until_one_passes(tmp_path, monkeypatch: pytest
     the kept ranges and ignored layers, with bounded iterations."""
     import nncf
 
-    from exporter.backends import openvino as ovb
+    from exporter.backends import openvino_int8 as ovb
 
     monkeypatch.setattr(ovb, "cpu_supports_bf16", lambda core=None: False)  # one verdict per candidate
     seed = [f"conv{i}" for i in range(onnxruntime_fp32_layers)]
-    monkeypatch.setattr(ovb, "_ignored_scope_from_onnxruntime", lambda ctx, model: seed)
+    monkeypatch.setattr(ovb, "ignored_scope_from_onnxruntime", lambda ctx, model: seed)
     verdicts = iter([(["default: cosine"], 0.99, 0.95),
                      ([], 1.0, 0.999) if histogram_is_closer else (["histogram: worse"], 0.98, 0.90)]
                     + ([(["seed: closer"], 0.992, 0.99)] if seed and not histogram_is_closer else [])
@@ -237,7 +237,8 @@ def test_int8_candidates_in_order_until_one_passes(tmp_path, monkeypatch: pytest
         assert ignored_scopes == [None, None] and set(info["methods_measured"]) == {"default", "histogram"}
         return
     assert ignored_scopes == [None, None] + ([seed] if seed else [])
-    assert set(info["methods_measured"]) == {"default", "histogram"} | ({"onnxruntime_fp32_layers"} if seed else set())
+    assert set(info["methods_measured"]) == ({"default", "histogram", "accuracy_control"}
+                                             | ({"onnxruntime_fp32_layers"} if seed else set()))
     assert len(controlled) == 1 and "accuracy_control" in info["method"] and "histogram" not in info["method"]
     ranges, ignored, restorer = controlled[0]
     assert getattr(ranges, "activations_range_estimator_params", None) != \
@@ -253,13 +254,13 @@ def test_int8_rest_falls_back_to_f32_only_when_that_passes(tmp_path, monkeypatch
                                                           f32_passes: bool) -> None:
     """NNCF validates in f32: a candidate failing with its unquantized layers in bf16 is judged again in f32 and
     keeps f32 where that passes (resnet50); where neither passes, the faster bf16 stays and the failure is kept."""
-    from exporter.backends import openvino as ovb
+    from exporter.backends import openvino_int8 as ovb
 
     bf16, f32 = (["bf16: flips"], 0.984, 0.996), ([], 1.0, 0.999) if f32_passes else (["f32: flips"], 0.99, 0.99)
     # default (bf16, then f32); where f32 fails too: histogram and accuracy control's result, each bf16 then f32
     verdicts = iter([bf16, f32] * (1 if f32_passes else 3))
     monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output: next(verdicts))
-    monkeypatch.setattr(ovb, "_ignored_scope_from_onnxruntime", lambda ctx, model: [])
+    monkeypatch.setattr(ovb, "ignored_scope_from_onnxruntime", lambda ctx, model: [])
     import nncf
 
     monkeypatch.setattr(nncf, "quantize_with_accuracy_control", lambda model, *args, **kwargs: model)
@@ -272,11 +273,28 @@ def test_int8_rest_falls_back_to_f32_only_when_that_passes(tmp_path, monkeypatch
     assert bool(info["failures"]) != f32_passes
 
 
+def test_accuracy_control_past_its_budget_keeps_the_closest_candidate(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NNCF's accuracy control is ended by its wall-clock budget (raised from the validation function); the
+    build keeps the closest candidate before it and says so instead of running on for an hour."""
+    from exporter.backends import openvino_int8 as ovb
+
+    monkeypatch.setattr(ovb, "ACCURACY_CONTROL_BUDGET_S", 0.0)
+    monkeypatch.setattr(ovb, "ignored_scope_from_onnxruntime", lambda ctx, model: [])
+    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output: (["always: flips"], 0.98, 0.99))
+    calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    ctx = make_context("lenet_bn", tmp_path, int8=True, calibration=calibration)
+    artifact = {a.name: a for a in export_openvino(ctx)}["openvino-int8"]
+    info = ctx.diagnostics["openvino"]["int8"]
+    assert info["accuracy_control"].startswith("stopped at its 0 s budget")
+    assert info["method"].startswith("nncf.quantize (default") and info["failures"] == ["always: flips"]
+    assert "accuracy_control" not in info["methods_measured"] and (tmp_path / artifact.path).is_file()
+
+
 def test_ignored_scope_names_the_ir_operations_of_ort_fp32_layers(onnx_build) -> None:
     """The IR converted from the ONNX file names a Conv node's convolution NAME or NAME/WithoutBiases."""
     import onnx
 
-    from exporter.backends.openvino import _ignored_scope_from_onnxruntime
+    from exporter.backends.openvino_int8 import ignored_scope_from_onnxruntime
 
     build = onnx_build("lenet_bn")
     graph = onnx.load(str(build.path("onnx-fp32")), load_external_data=False).graph
@@ -287,9 +305,9 @@ def test_ignored_scope_names_the_ir_operations_of_ort_fp32_layers(onnx_build) ->
     saved = ctx.diagnostics.get("onnxruntime")
     try:
         ctx.diagnostics["onnxruntime"] = {"int8": {"fp32_layers": [conv, gemm, "node_not_in_this_model"]}}
-        names = _ignored_scope_from_onnxruntime(ctx, model)
+        names = ignored_scope_from_onnxruntime(ctx, model)
         ctx.diagnostics["onnxruntime"] = {"int8": {"fp32_layers": []}}
-        assert _ignored_scope_from_onnxruntime(ctx, model) == []
+        assert ignored_scope_from_onnxruntime(ctx, model) == []
     finally:
         ctx.diagnostics["onnxruntime"] = saved
     assert len(names) == 2 and {n.split("/")[0] for n in names} == {conv, gemm}

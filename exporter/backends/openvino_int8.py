@@ -1,0 +1,234 @@
+"""OpenVINO int8: `openvino-int8`, NNCF post-training quantization of the IR, judged on held-back images.
+
+Used by `exporter.backends.openvino.export_openvino` when the build asks for int8; see `quantize_int8`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from exporter.backends.base import (
+    INT8_MIN_AGREEMENT,
+    INT8_MIN_COSINE,
+    Artifact,
+    BackendUnavailable,
+    BuildContext,
+    import_optional,
+    int8_build_bars,
+    int8_held_back_verdict,
+    stdout_to_stderr,
+)
+from exporter.backends.openvino import IR_FILE, IR_INT8_DIR, _save_ir, cpu_supports_bf16, shared_core
+from exporter.judge import allowed_error, row_cosines
+from exporter.machine import int8_dot_product_saturates
+
+# NNCF accuracy control's bounds: it ranks every quantized layer group on the ranking images (one compile and
+# inference each) and ranks again after each step back; unbounded, a trained resnet101 ran past 18 minutes.
+ACCURACY_CONTROL_MAX_REVERTED = 32
+ACCURACY_CONTROL_RANKING_IMAGES = 64
+# and a wall-clock budget: it re-ranks every remaining group after each step back, ~100 groups × (compile + 64
+# images) ≈ 8 min per ranking for resnet101 on 2 cores; past the budget the closest candidate before it is kept.
+ACCURACY_CONTROL_BUDGET_S = 600.0
+
+
+class _OutOfBudget(Exception):
+    """Raised from NNCF's validation function to end accuracy control at ACCURACY_CONTROL_BUDGET_S."""
+
+
+def held_back_score(compiled: Any, items: Any) -> float:
+    """NNCF's validation metric for accuracy control: 1 for fp32, and at least INT8_MIN_COSINE exactly when the
+    int8 class's build-time bars (`int8_build_bars`) all hold: min(the worst cosine with the fp32 logits, the
+    top-1 agreement and the worst |error| / (atol + rtol·|fp32|), each mapped so that its bar lands on
+    INT8_MIN_COSINE). Without the last term a model whose large logits miss the absolute bar scored as fp32
+    (googlenet) and nothing was reverted. NNCF passes an iterable without a length."""
+    bars = int8_build_bars()
+    worst, worst_excess, flips, count = 1.0, 0.0, 0, 0
+    for x, expected in items:
+        got = np.asarray(compiled(x)[0], dtype=np.float64).ravel()
+        expected = np.asarray(expected, np.float64).ravel()
+        worst = min(worst, float(row_cosines(expected[None], got[None])[0]))
+        excess = np.abs(got - expected) / allowed_error(expected, bars)
+        worst_excess = max(worst_excess, float(excess.max(initial=0.0)))
+        flips += int(got.argmax() != expected.argmax())
+        count += 1
+    agreement = 1.0 - flips / max(count, 1)
+    return min(worst, 1.0 - (1.0 - agreement) * (1.0 - INT8_MIN_COSINE) / (1.0 - INT8_MIN_AGREEMENT),
+               1.0 - worst_excess * (1.0 - INT8_MIN_COSINE))
+
+
+def _fp32_layers(model: Any) -> list[str]:
+    """Convolutions / MatMuls of a quantized model whose weights are not quantized (they compute in fp32)."""
+    found = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
+            continue
+        weight = op.input_value(1).get_node()
+        while weight.get_type_name() in ("Convert", "Reshape", "Unsqueeze", "Subtract"):
+            weight = weight.input_value(0).get_node()
+        if weight.get_type_name() not in ("FakeQuantize", "Multiply"):  # Multiply: a dequantization scale
+            found.append(op.get_friendly_name())
+    return found
+
+
+def ignored_scope_from_onnxruntime(ctx: BuildContext, model: Any) -> list[str]:
+    """The IR operations of the layers the build's ORT int8 bisection left in fp32 (`onnx-int8`): the IR converted
+    from that ONNX file names a Conv node's convolution `NAME` or `NAME/WithoutBiases`."""
+    onnx_layers = set(ctx.diagnostics.get("onnxruntime", {}).get("int8", {}).get("fp32_layers") or [])
+    if not onnx_layers:
+        return []
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")
+            and op.get_friendly_name().split("/")[0] in onnx_layers]
+
+
+def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifact:
+    """`openvino-int8`: NNCF post-training quantization of the IR, calibrated on real training images.
+
+    Each candidate is judged on the held-back quarter of the images in the int8 class at the build-time bars
+    (INT8_MIN_AGREEMENT, INT8_MIN_COSINE), and the first that passes is kept: NNCF's default `nncf.quantize`;
+    histogram activation ranges (kept as the base if closer); the same with the layers that the build's ORT int8
+    bisection left in fp32 ignored (`ignored_scope_from_onnxruntime`); then `nncf.quantize_with_accuracy_control`
+    from there, which reverts the most sensitive layers to fp32 until its metric (`held_back_score`) holds — at
+    most ACCURACY_CONTROL_MAX_REVERTED layers, ranked on ACCURACY_CONTROL_RANKING_IMAGES images, within
+    ACCURACY_CONTROL_BUDGET_S seconds (past it, the candidate before it is kept), so a deep model that cannot
+    reach the bars ends in bounded time and fails its verdict instead. `info` records which was kept,
+    the verdicts and the layers left unquantized, for the manifest.
+
+    What stays unquantized runs in bf16 where the CPU has it natively, else in f32. NNCF's accuracy control
+    validates with f32 (NNCF 3.x compiles with INFERENCE_PRECISION_HINT=f32), so a candidate that fails with a
+    bf16 rest is judged again with f32 and, if that passes, keeps f32 (resnet50: 0.984 held-back agreement with a
+    bf16 rest after accuracy control had reached its target in f32).
+    """
+    import torch
+
+    ov, nncf = import_optional("openvino"), import_optional("nncf")
+    images = ctx.calibration
+    if images is None or len(images) < 8:
+        raise BackendUnavailable("openvino int8 needs at least 8 calibration images")
+    held_back = max(len(images) // 4, 4)
+    calibration, validation = images[:-held_back], images[-held_back:]
+    if ctx.model is not None:
+        with torch.no_grad():
+            reference = ctx.model(torch.from_numpy(np.ascontiguousarray(validation))).numpy()
+    else:  # an ONNX source: the fp32 IR is the reference
+        compiled = shared_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        reference = np.concatenate([np.asarray(compiled(validation[i:i + 1])[0]) for i in range(len(validation))])
+    items = [(validation[i:i + 1], reference[i]) for i in range(len(validation))]
+
+    rests = ["bf16", "f32"] if cpu_supports_bf16() else ["f32"]
+    # Without VNNI the CPU plugin's u8×i8 dot products sum pairs in saturating int16 (OpenVINO's "saturation issue");
+    # NNCF's overflow fix for every layer (not only the first, its default) quantizes weights to 7 bits.
+    saturates = int8_dot_product_saturates()
+    info["overflow_fix"] = "every layer (7-bit weights: this CPU has no VNNI)" if saturates else "NNCF default"
+
+    def parameters(ranges: Any = None) -> Any:
+        options = {"overflow_fix": nncf.OverflowFix.ENABLE} if saturates else {}
+        if ranges is not None:
+            options["activations_range_estimator_params"] = ranges
+        return nncf.AdvancedQuantizationParameters(**options) if options else None
+
+    def verdict(quantized: Any) -> tuple[list[str], float, float, str]:
+        """(failures, agreement, worst cosine, precision of the rest): the first rest that passes, else the first."""
+        judged = []
+        for rest in rests:
+            compiled = shared_core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": rest})
+            output = np.concatenate([np.asarray(compiled(x)[0]) for x, _ in items])
+            judged.append((*int8_held_back_verdict(reference, output), rest))
+            if not judged[-1][0]:
+                return judged[-1]
+        return judged[0]
+
+    calibration_data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+
+    def scope(names: list[str]) -> Any:
+        return nncf.IgnoredScope(names=names, validate=False) if names else None
+
+    def quantize(ranges: Any = None, ignored: list[str] = ()) -> Any:
+        with stdout_to_stderr():
+            return nncf.quantize(model, calibration_data, subset_size=len(calibration),
+                                 advanced_parameters=parameters(ranges), ignored_scope=scope(list(ignored)))
+
+    quantized, ranges, ignored = quantize(), None, []
+    failures, agreement, cosine, rest = verdict(quantized)
+    info.update(method="nncf.quantize (default: MinMax, symmetric int8 weights per channel)",
+                calibration_images=len(calibration), held_back_images=len(validation), default_agreement=agreement,
+                default_min_cosine=cosine, default_failures=failures, agreement=agreement, min_cosine=cosine,
+                failures=failures)
+    if failures:
+        # Histogram activation ranges clip the outliers NNCF's default min/max keeps, as Percentile does for ORT:
+        # trained googlenet, 1,000 test images, worst cosine with fp32 0.925 → 0.998 (bench/results/README.md).
+        # Tried only when the default fails; what follows starts from the closer of the two.
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        histogram = RangeEstimatorParametersSet.HISTOGRAM
+        candidate = quantize(histogram)
+        judged = verdict(candidate)
+        measured = {"default": (agreement, cosine), "histogram": judged[1:3]}
+        info["methods_measured"] = {m: {"agreement": a, "min_cosine": c} for m, (a, c) in measured.items()}
+        if measured["histogram"] > measured["default"]:
+            quantized, ranges = candidate, histogram
+            failures, agreement, cosine, rest = judged
+            info.update(method="nncf.quantize (histogram activation ranges, symmetric int8 weights per channel)",
+                        agreement=agreement, min_cosine=cosine, failures=failures)
+    ranges_note = "; histogram activation ranges" if ranges is not None else ""
+    if failures and (seed := ignored_scope_from_onnxruntime(ctx, model)):
+        candidate = quantize(ranges, seed)
+        judged = verdict(candidate)
+        info["methods_measured"]["onnxruntime_fp32_layers"] = {"agreement": judged[1], "min_cosine": judged[2]}
+        if judged[1:3] > (agreement, cosine):
+            quantized, ignored = candidate, seed
+            failures, agreement, cosine, rest = judged
+            info.update(method=f"nncf.quantize ({len(seed)} layers ignored: those ORT's int8 bisection left in "
+                               f"fp32{ranges_note})", agreement=agreement, min_cosine=cosine, failures=failures)
+    if failures:
+        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+        restorer = AdvancedAccuracyRestorerParameters(max_num_iterations=ACCURACY_CONTROL_MAX_REVERTED,
+                                                      ranking_subset_size=ACCURACY_CONTROL_RANKING_IMAGES)
+        deadline = time.monotonic() + ACCURACY_CONTROL_BUDGET_S
+
+        def score_within_budget(compiled: Any, items: Any) -> float:
+            if time.monotonic() > deadline:
+                raise _OutOfBudget
+            return held_back_score(compiled, items)
+
+        started = time.monotonic()
+        try:
+            with stdout_to_stderr():
+                controlled = nncf.quantize_with_accuracy_control(
+                    model, calibration_data, nncf.Dataset(items), validation_fn=score_within_budget,
+                    max_drop=1 - INT8_MIN_COSINE, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration),
+                    ignored_scope=scope(ignored), advanced_quantization_parameters=parameters(ranges),
+                    advanced_accuracy_restorer_parameters=restorer)
+        except _OutOfBudget:
+            info["accuracy_control"] = (f"stopped at its {ACCURACY_CONTROL_BUDGET_S:.0f} s budget; the closest "
+                                        "candidate before it is kept")
+        else:
+            judged = verdict(controlled)
+            info["accuracy_control"] = f"finished in {time.monotonic() - started:.0f} s"
+            info["methods_measured"]["accuracy_control"] = {"agreement": judged[1], "min_cosine": judged[2]}
+            if not judged[0] or judged[1:3] > (agreement, cosine):
+                quantized = controlled
+                failures, agreement, cosine, rest = judged
+                info.update(method="nncf.quantize_with_accuracy_control (metric: worst cosine with fp32, top-1 "
+                                   "agreement and absolute error on held-back images, max drop "
+                                   f"{1 - INT8_MIN_COSINE:g}, at most {ACCURACY_CONTROL_MAX_REVERTED} layers "
+                                   "reverted" + ranges_note
+                                   + (f"; from {len(ignored)} layers ignored as in ORT's int8" if ignored else "")
+                                   + ")", agreement=agreement, min_cosine=cosine, failures=failures)
+    info["unquantized_layers_run_in"] = rest
+    info["fp32_layers"] = _fp32_layers(quantized)
+    info["fp32_layers_why"] = ("left unquantized by NNCF (its defaults skip some layers; the ignored scope holds the "
+                               "layers ORT's int8 bisection left in fp32; accuracy control reverts the layers whose "
+                               "quantization costs the most on the held-back images)")
+    _save_ir(ov, quantized, ctx.out_dir / IR_INT8_DIR, compress_to_fp16=False)
+    return Artifact(name="openvino-int8", backend="openvino", path=f"{IR_INT8_DIR}/{IR_FILE}", precision="int8",
+                    options={"inference_precision": rest},
+                    notes=[f"NNCF int8 ({info['method']}), calibrated on {len(calibration)} training images; "
+                           f"on {len(validation)} held-back images: top-1 agreement with fp32 "
+                           f"{info['agreement']:.3f}, min cosine {info['min_cosine']:.4f}; layers left unquantized: "
+                           f"{len(info['fp32_layers'])}; what is not quantized runs in {rest}"
+                           + ("; weights in 7 bits (this CPU has no VNNI)" if saturates else "")])
