@@ -259,7 +259,7 @@ def _convert(ctx: BuildContext) -> Any:
     return model, "torch"
 
 
-def _save_ir(ov: Any, model: Any, target_dir: Path, *, compress_to_fp16: bool) -> None:
+def save_ir(ov: Any, model: Any, target_dir: Path, *, compress_to_fp16: bool) -> None:
     """Save `model` as `target_dir/model.xml` + `.bin`, written in a temporary folder and renamed into place."""
     tmp = target_dir.with_name(f".{target_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -287,7 +287,7 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
     model.set_rt_info("NCHW", ["exporter", "input_layout"])
 
     core = shared_core()
-    _save_ir(ov, model, ctx.out_dir / IR_DIR, compress_to_fp16=False)
+    save_ir(ov, model, ctx.out_dir / IR_DIR, compress_to_fp16=False)
     ir = f"{IR_DIR}/{IR_FILE}"
     artifacts = [Artifact(name="openvino-fp32", backend="openvino", path=ir, precision="fp32",
                           options={"inference_precision": "f32"},
@@ -299,7 +299,7 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
                                   notes=["same IR, INFERENCE_PRECISION_HINT=bf16 (the CPU plugin's default "
                                          "on this CPU, made explicit)"]))
     if ctx.fp16:
-        _save_ir(ov, model, ctx.out_dir / IR_FP16_DIR, compress_to_fp16=True)
+        save_ir(ov, model, ctx.out_dir / IR_FP16_DIR, compress_to_fp16=True)
         artifacts.append(Artifact(name="openvino-fp16", backend="openvino", path=f"{IR_FP16_DIR}/{IR_FILE}",
                                   precision="fp16", options={"inference_precision": "f32"},
                                   notes=["weights compressed to fp16; decompressed and executed in f32 on the CPU"]))
@@ -367,7 +367,7 @@ def nncf_default_peer(build_dir: Path, artifacts: dict[str, Artifact], calibrati
             quantized = nncf.quantize(shared_core().read_model(str(Path(build_dir) / ir.path)),
                                       nncf.Dataset([images[i:i + 1] for i in range(len(images))]),
                                       subset_size=len(images))
-        _save_ir(ov, quantized, target, compress_to_fp16=False)
+        save_ir(ov, quantized, target, compress_to_fp16=False)
     return _peer("nncf-default-int8", f"{PEER_DIR}/nncf-default/{IR_FILE}", "int8", PLUGIN_DEFAULT,
                  "NNCF default nncf.quantize of the fp32 IR, OpenVINO CPU with no config")
 

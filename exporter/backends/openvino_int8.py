@@ -21,16 +21,21 @@ from exporter.backends.base import (
     int8_held_back_verdict,
     stdout_to_stderr,
 )
-from exporter.backends.openvino import IR_FILE, IR_INT8_DIR, _save_ir, cpu_supports_bf16, shared_core
+from exporter.backends.openvino import (
+    IR_FILE,
+    IR_INT8_DIR,
+    cpu_supports_bf16,
+    save_ir,
+    shared_core,
+)
 from exporter.judge import allowed_error, row_cosines
 from exporter.machine import int8_dot_product_saturates
 
-# NNCF accuracy control's bounds: it ranks every quantized layer group on the ranking images (one compile and
-# inference each) and ranks again after each step back; unbounded, a trained resnet101 ran past 18 minutes.
+# NNCF accuracy control's bounds. It ranks every quantized layer group (one compile and inference on the ranking
+# images each) and ranks the rest again after each step back: unbounded, on a trained resnet101 (~100 groups) it
+# was still ranking after 18 minutes on 2 cores. Past the wall-clock budget the closest candidate before it is kept.
 ACCURACY_CONTROL_MAX_REVERTED = 32
 ACCURACY_CONTROL_RANKING_IMAGES = 64
-# and a wall-clock budget: it re-ranks every remaining group after each step back, ~100 groups × (compile + 64
-# images) ≈ 8 min per ranking for resnet101 on 2 cores; past the budget the closest candidate before it is kept.
 ACCURACY_CONTROL_BUDGET_S = 600.0
 
 
@@ -184,7 +189,9 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
             info.update(method=f"nncf.quantize ({len(seed)} layers ignored: those ORT's int8 bisection left in "
                                f"fp32{ranges_note})", agreement=agreement, min_cosine=cosine, failures=failures)
     if failures:
-        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+        from nncf.quantization.advanced_parameters import (
+            AdvancedAccuracyRestorerParameters,
+        )
 
         restorer = AdvancedAccuracyRestorerParameters(max_num_iterations=ACCURACY_CONTROL_MAX_REVERTED,
                                                       ranking_subset_size=ACCURACY_CONTROL_RANKING_IMAGES)
@@ -224,7 +231,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
     info["fp32_layers_why"] = ("left unquantized by NNCF (its defaults skip some layers; the ignored scope holds the "
                                "layers ORT's int8 bisection left in fp32; accuracy control reverts the layers whose "
                                "quantization costs the most on the held-back images)")
-    _save_ir(ov, quantized, ctx.out_dir / IR_INT8_DIR, compress_to_fp16=False)
+    save_ir(ov, quantized, ctx.out_dir / IR_INT8_DIR, compress_to_fp16=False)
     return Artifact(name="openvino-int8", backend="openvino", path=f"{IR_INT8_DIR}/{IR_FILE}", precision="int8",
                     options={"inference_precision": rest},
                     notes=[f"NNCF int8 ({info['method']}), calibrated on {len(calibration)} training images; "
