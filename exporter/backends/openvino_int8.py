@@ -151,10 +151,10 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
     def scope(names: list[str]) -> Any:
         return nncf.IgnoredScope(names=names, validate=False) if names else None
 
-    def quantize(ranges: Any = None, ignored: list[str] = ()) -> Any:
+    def quantize(ranges: Any = None, ignored: list[str] | None = None) -> Any:
         with stdout_to_stderr():
             return nncf.quantize(model, calibration_data, subset_size=len(calibration),
-                                 advanced_parameters=parameters(ranges), ignored_scope=scope(list(ignored)))
+                                 advanced_parameters=parameters(ranges), ignored_scope=scope(ignored or []))
 
     quantized, ranges, ignored = quantize(), None, []
     failures, agreement, cosine, rest = verdict(quantized)
