@@ -161,7 +161,19 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
     info.update(method="nncf.quantize (default: MinMax, symmetric int8 weights per channel)",
                 calibration_images=len(calibration), held_back_images=len(validation), default_agreement=agreement,
                 default_min_cosine=cosine, default_failures=failures, agreement=agreement, min_cosine=cosine,
-                failures=failures)
+                failures=failures, methods_measured={"default": {"agreement": agreement, "min_cosine": cosine}})
+
+    def keep(candidate: Any, judged: tuple[list[str], float, float, str], name: str, method: str) -> bool:
+        """Records the candidate's verdict; keeps it if it passes or is closer than the one kept so far."""
+        nonlocal quantized, failures, agreement, cosine, rest
+        info["methods_measured"][name] = {"agreement": judged[1], "min_cosine": judged[2]}
+        if judged[0] and judged[1:3] <= (agreement, cosine):
+            return False
+        quantized = candidate
+        failures, agreement, cosine, rest = judged
+        info.update(method=method, agreement=agreement, min_cosine=cosine, failures=failures)
+        return True
+
     if failures:
         # Histogram activation ranges clip the outliers NNCF's default min/max keeps, as Percentile does for ORT:
         # trained googlenet, 1,000 test images, worst cosine with fp32 0.925 → 0.998 (bench/results/README.md).
@@ -170,24 +182,15 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
 
         histogram = RangeEstimatorParametersSet.HISTOGRAM
         candidate = quantize(histogram)
-        judged = verdict(candidate)
-        measured = {"default": (agreement, cosine), "histogram": judged[1:3]}
-        info["methods_measured"] = {m: {"agreement": a, "min_cosine": c} for m, (a, c) in measured.items()}
-        if measured["histogram"] > measured["default"]:
-            quantized, ranges = candidate, histogram
-            failures, agreement, cosine, rest = judged
-            info.update(method="nncf.quantize (histogram activation ranges, symmetric int8 weights per channel)",
-                        agreement=agreement, min_cosine=cosine, failures=failures)
+        if keep(candidate, verdict(candidate), "histogram",
+                "nncf.quantize (histogram activation ranges, symmetric int8 weights per channel)"):
+            ranges = histogram
     ranges_note = "; histogram activation ranges" if ranges is not None else ""
     if failures and (seed := ignored_scope_from_onnxruntime(ctx, model)):
         candidate = quantize(ranges, seed)
-        judged = verdict(candidate)
-        info["methods_measured"]["onnxruntime_fp32_layers"] = {"agreement": judged[1], "min_cosine": judged[2]}
-        if judged[1:3] > (agreement, cosine):
-            quantized, ignored = candidate, seed
-            failures, agreement, cosine, rest = judged
-            info.update(method=f"nncf.quantize ({len(seed)} layers ignored: those ORT's int8 bisection left in "
-                               f"fp32{ranges_note})", agreement=agreement, min_cosine=cosine, failures=failures)
+        if keep(candidate, verdict(candidate), "onnxruntime_fp32_layers",
+                f"nncf.quantize ({len(seed)} layers ignored: those ORT's int8 bisection left in fp32{ranges_note})"):
+            ignored = seed
     if failures:
         from nncf.quantization.advanced_parameters import (
             AdvancedAccuracyRestorerParameters,
@@ -214,18 +217,12 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
             info["accuracy_control"] = (f"stopped at its {ACCURACY_CONTROL_BUDGET_S:.0f} s budget; the closest "
                                         "candidate before it is kept")
         else:
-            judged = verdict(controlled)
             info["accuracy_control"] = f"finished in {time.monotonic() - started:.0f} s"
-            info["methods_measured"]["accuracy_control"] = {"agreement": judged[1], "min_cosine": judged[2]}
-            if not judged[0] or judged[1:3] > (agreement, cosine):
-                quantized = controlled
-                failures, agreement, cosine, rest = judged
-                info.update(method="nncf.quantize_with_accuracy_control (metric: worst cosine with fp32, top-1 "
-                                   "agreement and absolute error on held-back images, max drop "
-                                   f"{1 - INT8_MIN_COSINE:g}, at most {ACCURACY_CONTROL_MAX_REVERTED} layers "
-                                   "reverted" + ranges_note
-                                   + (f"; from {len(ignored)} layers ignored as in ORT's int8" if ignored else "")
-                                   + ")", agreement=agreement, min_cosine=cosine, failures=failures)
+            keep(controlled, verdict(controlled), "accuracy_control",
+                 "nncf.quantize_with_accuracy_control (metric: worst cosine with fp32, top-1 agreement and absolute "
+                 f"error on held-back images, max drop {1 - INT8_MIN_COSINE:g}, at most "
+                 f"{ACCURACY_CONTROL_MAX_REVERTED} layers reverted{ranges_note}"
+                 + (f"; from {len(ignored)} layers ignored as in ORT's int8" if ignored else "") + ")")
     info["unquantized_layers_run_in"] = rest
     info["fp32_layers"] = _fp32_layers(quantized)
     info["fp32_layers_why"] = ("left unquantized by NNCF (its defaults skip some layers; the ignored scope holds the "
