@@ -47,9 +47,11 @@ from exporter.backends import (
     runner_for,
 )
 from exporter.build_inputs import (
+    HELD_BACK_POOL,
     BuildError,
     BuildOptions,
     Weights,
+    calibration_images,
     check_inputs,
     is_bare_state_dict,
     onnx_source_options,
@@ -65,7 +67,7 @@ from exporter.comparison import (
     reference_outputs,
     run_batches,
 )
-from exporter.data import load_split, sample_images
+from exporter.data import sample_images
 from exporter.errors import ExporterError, UsageError, one_line
 from exporter.fileio import check_writable, default_file_mode, sha256_file
 from exporter.lint import check_strict, lint_exported, lint_model
@@ -271,15 +273,6 @@ def _build_id(weights_sha: str | None, opts: BuildOptions) -> str:
     return f"{stamp}-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
 
 
-def _calibration(opts: BuildOptions, input_shape: tuple[int, int, int], dataset: str | None) -> np.ndarray:
-    available = len(load_split(dataset, "train"))
-    if available == 0:
-        raise UsageError("--int8 needs calibration data: the training split is empty")
-    images, _, _ = sample_images(dataset, "train", input_shape, min(opts.calibration_samples, available),
-                                 seed=opts.seed)
-    return images
-
-
 def build(opts: BuildOptions) -> BuildResult:
     """Run the whole build and return where it landed; raises an ExporterError subclass on failure."""
     _check_options(opts)
@@ -479,14 +472,16 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpe
         first = [_reference_artifact(out_dir, opts, weights)]
     else:  # the ONNX file is the model: nothing to trace; its reference comes from the onnx stage
         program, findings, diagnostics, first = None, [], {}, []
-    calibration = None
+    calibration, held_back_pool = None, None
     if opts.int8:
-        with progress.stage("calibration data", f"{opts.calibration_samples} training images"):
-            calibration = _calibration(opts, weights.input_shape, weights.dataset)
+        with progress.stage("calibration data", f"{opts.calibration_samples} training images, the held-back quarter "
+                                                f"the hardest of {HELD_BACK_POOL}× as many"):
+            calibration, held_back_pool = calibration_images(opts, weights)
     ctx = BuildContext(model_name=opts.model, model=weights.model, input_shape=weights.input_shape, out_dir=out_dir,
                        exported_program=program, static_batch=static, max_batch=max_batch, fp16=opts.fp16,
-                       int8=opts.int8, calibration=calibration, metadata=_metadata(opts, spec, weights, build_id),
-                       artifacts=first, diagnostics=diagnostics, onnx_source=onnx_source)
+                       int8=opts.int8, calibration=calibration, held_back_pool=held_back_pool,
+                       metadata=_metadata(opts, spec, weights, build_id), artifacts=first, diagnostics=diagnostics,
+                       onnx_source=onnx_source)
     skipped, failed = _run_stages(ctx, opts, progress)
     if onnx_source is None and program is None:
         failed.insert(0, {"backend": "torch.export", "error": diagnostics["export"]["error"]})

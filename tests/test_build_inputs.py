@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from exporter import build_inputs
-from exporter.build_inputs import NEAR_ZERO_WEIGHT, REDRAW_STD, redraw_near_zero_weights
+from exporter.build_inputs import (
+    HELD_BACK_POOL,
+    NEAR_ZERO_WEIGHT,
+    REDRAW_STD,
+    Weights,
+    calibration_images,
+    hardest_images,
+    redraw_near_zero_weights,
+)
+from exporter.data import sample_images
 from tests.export_builds import build_options
 
 
@@ -54,3 +64,39 @@ def test_an_untrained_build_of_a_zero_head_model_has_informative_logits(tmp_path
     with torch.no_grad():
         logits = weights.model(torch.rand(8, 1, 28, 28))
     assert float(logits.std(0).max()) > 1e-3  # they depend on the image
+
+
+class StoredLogits(nn.Module):
+    """Returns the first three values of each image: a model whose certainty the test sets."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :3]
+
+
+def test_hardest_images_are_the_least_sure_by_margin_and_by_logit_norm() -> None:
+    """int8 flips where the top-1 margin is small and loses cosine where the logits are small: the held-back
+    images need both kinds (either ranking alone would pick a confident image here)."""
+    logits = np.array([[10.0, 8.0, 0.0]] * 8 + [[10.0, 9.9, 0.0], [3.0, 0.0, 0.0]], np.float32)
+    images = np.zeros((10, 1, 2, 2), np.float32)
+    images.reshape(10, -1)[:, :3] = logits
+    assert hardest_images(StoredLogits(), images, 2, batch=3).tolist() == [8, 9]
+
+
+def test_int8_held_back_images_are_the_hardest_of_a_pool(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 7)).eval()
+    opts = build_options("lenet", tmp_path, calibration_samples=64)
+    weights = Weights(model=model, input_shape=(1, 28, 28), num_classes=7, class_names=[], info={}, dataset=None)
+    images, pool = calibration_images(opts, weights)
+    assert images.shape == (64, 1, 28, 28) and pool == 16 * HELD_BACK_POOL
+    drawn, _, _ = sample_images(None, "train", (1, 28, 28), 48 + pool, seed=opts.seed)
+    assert np.array_equal(images[:48], drawn[:48])  # the calibration images: the seed's first draws
+    with torch.no_grad():
+        top_two = np.sort(model(torch.from_numpy(drawn[48:])).numpy(), axis=1)[:, -2:]
+    margins = top_two[:, 1] - top_two[:, 0]
+    held_back = [next(i for i in range(pool) if np.array_equal(drawn[48 + i], image)) for image in images[48:]]
+    assert np.median(margins[held_back]) < np.percentile(margins, 25)
+
+    random, pool = calibration_images(opts, Weights(model=None, input_shape=(1, 28, 28), num_classes=7,
+                                                    class_names=[], info={}, dataset=None))
+    assert pool == 16 and np.array_equal(random, sample_images(None, "train", (1, 28, 28), 64, seed=opts.seed)[0])

@@ -125,6 +125,19 @@ def test_the_int8_builds_own_bars_allow_no_flip_on_its_held_back_images() -> Non
     assert TOLERANCES["int8"].allowed_flips(128) == 1 and TOLERANCES["int8"].allowed_images_lost(128) == 1
 
 
+@pytest.mark.parametrize("flips, pool, passes", [(2, None, False), (2, 1024, True), (6, 1024, False)])
+def test_int8_held_back_flips_count_against_the_pool_they_were_chosen_from(flips: int, pool: int | None,
+                                                                           passes: bool) -> None:
+    """128 held-back images chosen as the hardest of 1,024: their flips are the pool's (5 allowed at 0.995)."""
+    from exporter.backends.base import int8_held_back_verdict
+
+    ref = np.tile(np.array([[5.0, 4.999, 0.0]], np.float32), (128, 1))
+    out = _flip_to(ref, list(range(flips)), [1] * flips)
+    failures, agreement, _ = int8_held_back_verdict(ref, out, pool)
+    assert (failures == []) is passes, failures
+    assert agreement == pytest.approx(1 - flips / (pool or 128))
+
+
 def test_fp32_allows_no_accuracy_loss_even_with_agreement_overridden() -> None:
     ref = np.tile(np.array([[5.0, 4.999, 0.0]], np.float32), (10, 1))
     out = _flip_to(ref, [0], [1])

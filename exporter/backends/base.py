@@ -54,12 +54,21 @@ def int8_build_bars() -> Any:
                    slack_images=0)
 
 
-def int8_held_back_verdict(reference: np.ndarray, output: np.ndarray) -> tuple[list[str], float, float]:
+def held_back_images_phrase(count: int, pool: int | None) -> str:
+    """'128 held-back training images (the hardest of 1024)': what an int8 verdict was judged on, for notes."""
+    return f"{count} held-back training images" + (f" (the hardest of {pool})" if pool and pool > count else "")
+
+
+def int8_held_back_verdict(reference: np.ndarray, output: np.ndarray,
+                           pool: int | None = None) -> tuple[list[str], float, float]:
     """(failures, top-1 agreement, worst cosine) of an int8 model's logits on held-back images: the judge's int8
-    class at the build-time bars (`int8_build_bars`)."""
+    class at the build-time bars (`int8_build_bars`). Images chosen as the hardest of `pool` training images
+    count their flips against the pool (`exporter.build_inputs.HELD_BACK_POOL`)."""
     from exporter.judge import compute_metrics, judge
 
     metrics = compute_metrics(reference, output)
+    if pool is not None and pool > metrics.n:
+        metrics = replace(metrics, n=pool, agreement=1.0 - metrics.flipped / pool)
     return judge(reference, output, metrics, int8_build_bars()), metrics.agreement, metrics.min_cosine
 
 
@@ -136,6 +145,9 @@ class BuildContext:
     fp16: bool = False
     int8: bool = False
     calibration: np.ndarray | None = None  # real training images, float32 NCHW, for int8 calibration
+    # the last quarter of `calibration` (held back to judge int8) is the hardest of this many training images; its
+    # flips count against them (None: a random quarter, standing for itself)
+    held_back_pool: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)  # model name, recipe, scaling, class names, hashes
     onnx_source: Path | None = None  # an ONNX file given as the model: no PyTorch model, no traced program
     device: str = "cpu"

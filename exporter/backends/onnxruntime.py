@@ -279,7 +279,8 @@ def export_onnxruntime(ctx: BuildContext) -> list[Artifact]:
     info: dict[str, Any] = {"onnxruntime_version": ort.__version__, "providers": ort.get_available_providers()}
     if ctx.int8:
         int8_info: dict[str, Any] = {}
-        artifacts.append(quantize_int8(source, ctx.out_dir / INT8_FILE, ctx.calibration, info=int8_info))
+        artifacts.append(quantize_int8(source, ctx.out_dir / INT8_FILE, ctx.calibration, info=int8_info,
+                                       held_back_pool=ctx.held_back_pool))
         info["int8"] = int8_info
     # The GPU execution providers run the plain ONNX file: listed only where they are installed.
     gpu_ready = OnnxRuntimeRunner.unavailable_reason("cuda") is None

@@ -32,11 +32,18 @@ from exporter.backends.base import (
     INT8_MIN_AGREEMENT,
     INT8_MIN_COSINE,
     Artifact,
+    held_back_images_phrase,
     import_optional,
     int8_held_back_verdict,
     stdout_to_stderr,
 )
-from exporter.backends.onnx import INPUT_NAME, external_data_file, read_metadata, set_metadata, uses_external_data
+from exporter.backends.onnx import (
+    INPUT_NAME,
+    external_data_file,
+    read_metadata,
+    set_metadata,
+    uses_external_data,
+)
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_path
 from exporter.machine import int8_dot_product_saturates
@@ -124,9 +131,11 @@ def _graph_of_a_quantizable_file(source: Path) -> Any:
 
 
 def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *, progress: bool = True,
-                  info: dict[str, Any] | None = None) -> Artifact:
+                  info: dict[str, Any] | None = None,
+                  held_back_pool: int | None = None) -> Artifact:
     """Write the CPU int8 QDQ copy of `source` to `target`, leaving in fp32 what costs agreement; its artifact.
 
+    The last quarter of `calibration` is held back (the hardest of `held_back_pool` training images, if given).
     `info` (for the build's diagnostics) receives the calibration split, the held-back verdict before and after
     the fallback and the nodes left in fp32.
     """
@@ -136,7 +145,8 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
     held_back = len(images) // 4 if len(images) >= 16 else 0
     calibration_images, validation = images[:len(images) - held_back], images[len(images) - held_back:]
     info.update(method="MinMax", calibration_images=len(calibration_images), held_back_images=held_back,
-                min_agreement=INT8_MIN_AGREEMENT, min_cosine_target=INT8_MIN_COSINE)
+                held_back_pool=held_back_pool or held_back, min_agreement=INT8_MIN_AGREEMENT,
+                min_cosine_target=INT8_MIN_COSINE)
     # Without VNNI, ORT's x86 u8s8 kernels sum uint8×int8 pairs in saturating int16 (pmaddubsw): 7-bit weights keep
     # the sums in range (ORT's quantization docs, reduce_range). A file built here saturates on no CPU; one built on
     # a VNNI CPU may lose accuracy on a CPU without it (its manifest says which it is).
@@ -161,7 +171,7 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
             def failures() -> list[str]:
                 """The int8 class's verdict on the held-back images, at the build-time bars."""
                 failed, agreement, cosine = int8_held_back_verdict(
-                    reference, _logits(candidate, validation, graph_input.name))
+                    reference, _logits(candidate, validation, graph_input.name), held_back_pool)
                 info.update(agreement=agreement, min_cosine=cosine)
                 return failed
 
@@ -201,14 +211,15 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
                     passes(excluded)  # the file kept; `info["failures"]` says if even it fails (non-monotone)
         compute = _compute_nodes(prepared, excluded)
         info.update(fp32_nodes=excluded, fp32_layers=compute,
-                    fp32_layers_why=(f"on {held_back} held-back training images the int8 model failed its class "
+                    fp32_layers_why=(f"on {held_back_images_phrase(held_back, held_back_pool)} the int8 model failed "
+                                     "its class "
                                      f"({'; '.join(info['default_failures'])}); the fewest nodes whose fp32 makes "
                                      "it pass, found by bisection, the costliest then tried back in int8")
                     if excluded else None)
         with atomic_path(target) as tmp:
             shutil.copyfile(candidate, tmp)
     if held_back:
-        notes.insert(1, f"on {held_back} held-back training images: top-1 agreement with fp32 "
+        notes.insert(1, f"on {held_back_images_phrase(held_back, held_back_pool)}: top-1 agreement with fp32 "
                         f"{info['agreement']:.3f}, min cosine {info['min_cosine']:.4f}; layers left in fp32: "
                         f"{len(compute)}"
                      + (f" ({', '.join(compute[:4])}{', …' if len(compute) > 4 else ''})" if compute else ""))
@@ -329,7 +340,12 @@ def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, act
     """
     import_optional("onnxruntime")
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     if method not in CALIBRATION_METHODS:
         raise UsageError(f"int8 calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")

@@ -16,6 +16,7 @@ from exporter.backends.base import (
     Artifact,
     BackendUnavailable,
     BuildContext,
+    held_back_images_phrase,
     import_optional,
     int8_build_bars,
     int8_held_back_verdict,
@@ -43,12 +44,13 @@ class _OutOfBudget(Exception):
     """Raised from NNCF's validation function to end accuracy control at ACCURACY_CONTROL_BUDGET_S."""
 
 
-def held_back_score(compiled: Any, items: Any) -> float:
+def held_back_score(compiled: Any, items: Any, pool: int | None = None) -> float:
     """NNCF's validation metric for accuracy control: 1 for fp32, and at least INT8_MIN_COSINE exactly when the
     int8 class's build-time bars (`int8_build_bars`) all hold: min(the worst cosine with the fp32 logits, the
     top-1 agreement and the worst |error| / (atol + rtol·|fp32|), each mapped so that its bar lands on
     INT8_MIN_COSINE). Without the last term a model whose large logits miss the absolute bar scored as fp32
-    (googlenet) and nothing was reverted. NNCF passes an iterable without a length."""
+    (googlenet) and nothing was reverted. NNCF passes an iterable without a length. Flips count against `pool`
+    when the images are the hardest of that many (`int8_held_back_verdict`)."""
     bars = int8_build_bars()
     worst, worst_excess, flips, count = 1.0, 0.0, 0, 0
     for x, expected in items:
@@ -59,7 +61,7 @@ def held_back_score(compiled: Any, items: Any) -> float:
         worst_excess = max(worst_excess, float(excess.max(initial=0.0)))
         flips += int(got.argmax() != expected.argmax())
         count += 1
-    agreement = 1.0 - flips / max(count, 1)
+    agreement = 1.0 - flips / max(count, pool or 0, 1)
     return min(worst, 1.0 - (1.0 - agreement) * (1.0 - INT8_MIN_COSINE) / (1.0 - INT8_MIN_AGREEMENT),
                1.0 - worst_excess * (1.0 - INT8_MIN_COSINE))
 
@@ -141,7 +143,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         for rest in rests:
             compiled = shared_core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": rest})
             output = np.concatenate([np.asarray(compiled(x)[0]) for x, _ in items])
-            judged.append((*int8_held_back_verdict(reference, output), rest))
+            judged.append((*int8_held_back_verdict(reference, output, ctx.held_back_pool), rest))
             if not judged[-1][0]:
                 return judged[-1]
         return judged[0]
@@ -159,7 +161,8 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
     quantized, ranges, ignored = quantize(), None, []
     failures, agreement, cosine, rest = verdict(quantized)
     info.update(method="nncf.quantize (default: MinMax, symmetric int8 weights per channel)",
-                calibration_images=len(calibration), held_back_images=len(validation), default_agreement=agreement,
+                calibration_images=len(calibration), held_back_images=len(validation),
+                held_back_pool=ctx.held_back_pool or len(validation), default_agreement=agreement,
                 default_min_cosine=cosine, default_failures=failures, agreement=agreement, min_cosine=cosine,
                 failures=failures, methods_measured={"default": {"agreement": agreement, "min_cosine": cosine}})
 
@@ -203,7 +206,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         def score_within_budget(compiled: Any, items: Any) -> float:
             if time.monotonic() > deadline:
                 raise _OutOfBudget
-            return held_back_score(compiled, items)
+            return held_back_score(compiled, items, ctx.held_back_pool)
 
         started = time.monotonic()
         try:
@@ -232,7 +235,8 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
     return Artifact(name="openvino-int8", backend="openvino", path=f"{IR_INT8_DIR}/{IR_FILE}", precision="int8",
                     options={"inference_precision": rest},
                     notes=[f"NNCF int8 ({info['method']}), calibrated on {len(calibration)} training images; "
-                           f"on {len(validation)} held-back images: top-1 agreement with fp32 "
+                           f"on {held_back_images_phrase(len(validation), ctx.held_back_pool)}: top-1 agreement "
+                           "with fp32 "
                            f"{info['agreement']:.3f}, min cosine {info['min_cosine']:.4f}; layers left unquantized: "
                            f"{len(info['fp32_layers'])}; what is not quantized runs in {rest}"
                            + ("; weights in 7 bits (this CPU has no VNNI)" if saturates else "")])

@@ -140,6 +140,10 @@ def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None
     assert held_back_score(near, iter(tied)) == pytest.approx(1 - 0.02 * (1 - INT8_MIN_COSINE)
                                                                 / (1 - INT8_MIN_AGREEMENT))
     assert held_back_score(near, iter(tied)) < INT8_MIN_COSINE  # 1 flip in 50 = agreement 0.98 < 0.995
+    # the 50 as the hardest of 1,000 training images: 1 flip in 1,000 = agreement 0.999
+    assert held_back_score(near, iter(tied), pool=1000) == pytest.approx(1 - 0.001 * (1 - INT8_MIN_COSINE)
+                                                                         / (1 - INT8_MIN_AGREEMENT))
+    assert held_back_score(near, iter(tied), pool=1000) > INT8_MIN_COSINE
 
     def scaled(x: np.ndarray) -> list[np.ndarray]:  # same direction, same top-1, error 4.5 > atol 1 + 0.1·30
         return [np.array([[34.5, 0.0, 0.0]])]
@@ -210,7 +214,7 @@ def test_int8_candidates_in_order_until_one_passes(tmp_path, monkeypatch: pytest
                      ([], 1.0, 0.999) if histogram_is_closer else (["histogram: worse"], 0.98, 0.90)]
                     + ([(["seed: closer"], 0.992, 0.99)] if seed and not histogram_is_closer else [])
                     + [([], 1.0, 0.998)])  # after accuracy control
-    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output: next(verdicts))
+    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output, pool=None: next(verdicts))
     ignored_scopes, controlled = [], []
     quantize = nncf.quantize
 
@@ -259,7 +263,7 @@ def test_int8_rest_falls_back_to_f32_only_when_that_passes(tmp_path, monkeypatch
     bf16, f32 = (["bf16: flips"], 0.984, 0.996), ([], 1.0, 0.999) if f32_passes else (["f32: flips"], 0.99, 0.99)
     # default (bf16, then f32); where f32 fails too: histogram and accuracy control's result, each bf16 then f32
     verdicts = iter([bf16, f32] * (1 if f32_passes else 3))
-    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output: next(verdicts))
+    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output, pool=None: next(verdicts))
     monkeypatch.setattr(ovb, "ignored_scope_from_onnxruntime", lambda ctx, model: [])
     import nncf
 
@@ -280,7 +284,7 @@ def test_accuracy_control_past_its_budget_keeps_the_closest_candidate(tmp_path, 
 
     monkeypatch.setattr(ovb, "ACCURACY_CONTROL_BUDGET_S", 0.0)
     monkeypatch.setattr(ovb, "ignored_scope_from_onnxruntime", lambda ctx, model: [])
-    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output: (["always: flips"], 0.98, 0.99))
+    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output, pool=None: (["always: flips"], 0.98, 0.99))
     calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
     ctx = make_context("lenet_bn", tmp_path, int8=True, calibration=calibration)
     artifact = {a.name: a for a in export_openvino(ctx)}["openvino-int8"]
