@@ -19,6 +19,7 @@ from exporter.fileio import sha256_file
 from exporter.machine import available_memory_bytes
 from exporter.models import check_input_shape, create_model, get_spec
 from exporter.paths import checkpoint_paths, default_artifacts_dir
+from exporter.recipe import bf16_autocast_supported
 from exporter.train import train
 
 # An int8 build judges its result on the last quarter of its calibration images ("held back"). A random quarter of
@@ -353,8 +354,10 @@ def onnx_weights(opts: BuildOptions, spec: Any) -> Weights:
 
 def hardest_images(model: torch.nn.Module, images: np.ndarray, count: int, batch: int = 32) -> np.ndarray:
     """Indices (sorted) of the `count` images `model` is least sure of: ranked by the better of each image's rank by
-    top-1 margin (where int8 flips) and by logit norm (where its cosine with fp32 is worst)."""
-    with torch.no_grad():
+    top-1 margin (where int8 flips) and by logit norm (where its cosine with fp32 is worst). Ranked in bf16 where
+    the CPU has it natively: a ranking, not a reference (the backends judge against fp32 logits)."""
+    bf16 = bf16_autocast_supported(torch.device("cpu"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = torch.cat([model(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])))
                             for i in range(0, len(images), batch)]).double().numpy()
     top_two = np.sort(logits, axis=1)[:, -2:]
