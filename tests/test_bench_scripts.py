@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,25 @@ def test_heap_probe_times_both_heaps_in_their_own_processes(capsys: pytest.Captu
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  heap ")]
     assert [row[1] for row in rows] == ["default", "reused"]
     assert all(float(row[2]) > 0 for row in rows)
+
+
+def test_held_back_probe_finds_where_an_int8_artifact_flips(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter.export import build
+    from tests.export_builds import build_options
+
+    result = build(build_options("lenet", tmp_path, int8=True, backends=["onnxruntime"], calibration_samples=32))
+    probe = _script("held_back_probe")
+    assert probe.main([str(result.build_dir), "--images", "16", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["artifact"], r["split"], r["images"]) for r in rows] == [("onnx-int8", "test", 16),
+                                                                        ("onnx-int8", "train", 16)]
+    reference = np.array([[5.0, 0.0]] * 14 + [[1.0, 0.9], [0.2, 0.0]])
+    output = reference.copy()
+    output[14], output[15] = [0.9, 1.0], [0.1, 0.1]  # the least sure by margin flips; the smallest logits turn
+    row = probe.where_it_fails(reference, output)
+    assert row["flips"] == 1 and row["least_margin"]["images"] == 2 and row["least_margin"]["flips"] == 1
+    assert row["least_norm"]["min_cosine"] == pytest.approx(np.sqrt(0.5)) == row["min_cosine"]
 
 
 def test_a_timed_out_command_says_so() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from exporter.build_inputs import HELD_BACK_POOL
 from exporter.cli import main
 from exporter.errors import UsageError
 from exporter.backends import STAGES, Stage
@@ -280,6 +281,7 @@ def test_int8_needs_real_calibration_images(tmp_path: Path) -> None:
     assert any(a["precision"] == "int8" for a in result.manifest["artifacts"])
     int8 = result.manifest["diagnostics"]["onnxruntime"]["int8"]
     assert int8["calibration_images"] == 24 and int8["held_back_images"] == 8
+    assert int8["held_back_pool"] == 8 * HELD_BACK_POOL  # the hardest 8 of 64 training images
 
 
 @pytest.mark.slow
