@@ -179,8 +179,31 @@ def test_int8_that_fails_its_class_on_held_back_images_leaves_layers_in_fp32(int
     assert info["min_cosine"] >= 0.99 and info["agreement"] >= 0.99  # the kept file passes on the held-back images
     assert info["failures"] == []
     assert f"layers left in fp32: {len(info['fp32_layers'])}" in " ".join(artifact.notes)
+    assert 0 < info["fp32_share_of_macs"] <= 1
+    assert f"{info['fp32_share_of_macs']:.0%} of the multiply-adds" in " ".join(artifact.notes)
     stored = {p.key: p.value for p in onnx.load(str(tmp_path / INT8_FILE)).metadata_props}
     assert stored["int8_fp32_nodes"].split(",") == info["fp32_nodes"]
+
+
+@pytest.mark.parametrize("share, warned", [(0.9, True), (0.3, False)])
+def test_an_int8_file_computing_mostly_in_fp32_is_warned_about(int8_build, monkeypatch: pytest.MonkeyPatch,
+                                                               share: float, warned: bool) -> None:
+    """No silent downgrade of speed: a file named int8 that runs most of its multiply-adds in fp32 says so."""
+    import dataclasses
+
+    from exporter.backends import onnxruntime as ortb
+
+    ctx, _, _ = int8_build
+    int8 = ctx.artifact("onnx-int8")
+
+    def quantized(source, target, calibration, *, info, held_back_pool=None, **kwargs):
+        info.update(fp32_share_of_macs=share, fp32_layers=["conv1", "conv2"])
+        return int8
+
+    monkeypatch.setattr(ortb, "quantize_int8", quantized)
+    checked = dataclasses.replace(ctx, warnings=[], artifacts=[a for a in ctx.artifacts if a.name == "onnx-fp32"])
+    export_onnxruntime(checked)
+    assert any(f"{share:.0%} of its multiply-adds in fp32 (2 layers" in w for w in checked.warnings) is warned
 
 
 def test_fp32_fallback_bisects_to_the_culprit_nodes() -> None:
