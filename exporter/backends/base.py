@@ -55,6 +55,22 @@ def int8_build_bars() -> Any:
                    slack_images=0)
 
 
+# past this share of its multiply-adds in fp32 an int8 file is int8 in name only: the build warns (trained resnet152,
+# a 0.36 model whose top-1 margins are near ties, kept 136 layers in fp32 to pass)
+MOSTLY_FP32 = 0.5
+
+
+def mostly_fp32_warning(artifact: str, info: dict[str, Any]) -> str | None:
+    """The build's warning for an int8 artifact whose fp32 layers (`info`: `fp32_share_of_macs`, `fp32_layers`) do
+    most of its multiply-adds; None when they do not."""
+    share = info.get("fp32_share_of_macs") or 0.0
+    if share <= MOSTLY_FP32:
+        return None
+    return (f"{artifact} computes {share:.0%} of its multiply-adds in fp32 ({len(info.get('fp32_layers') or [])} "
+            "layers, left there because int8 flipped held-back images): expect little of int8's speed; the model's "
+            "top-1 margins may be too small for int8")
+
+
 def held_back_images_phrase(count: int, pool: int | None) -> str:
     """'128 held-back training images (the hardest of 1024)': what an int8 verdict was judged on, for notes."""
     return f"{count} held-back training images" + (f" (the hardest of {pool})" if pool and pool > count else "")

@@ -29,12 +29,13 @@ from exporter.backends.base import (
     Runner,
     best_gemm_gflops,
     import_optional,
+    mostly_fp32_warning,
     register_backend,
     register_peer,
     register_stage,
 )
 from exporter.backends.onnx import module_outputs
-from exporter.backends.onnxruntime_int8 import INT8_FILE, MOSTLY_FP32, check_calibration, quantize_int8
+from exporter.backends.onnxruntime_int8 import INT8_FILE, check_calibration, quantize_int8
 from exporter.errors import UsageError
 from exporter.fileio import sha256_file, user_cache_dir
 
@@ -282,11 +283,8 @@ def export_onnxruntime(ctx: BuildContext) -> list[Artifact]:
         artifacts.append(quantize_int8(source, ctx.out_dir / INT8_FILE, ctx.calibration, info=int8_info,
                                        held_back_pool=ctx.held_back_pool))
         info["int8"] = int8_info
-        if int8_info.get("fp32_share_of_macs", 0.0) > MOSTLY_FP32:
-            ctx.warnings.append(f"onnx-int8 computes {int8_info['fp32_share_of_macs']:.0%} of its multiply-adds in "
-                                f"fp32 ({len(int8_info['fp32_layers'])} layers, left there because int8 flipped "
-                                "held-back images): expect little of int8's speed; the model's top-1 margins may be "
-                                "too small for int8 (diagnostics.onnxruntime.int8 in the manifest)")
+        if warning := mostly_fp32_warning("onnx-int8", int8_info):
+            ctx.warnings.append(warning)
     # The GPU execution providers run the plain ONNX file: listed only where they are installed.
     gpu_ready = OnnxRuntimeRunner.unavailable_reason("cuda") is None
     if gpu_ready:

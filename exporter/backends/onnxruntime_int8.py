@@ -49,9 +49,6 @@ from exporter.fileio import atomic_path
 from exporter.machine import int8_dot_product_saturates
 
 INT8_FILE = "model.int8.onnx"
-# past this share of its multiply-adds in fp32 an int8 file is int8 in name only: the build warns (trained resnet152,
-# a 0.36 model whose top-1 margins are near ties, kept 136 layers in fp32 to pass)
-MOSTLY_FP32 = 0.5
 CALIBRATION_BATCH = 16
 # Calibration reads one batch at a time (ONNX Runtime's strided calibration): the histogram calibrators otherwise
 # keep every intermediate tensor of every image until the end (trained resnet50 at 224 px, 384 images: > 24 GiB).

@@ -37,6 +37,7 @@ from exporter.backends.base import (
     RunnerError,
     best_gemm_gflops,
     import_optional,
+    mostly_fp32_warning,
     register_backend,
     register_peer,
     register_stage,
@@ -309,6 +310,8 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
             from exporter.backends.openvino_int8 import quantize_int8
 
             artifacts.append(quantize_int8(ctx, model, int8_info))
+            if warning := mostly_fp32_warning("openvino-int8", int8_info):
+                ctx.warnings.append(warning)
         except BackendUnavailable as exc:  # NNCF missing: the other OpenVINO artifacts still count
             int8_info["skipped"] = str(exc)
             ctx.warnings.append(f"openvino-int8 not built: {exc}")

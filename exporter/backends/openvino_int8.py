@@ -80,6 +80,26 @@ def _fp32_layers(model: Any) -> list[str]:
     return found
 
 
+def _multiply_adds(op: Any) -> float:
+    """Multiply-adds per image of a Convolution / GroupConvolution / MatMul (a dynamic dimension counts as 1)."""
+    def dims(shape: Any) -> list[int]:
+        return [d.get_length() if d.is_static else 1 for d in shape]
+
+    outputs = float(np.prod(dims(op.get_output_partial_shape(0))[1:]))
+    weight = dims(op.get_input_partial_shape(1))
+    if op.get_type_name() == "MatMul":
+        return outputs * dims(op.get_input_partial_shape(0))[-1]
+    return outputs * float(np.prod(weight[2:] if op.get_type_name() == "GroupConvolution" else weight[1:]))
+
+
+def _fp32_share_of_macs(model: Any, fp32_layers: list[str]) -> float:
+    """The share of the model's convolution / MatMul multiply-adds done by `fp32_layers`."""
+    layers = {op.get_friendly_name(): _multiply_adds(op) for op in model.get_ordered_ops()
+              if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")}
+    total = sum(layers.values())
+    return sum(layers.get(name, 0.0) for name in fp32_layers) / total if total else 0.0
+
+
 def ignored_scope_from_onnxruntime(ctx: BuildContext, model: Any) -> list[str]:
     """The IR operations of the layers the build's ORT int8 bisection left in fp32 (`onnx-int8`): the IR converted
     from that ONNX file names a Conv node's convolution `NAME` or `NAME/WithoutBiases`."""
@@ -228,6 +248,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
                  + (f"; from {len(ignored)} layers ignored as in ORT's int8" if ignored else "") + ")")
     info["unquantized_layers_run_in"] = rest
     info["fp32_layers"] = _fp32_layers(quantized)
+    info["fp32_share_of_macs"] = _fp32_share_of_macs(quantized, info["fp32_layers"])
     info["fp32_layers_why"] = ("left unquantized by NNCF (its defaults skip some layers; the ignored scope holds the "
                                "layers ORT's int8 bisection left in fp32; accuracy control reverts the layers whose "
                                "quantization costs the most on the held-back images)")

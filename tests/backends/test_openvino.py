@@ -292,6 +292,7 @@ def test_accuracy_control_past_its_budget_keeps_the_closest_candidate(tmp_path, 
     assert info["accuracy_control"].startswith("stopped at its 0 s budget")
     assert info["method"].startswith("nncf.quantize (default") and info["failures"] == ["always: flips"]
     assert "accuracy_control" not in info["methods_measured"] and (tmp_path / artifact.path).is_file()
+    assert 0.0 <= info["fp32_share_of_macs"] <= 1.0
 
 
 def test_ignored_scope_names_the_ir_operations_of_ort_fp32_layers(onnx_build) -> None:
@@ -317,3 +318,21 @@ def test_ignored_scope_names_the_ir_operations_of_ort_fp32_layers(onnx_build) ->
     assert len(names) == 2 and {n.split("/")[0] for n in names} == {conv, gemm}
     kinds = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
     assert {kinds[n] for n in names} <= {"Convolution", "MatMul"}
+
+
+def test_fp32_share_counts_multiply_adds_of_convolutions_and_matmuls() -> None:
+    """An int8 IR's fp32 layers are weighed by their multiply-adds (the build warns past MOSTLY_FP32)."""
+    import openvino as ov
+    import torch
+
+    from exporter.backends.openvino_int8 import _fp32_share_of_macs, _multiply_adds
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(256, 10)).eval()
+    model = ov.convert_model(net, example_input=torch.zeros(1, 1, 8, 8))
+    model.reshape([-1, 1, 8, 8])  # as a build's IR: the batch dynamic, the rest static
+    layers = {op.get_friendly_name(): _multiply_adds(op) for op in model.get_ordered_ops()
+              if op.get_type_name() in ("Convolution", "MatMul")}
+    assert sorted(layers.values()) == [4 * 8 * 8 * 9, 256 * 10]
+    conv = next(name for name, macs in layers.items() if macs == 4 * 8 * 8 * 9)
+    assert _fp32_share_of_macs(model, [conv]) == pytest.approx(2304 / (2304 + 2560))
+    assert _fp32_share_of_macs(model, []) == 0.0
