@@ -37,13 +37,7 @@ from exporter.backends.base import (
     int8_held_back_verdict,
     stdout_to_stderr,
 )
-from exporter.backends.onnx import (
-    INPUT_NAME,
-    external_data_file,
-    read_metadata,
-    set_metadata,
-    uses_external_data,
-)
+from exporter.backends.onnx import INPUT_NAME, external_data_file, read_metadata, set_metadata, uses_external_data
 from exporter.errors import ExporterError, UsageError
 from exporter.fileio import atomic_path
 from exporter.machine import int8_dot_product_saturates
@@ -345,12 +339,7 @@ def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, act
     """
     import_optional("onnxruntime")
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in CALIBRATION_METHODS:
         raise UsageError(f"int8 calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
