@@ -284,7 +284,8 @@ def test_accuracy_control_past_its_budget_keeps_the_closest_candidate(tmp_path, 
 
     monkeypatch.setattr(ovb, "ACCURACY_CONTROL_BUDGET_S", 0.0)
     monkeypatch.setattr(ovb, "ignored_scope_from_onnxruntime", lambda ctx, model: [])
-    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output, pool=None: (["always: flips"], 0.98, 0.99))
+    monkeypatch.setattr(ovb, "int8_held_back_verdict",
+                        lambda reference, output, pool=None: (["always: flips"], 0.98, 0.99))
     calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
     ctx = make_context("lenet_bn", tmp_path, int8=True, calibration=calibration)
     artifact = {a.name: a for a in export_openvino(ctx)}["openvino-int8"]
