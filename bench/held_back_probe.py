@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             runner = runner_for(build.artifact(name), build.dir).activate()
             rows.append({"artifact": name, "split": split, **where_it_fails(reference, logits(runner, images))})
             runner.deactivate()
+    reference_runner.deactivate()
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

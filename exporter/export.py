@@ -474,8 +474,9 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpe
         program, findings, diagnostics, first = None, [], {}, []
     calibration, held_back_pool = None, None
     if opts.int8:
-        with progress.stage("calibration data", f"{opts.calibration_samples} training images, the held-back quarter "
-                                                f"the hardest of {HELD_BACK_POOL}× as many"):
+        hardest = (f", the held-back quarter the hardest of {HELD_BACK_POOL}× as many"
+                   if weights.model is not None else "")
+        with progress.stage("calibration data", f"{opts.calibration_samples} training images{hardest}"):
             calibration, held_back_pool = calibration_images(opts, weights)
     ctx = BuildContext(model_name=opts.model, model=weights.model, input_shape=weights.input_shape, out_dir=out_dir,
                        exported_program=program, static_batch=static, max_batch=max_batch, fp16=opts.fp16,

@@ -204,8 +204,7 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
                     info["fallback_trials"] = rounds
                     passes(excluded)  # the file kept; `info["failures"]` says if even it fails (non-monotone)
         compute = _compute_nodes(prepared, excluded)
-        if compute:
-            costs = node_costs(prepared)
+        if compute:  # only after the fallback, which weighed every node (`costs`)
             macs = sum(costs[name] for name in _compute_nodes(prepared, list(costs)))
             info["fp32_share_of_macs"] = sum(costs[name] for name in compute) / macs if macs else 0.0
         info.update(fp32_nodes=excluded, fp32_layers=compute,

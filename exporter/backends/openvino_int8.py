@@ -22,13 +22,7 @@ from exporter.backends.base import (
     int8_held_back_verdict,
     stdout_to_stderr,
 )
-from exporter.backends.openvino import (
-    IR_FILE,
-    IR_INT8_DIR,
-    cpu_supports_bf16,
-    save_ir,
-    shared_core,
-)
+from exporter.backends.openvino import IR_FILE, IR_INT8_DIR, cpu_supports_bf16, save_ir, shared_core
 from exporter.judge import allowed_error, row_cosines
 from exporter.machine import int8_dot_product_saturates
 
@@ -38,6 +32,8 @@ from exporter.machine import int8_dot_product_saturates
 ACCURACY_CONTROL_MAX_REVERTED = 32
 ACCURACY_CONTROL_RANKING_IMAGES = 64
 ACCURACY_CONTROL_BUDGET_S = 600.0
+# the operations whose weights int8 quantizes (and whose multiply-adds an fp32 layer keeps)
+WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul")
 
 
 class _OutOfBudget(Exception):
@@ -70,7 +66,7 @@ def _fp32_layers(model: Any) -> list[str]:
     """Convolutions / MatMuls of a quantized model whose weights are not quantized (they compute in fp32)."""
     found = []
     for op in model.get_ordered_ops():
-        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
+        if op.get_type_name() not in WEIGHTED_OPS:
             continue
         weight = op.input_value(1).get_node()
         while weight.get_type_name() in ("Convert", "Reshape", "Unsqueeze", "Subtract"):
@@ -95,7 +91,7 @@ def _multiply_adds(op: Any) -> float:
 def _fp32_share_of_macs(model: Any, fp32_layers: list[str]) -> float:
     """The share of the model's convolution / MatMul multiply-adds done by `fp32_layers`."""
     layers = {op.get_friendly_name(): _multiply_adds(op) for op in model.get_ordered_ops()
-              if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")}
+              if op.get_type_name() in WEIGHTED_OPS}
     total = sum(layers.values())
     return sum(layers.get(name, 0.0) for name in fp32_layers) / total if total else 0.0
 
@@ -107,7 +103,7 @@ def ignored_scope_from_onnxruntime(ctx: BuildContext, model: Any) -> list[str]:
     if not onnx_layers:
         return []
     return [op.get_friendly_name() for op in model.get_ordered_ops()
-            if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")
+            if op.get_type_name() in WEIGHTED_OPS
             and op.get_friendly_name().split("/")[0] in onnx_layers]
 
 
@@ -215,9 +211,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
                 f"nncf.quantize ({len(seed)} layers ignored: those ORT's int8 bisection left in fp32{ranges_note})"):
             ignored = seed
     if failures:
-        from nncf.quantization.advanced_parameters import (
-            AdvancedAccuracyRestorerParameters,
-        )
+        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
         restorer = AdvancedAccuracyRestorerParameters(max_num_iterations=ACCURACY_CONTROL_MAX_REVERTED,
                                                       ranking_subset_size=ACCURACY_CONTROL_RANKING_IMAGES)
