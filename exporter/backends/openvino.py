@@ -274,6 +274,15 @@ def save_ir(ov: Any, model: Any, target_dir: Path, *, compress_to_fp16: bool) ->
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def label_ir(ctx: BuildContext, model: Any) -> None:
+    """Writes the build's metadata into the model's rt_info, so the IR alone says what it is (like ONNX's
+    metadata_props)."""
+    for key, value in ctx.metadata.items():
+        model.set_rt_info(value if isinstance(value, str) else str(value), ["exporter", str(key)])
+    model.set_rt_info(ctx.model_name, ["exporter", "model_name"])
+    model.set_rt_info("NCHW", ["exporter", "input_layout"])
+
+
 @register_stage("openvino", needs_torch=False)
 def export_openvino(ctx: BuildContext) -> list[Artifact]:
     """Convert the model to OpenVINO IR (fp32 weights; with `ctx.fp16` also fp16-compressed weights)."""
@@ -282,10 +291,7 @@ def export_openvino(ctx: BuildContext) -> list[Artifact]:
     if reason:
         raise BackendUnavailable(reason)
     model, source = _convert(ctx)
-    for key, value in ctx.metadata.items():  # so the IR alone says what it is, like the ONNX metadata_props
-        model.set_rt_info(value if isinstance(value, str) else str(value), ["exporter", str(key)])
-    model.set_rt_info(ctx.model_name, ["exporter", "model_name"])
-    model.set_rt_info("NCHW", ["exporter", "input_layout"])
+    label_ir(ctx, model)
 
     core = shared_core()
     save_ir(ov, model, ctx.out_dir / IR_DIR, compress_to_fp16=False)

@@ -6,6 +6,7 @@ Used by `exporter.backends.openvino.export_openvino` when the build asks for int
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from exporter.backends.base import (
     int8_held_back_verdict,
     stdout_to_stderr,
 )
-from exporter.backends.openvino import IR_FILE, IR_INT8_DIR, cpu_supports_bf16, save_ir, shared_core
+from exporter.backends.openvino import IR_FILE, IR_INT8_DIR, cpu_supports_bf16, label_ir, save_ir, shared_core
 from exporter.judge import allowed_error, row_cosines
 from exporter.machine import int8_dot_product_saturates
 
@@ -34,6 +35,7 @@ ACCURACY_CONTROL_RANKING_IMAGES = 64
 ACCURACY_CONTROL_BUDGET_S = 600.0
 # the operations whose weights int8 quantizes (and whose multiply-adds an fp32 layer keeps)
 WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul")
+QDQ_METHOD = "ONNX Runtime's int8 QDQ file"
 
 
 class _OutOfBudget(Exception):
@@ -107,14 +109,23 @@ def ignored_scope_from_onnxruntime(ctx: BuildContext, model: Any) -> list[str]:
             and op.get_friendly_name().split("/")[0] in onnx_layers]
 
 
+def onnxruntime_qdq_file(ctx: BuildContext) -> Path | None:
+    """The build's `onnx-int8` file (ORT's QDQ model with its fp32 layers), if this build made one."""
+    artifact = ctx.artifact("onnx-int8")
+    return ctx.out_dir / artifact.path if artifact is not None else None
+
+
 def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifact:
-    """`openvino-int8`: NNCF post-training quantization of the IR, calibrated on real training images.
+    """`openvino-int8`: NNCF post-training quantization of the IR (or the build's ORT int8 file), calibrated on real
+    training images.
 
     Each candidate is judged on the held-back quarter of the images in the int8 class at the build-time bars
     (INT8_MIN_AGREEMENT, INT8_MIN_COSINE), and the first that passes is kept: NNCF's default `nncf.quantize`;
     histogram activation ranges (kept as the base if closer); the same with the layers that the build's ORT int8
-    bisection left in fp32 ignored (`ignored_scope_from_onnxruntime`); then `nncf.quantize_with_accuracy_control`
-    from there, which reverts the most sensitive layers to fp32 until its metric (`held_back_score`) holds — at
+    bisection left in fp32 ignored (`ignored_scope_from_onnxruntime`); the build's ORT int8 file itself, read by
+    OpenVINO (`onnxruntime_qdq_file`: its calibration and fp32 layers passed ORT's bisection, and OpenVINO runs it
+    faster than its own fp32 rest); then `nncf.quantize_with_accuracy_control` from the kept ranges and ignored
+    layers, which reverts the most sensitive layers to fp32 until its metric (`held_back_score`) holds — at
     most ACCURACY_CONTROL_MAX_REVERTED layers, ranked on ACCURACY_CONTROL_RANKING_IMAGES images, within
     ACCURACY_CONTROL_BUDGET_S seconds (past it, the candidate before it is kept), so a deep model that cannot
     reach the bars ends in bounded time and fails its verdict instead. `info` records which was kept,
@@ -210,6 +221,14 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         if keep(candidate, verdict(candidate), "onnxruntime_fp32_layers",
                 f"nncf.quantize ({len(seed)} layers ignored: those ORT's int8 bisection left in fp32{ranges_note})"):
             ignored = seed
+    if failures and (qdq := onnxruntime_qdq_file(ctx)) is not None and qdq.is_file():
+        # resnet50 (trained, 1,000 test images): NNCF's candidates passed only with accuracy control and an f32 rest
+        # (16.0 ms at batch 1); ORT's QDQ file with a bf16 rest passed at 8.95 ms (bench/results/README.md).
+        candidate = shared_core().read_model(str(qdq))
+        label_ir(ctx, candidate)
+        keep(candidate, verdict(candidate), "onnxruntime_qdq",
+             f"{QDQ_METHOD} ({qdq.name}: uint8 activations, int8 weights per channel, the layers its bisection left "
+             "in fp32), read by OpenVINO")
     if failures:
         from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
@@ -243,13 +262,16 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
     info["unquantized_layers_run_in"] = rest
     info["fp32_layers"] = _fp32_layers(quantized)
     info["fp32_share_of_macs"] = _fp32_share_of_macs(quantized, info["fp32_layers"])
-    info["fp32_layers_why"] = ("left unquantized by NNCF (its defaults skip some layers; the ignored scope holds the "
+    info["fp32_layers_why"] = ("left in fp32 by ORT's int8 bisection (the fewest layers whose fp32 made its held-back "
+                               "verdict pass)" if info["method"].startswith(QDQ_METHOD) else
+                               "left unquantized by NNCF (its defaults skip some layers; the ignored scope holds the "
                                "layers ORT's int8 bisection left in fp32; accuracy control reverts the layers whose "
                                "quantization costs the most on the held-back images)")
     save_ir(ov, quantized, ctx.out_dir / IR_INT8_DIR, compress_to_fp16=False)
     return Artifact(name="openvino-int8", backend="openvino", path=f"{IR_INT8_DIR}/{IR_FILE}", precision="int8",
                     options={"inference_precision": rest},
-                    notes=[f"NNCF int8 ({info['method']}), calibrated on {len(calibration)} training images; "
+                    notes=[f"{'' if info['method'].startswith(QDQ_METHOD) else 'NNCF '}int8 ({info['method']}), "
+                           f"calibrated on {len(calibration)} training images; "
                            f"on {held_back_images_phrase(len(validation), ctx.held_back_pool)}: top-1 agreement "
                            "with fp32 "
                            f"{info['agreement']:.3f}, min cosine {info['min_cosine']:.4f}; layers left unquantized: "
