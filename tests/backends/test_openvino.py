@@ -277,6 +277,43 @@ def test_int8_rest_falls_back_to_f32_only_when_that_passes(tmp_path, monkeypatch
     assert bool(info["failures"]) != f32_passes
 
 
+def test_ort_qdq_file_is_tried_before_accuracy_control(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where NNCF's candidates fail, the build's own `model.int8.onnx` (ORT's QDQ with its fp32 layers) read by
+    OpenVINO is judged next and kept when it passes: no accuracy control, the IR saved from it with the build's
+    metadata, and the manifest says where its fp32 layers came from."""
+    import nncf
+
+    from exporter.backends import onnxruntime_int8
+    from exporter.backends import openvino_int8 as ovb
+    from exporter.backends.onnx import export_onnx
+    from exporter.backends.onnxruntime import export_onnxruntime
+
+    calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    ctx = make_context("lenet_bn", tmp_path, int8=True, calibration=calibration)
+    monkeypatch.setattr(onnxruntime_int8, "int8_held_back_verdict", lambda reference, output, pool=None: ([], 1, 1))
+    for export in (export_onnx, export_onnxruntime):
+        ctx.artifacts.extend(export(ctx))
+    qdq = ovb.onnxruntime_qdq_file(ctx)
+    assert qdq is not None and qdq.is_file()
+
+    monkeypatch.setattr(ovb, "cpu_supports_bf16", lambda core=None: False)  # one verdict per candidate
+    monkeypatch.setattr(ovb, "ignored_scope_from_onnxruntime", lambda ctx, model: [])
+    verdicts = iter([(["default: flips"], 0.98, 0.99), (["histogram: flips"], 0.97, 0.99), ([], 1.0, 0.999)])
+    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output, pool=None: next(verdicts))
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", lambda *args, **kwargs: pytest.fail("not needed"))
+    artifact = {a.name: a for a in export_openvino(ctx)}["openvino-int8"]
+    info = ctx.diagnostics["openvino"]["int8"]
+    assert info["method"].startswith(ovb.QDQ_METHOD) and not info["failures"]
+    assert set(info["methods_measured"]) == {"default", "histogram", "onnxruntime_qdq"}
+    assert "accuracy_control" not in info and info["fp32_layers_why"].startswith("left in fp32 by ORT")
+    assert artifact.notes[0].startswith("int8 (ONNX Runtime's") and artifact.options == {"inference_precision": "f32"}
+    ir = ov.Core().read_model(str(tmp_path / artifact.path))
+    assert ir.get_rt_info(["exporter", "model_name"]).astype(str) == "lenet_bn"
+    assert any(op.get_type_name() == "FakeQuantize" for op in ir.get_ordered_ops())
+    with runner_for(artifact, tmp_path) as runner:
+        assert runner.infer(calibration[:2]).shape == (2, TEST_NUM_CLASSES)
+
+
 def test_accuracy_control_past_its_budget_keeps_the_closest_candidate(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """NNCF's accuracy control is ended by its wall-clock budget (raised from the validation function); the
     build keeps the closest candidate before it and says so instead of running on for an hour."""
