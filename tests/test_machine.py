@@ -137,8 +137,18 @@ def test_best_gemm_gflops_uses_the_fastest_call() -> None:
     from exporter.backends.base import best_gemm_gflops
 
     calls = []
-    rate = best_gemm_gflops(lambda: calls.append(1), 1000, repeats=3)
-    assert len(calls) == 4 and math.isfinite(rate) and rate > 0  # one untimed call, then the repeats
+    rate = best_gemm_gflops(lambda: calls.append(1), 1000, min_repeats=3, max_repeats=7)
+    assert len(calls) == 8 and math.isfinite(rate) and rate > 0  # one untimed call, then calls until the budget
+
+
+def test_best_gemm_gflops_calls_at_least_min_repeats_past_its_budget() -> None:
+    import time
+
+    from exporter.backends.base import best_gemm_gflops
+
+    calls = []
+    best_gemm_gflops(lambda: (calls.append(1), time.sleep(0.01)), 1000, min_repeats=3, budget_s=0.0)
+    assert len(calls) == 4  # the untimed call and min_repeats timed ones, not max_repeats
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/cpuinfo is Linux's")
