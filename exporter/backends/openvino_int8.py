@@ -223,7 +223,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
             ignored = seed
     if failures and (qdq := onnxruntime_qdq_file(ctx)) is not None and qdq.is_file():
         # resnet50 (trained, 1,000 test images): NNCF's candidates passed only with accuracy control and an f32 rest
-        # (16.0 ms at batch 1); ORT's QDQ file with a bf16 rest passed at 8.95 ms (bench/results/README.md).
+        # (16.0 ms at batch 1); ORT's QDQ file with a bf16 rest passes at 7.1 ms (bench/results/README.md).
         candidate = shared_core().read_model(str(qdq))
         label_ir(ctx, candidate)
         keep(candidate, verdict(candidate), "onnxruntime_qdq",
