@@ -163,7 +163,7 @@ class BuildContext:
     int8: bool = False
     calibration: np.ndarray | None = None  # real training images, float32 NCHW, for int8 calibration
     # the last quarter of `calibration` (held back to judge int8) is the hardest of this many training images; its
-    # flips count against them (None: a random quarter, standing for itself)
+    # flips count against them (a random quarter stands for itself: its own size; None: not given)
     held_back_pool: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)  # model name, recipe, scaling, class names, hashes
     onnx_source: Path | None = None  # an ONNX file given as the model: no PyTorch model, no traced program

@@ -259,18 +259,19 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
                  f"error on held-back images, max drop {1 - INT8_MIN_COSINE:g}, at most "
                  f"{ACCURACY_CONTROL_MAX_REVERTED} layers reverted{ranges_note}"
                  + (f"; from {len(ignored)} layers ignored as in ORT's int8" if ignored else "") + ")")
+    from_qdq = info["method"].startswith(QDQ_METHOD)
     info["unquantized_layers_run_in"] = rest
     info["fp32_layers"] = _fp32_layers(quantized)
     info["fp32_share_of_macs"] = _fp32_share_of_macs(quantized, info["fp32_layers"])
     info["fp32_layers_why"] = ("left in fp32 by ORT's int8 bisection (the fewest layers whose fp32 made its held-back "
-                               "verdict pass)" if info["method"].startswith(QDQ_METHOD) else
+                               "verdict pass)" if from_qdq else
                                "left unquantized by NNCF (its defaults skip some layers; the ignored scope holds the "
                                "layers ORT's int8 bisection left in fp32; accuracy control reverts the layers whose "
                                "quantization costs the most on the held-back images)")
     save_ir(ov, quantized, ctx.out_dir / IR_INT8_DIR, compress_to_fp16=False)
     return Artifact(name="openvino-int8", backend="openvino", path=f"{IR_INT8_DIR}/{IR_FILE}", precision="int8",
                     options={"inference_precision": rest},
-                    notes=[f"{'' if info['method'].startswith(QDQ_METHOD) else 'NNCF '}int8 ({info['method']}), "
+                    notes=[f"{'' if from_qdq else 'NNCF '}int8 ({info['method']}), "
                            f"calibrated on {len(calibration)} training images; "
                            f"on {held_back_images_phrase(len(validation), ctx.held_back_pool)}: top-1 agreement "
                            "with fp32 "
