@@ -46,8 +46,8 @@ from exporter.backends import (
     Variant,
     runner_for,
 )
+from exporter.backends.base import held_back_images_phrase
 from exporter.build_inputs import (
-    HELD_BACK_POOL,
     BuildError,
     BuildOptions,
     Weights,
@@ -474,10 +474,10 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpe
         program, findings, diagnostics, first = None, [], {}, []
     calibration, held_back_pool = None, None
     if opts.int8:
-        hardest = (f", the held-back quarter the hardest of {HELD_BACK_POOL}× as many"
-                   if weights.model is not None else "")
-        with progress.stage("calibration data", f"{opts.calibration_samples} training images{hardest}"):
+        with progress.stage("calibration data", f"{opts.calibration_samples} training images"):
             calibration, held_back_pool = calibration_images(opts, weights)
+        judged_on = held_back_images_phrase(len(calibration) // 4, held_back_pool)
+        progress.say(f"  int8 artifacts are judged on the last quarter: {judged_on}")
     ctx = BuildContext(model_name=opts.model, model=weights.model, input_shape=weights.input_shape, out_dir=out_dir,
                        exported_program=program, static_batch=static, max_batch=max_batch, fp16=opts.fp16,
                        int8=opts.int8, calibration=calibration, held_back_pool=held_back_pool,
