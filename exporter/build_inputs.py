@@ -367,6 +367,11 @@ def hardest_images(model: torch.nn.Module, images: np.ndarray, count: int, batch
     return np.sort(np.argsort(rank, kind="stable")[:count])
 
 
+def held_back_count(calibration: int) -> int:
+    """How many of `calibration` int8 calibration images (the last ones) are held back to judge the result."""
+    return calibration // 4
+
+
 def calibration_images(opts: BuildOptions, weights: Weights) -> tuple[np.ndarray, int]:
     """int8 calibration images (float32 NCHW) whose last quarter the backends hold back to judge their result, and
     how many training images that quarter stands for: with a PyTorch model, the hardest of HELD_BACK_POOL times
@@ -375,7 +380,7 @@ def calibration_images(opts: BuildOptions, weights: Weights) -> tuple[np.ndarray
     if available == 0:
         raise UsageError("--int8 needs calibration data: the training split is empty")
     count = min(opts.calibration_samples, available)
-    held_back = count // 4
+    held_back = held_back_count(count)
     pool = min(held_back * HELD_BACK_POOL, available - (count - held_back))
     if weights.model is None or held_back < 4 or pool <= held_back:
         images, _, _ = sample_images(weights.dataset, "train", weights.input_shape, count, seed=opts.seed)

@@ -53,6 +53,7 @@ from exporter.build_inputs import (
     Weights,
     calibration_images,
     check_inputs,
+    held_back_count,
     is_bare_state_dict,
     onnx_source_options,
     onnx_weights,
@@ -476,7 +477,7 @@ def _build_into(out_dir: Path, build_id: str, opts: BuildOptions, spec: ModelSpe
     if opts.int8:
         with progress.stage("calibration data", f"{opts.calibration_samples} training images"):
             calibration, held_back_pool = calibration_images(opts, weights)
-        judged_on = held_back_images_phrase(len(calibration) // 4, held_back_pool)
+        judged_on = held_back_images_phrase(held_back_count(len(calibration)), held_back_pool)
         progress.say(f"  int8 artifacts are judged on the last quarter: {judged_on}")
     ctx = BuildContext(model_name=opts.model, model=weights.model, input_shape=weights.input_shape, out_dir=out_dir,
                        exported_program=program, static_batch=static, max_batch=max_batch, fp16=opts.fp16,

@@ -1,0 +1,105 @@
+"""What NNCF's quantization options do to a built model: flips, accuracy, the int8 verdict and batch-1 latency.
+
+    .venv/bin/python bench/nncf_options.py resnet50                   # every option, latest build
+    .venv/bin/python bench/nncf_options.py resnet18 --options default,mixed --images 200
+
+Each option is `nncf.quantize` of the build's fp32 IR (`openvino-fp32`) on `--calibration` training images (seed 0,
+as the benchmark's NNCF peer), run with a bf16 rest where the CPU has it; judged against the fp32 IR on `--images`
+test images in the judge's int8 class (`exporter.judge`), as `exporter verify` would. The first row is the fp32 IR
+itself at the same rest precision: what the model's margins allow before any int8. The measurement behind
+bench/results/README.md's seventeenth-session table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+OPTIONS = ("default", "mixed", "no_fast_bc", "histogram", "mixed_histogram", "mixed_no_fast_bc")
+
+
+def option_arguments(name: str) -> dict:
+    """`nncf.quantize` keyword arguments of an option name in OPTIONS."""
+    import nncf
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    mixed = {"preset": nncf.QuantizationPreset.MIXED} if "mixed" in name else {}
+    slow = {"fast_bias_correction": False} if "no_fast_bc" in name else {}
+    ranges = ({"advanced_parameters": nncf.AdvancedQuantizationParameters(
+        activations_range_estimator_params=RangeEstimatorParametersSet.HISTOGRAM)} if "histogram" in name else {})
+    return {**mixed, **slow, **ranges}
+
+
+def p50_ms(compiled, image: np.ndarray, calls: int = 150) -> float:
+    """Median latency of `calls` synchronous batch-1 inferences, after 20 untimed ones."""
+    request = compiled.create_infer_request()
+    for _ in range(20):
+        request.infer([image])
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        request.infer([image])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a built model (its latest build) or a build directory")
+    parser.add_argument("--artifacts", type=Path, default=None, help="the artifacts directory (default: artifacts/)")
+    parser.add_argument("--options", default=",".join(OPTIONS), help=f"comma-separated, from {', '.join(OPTIONS)}")
+    parser.add_argument("--images", type=int, default=1000, help="test images judged (default 1000)")
+    parser.add_argument("--calibration", type=int, default=300, help="training images (default 300, NNCF's)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.options.split(",")) - set(OPTIONS))
+    if unknown:
+        parser.error(f"unknown option(s) {', '.join(unknown)}; choose from {', '.join(OPTIONS)}")
+
+    import nncf
+
+    from exporter.backends.openvino import cpu_supports_bf16, shared_core
+    from exporter.data import sample_images
+    from exporter.judge import compute_metrics, judge, row_cosines, tolerance_for
+    from exporter.manifest import load_build
+
+    build = load_build(args.model, args.artifacts)
+    core = shared_core()
+    fp32 = core.read_model(str(Path(build.dir) / build.artifact("openvino-fp32").path))
+    test, labels, _ = sample_images(build.dataset, "test", build.input_shape, args.images, seed=0)
+    calibration, _, _ = sample_images(build.dataset, "train", build.input_shape, args.calibration, seed=0)
+    rest = "bf16" if cpu_supports_bf16() else "f32"
+
+    def outputs(model, precision: str) -> tuple[np.ndarray, object]:
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+        return np.concatenate([np.asarray(compiled(test[i:i + 1])[0]) for i in range(len(test))]), compiled
+
+    reference, _ = outputs(fp32, "f32")
+    print(f"{build.model}: fp32 accuracy {(reference.argmax(1) == labels).mean():.3f} on {len(test)} test images; "
+          f"rest {rest}")
+
+    def row(name: str, model, seconds: float) -> None:
+        output, compiled = outputs(model, rest)
+        failures = judge(reference, output, compute_metrics(reference, output), tolerance_for("int8"))
+        cosine = row_cosines(reference.astype(np.float64), output.astype(np.float64)).min()
+        print(f"{name:<18} flips {int((output.argmax(1) != reference.argmax(1)).sum()):>3}  accuracy "
+              f"{(output.argmax(1) == labels).mean():.3f}  worst cosine {cosine:.4f}  p50 "
+              f"{p50_ms(compiled, test[:1]):.2f} ms  quantized in {seconds:.0f} s  "
+              + ("PASS" if not failures else "FAIL: " + "; ".join(failures)), flush=True)
+
+    row(f"fp32 IR in {rest}", fp32, 0.0)
+    dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+    for name in args.options.split(","):
+        started = time.perf_counter()
+        quantized = nncf.quantize(fp32, dataset, subset_size=len(calibration), **option_arguments(name))
+        row(name, quantized, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
