@@ -185,3 +185,18 @@ def test_parity_verify_only_refuses_a_model_it_never_built(tmp_path: Path) -> No
     with pytest.raises(SystemExit) as exc:
         _script("parity_all").main(["--models", "lenet", "--verify-only", "--results", str(tmp_path)])
     assert exc.value.code == 2
+
+
+def test_nncf_options_are_arguments_nncf_quantize_takes() -> None:
+    nncf = pytest.importorskip("nncf", reason="nncf is not installed (the cpu extra brings it)")
+    import inspect
+
+    probe = _script("nncf_options")
+    accepted = set(inspect.signature(nncf.quantize).parameters)
+    for name in probe.OPTIONS:
+        assert set(probe.option_arguments(name)) <= accepted, name
+    assert probe.option_arguments("default") == {}
+    assert probe.option_arguments("mixed_no_fast_bc") == {"preset": nncf.QuantizationPreset.MIXED,
+                                                          "fast_bias_correction": False}
+    with pytest.raises(SystemExit):
+        probe.main(["resnet18", "--options", "default,nonsense"])
