@@ -293,8 +293,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    "(default 1000)")
     p.add_argument("--budget", type=positive_float, default=1.0, help="seconds of timed calls per cell "
                    "(default 1.0)")
-    p.add_argument("--gemm-size", type=positive_int, default=2048, help="n of the n³ matmul measuring the peak "
-                   "(64–16384, default 2048; below ~1024 the probe does not reach the peak)")
+    p.add_argument("--gemm-size", type=positive_int, default=2048, help="n of the n³ matmul measuring the peak, "
+                   "probed at n and n/2 (64–16384, default 2048; below ~1024 the probe does not reach the peak)")
     p.add_argument("--no-overhead", action="store_true", help="skip the bare-runtime-call overhead measurement")
     p.add_argument("--peers", action="store_true", help="also time, in the same rounds, what a user of each runtime "
                    "does by hand with the build's files (ORT default session, OpenVINO f32 / default / on the int8 "
@@ -375,7 +375,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             peaks = results["peaks_gflops"]
             print(f"{build.model} ({build.dir}): {results['settings']['threads']} threads, GEMM peak fp32 "
                   f"{peaks['fp32']:.0f} ({peaks['best'].get('fp32')}) / bf16 {peaks['bf16']:.0f} "
-                  f"({peaks['best'].get('bf16')}) GFLOP/s, {results['rounds']} rounds")
+                  f"({peaks['best'].get('bf16')}) GFLOP/s / int8 {peaks['int8']:.0f} ({peaks['best'].get('int8')}) "
+                  f"GOP/s, {results['rounds']} rounds")
             print_table(_bench_rows(results), [("label", "artifact"), ("batch", "batch"), ("prec", "runs in"),
                                                ("parity", "parity"), ("status", "status"), ("p50", "p50 ms"),
                                                ("p99", "p99 ms"), ("cv", "cv"), ("ips", "img/s"),

@@ -42,6 +42,7 @@ class Tolerance:
     `layer_tol` is the bisection threshold on a layer's error normalised by that layer's activation scale,
     max|out − ref| / max|ref|. Images whose largest |logit| is below `cosine_floor` × the largest real-image |logit|
     are not judged on cosine: under a format's noise floor a logit vector has no direction to compare.
+    `max_outlier_share` is the share of output values that may exceed atol + rtol·|ref| (0: none may).
     """
 
     precision: str
@@ -58,6 +59,11 @@ class Tolerance:
     # is no evidence against a 99 % bar (an artifact that agrees on exactly 99 % flips one of 32 images 27 % of the
     # time); 0 where the class allows no flip at all, and at the int8 build's own stricter bars
     slack_images: int = 1
+    max_outlier_share: float = 0.0
+
+    def allowed_outliers(self, values: int) -> int:
+        """How many of `values` output values may exceed atol + rtol·|ref|."""
+        return math.floor(self.max_outlier_share * values + 1e-9)
 
     def allowed_flips(self, n: int) -> int:
         """How many of `n` images may change top-1 class."""
@@ -102,6 +108,15 @@ class Tolerance:
 # (`slack_images`): the build's quick check judges 32 images, where a single near-tie flip says nothing about a 1 %
 # rate. So 32 images allow 1 flip and 1 net image lost, 256 allow 2 and 1, 1,000 allow 10 and 5.
 #
+# int8 alone counts its out-of-bound logits as a rate, like its flips: 1 in 1,000 values may exceed atol + rtol·|ref|.
+# Quantization error is heavy-tailed — an image whose activation saturates one layer's range carries a few large logit
+# errors — so the largest error over N images grows with N, and a bar on the maximum judged the same file differently
+# by sample size: trained densenet's openvino-int8 passed on 256 test images and failed on 1,000 (3 of 10,000 logits
+# over, worst 3.31 > 2.42 allowed; 5 flips, accuracy 0.972 vs eager 0.969), resnet50's on 1 and 7 of 10,000 with 3
+# and 4 flips and accuracy within 0.1 point (bench/results/README.md). 1 in 1,000 is ten times stricter than the 1 %
+# of images that may flip; the cosine bar still fails a single image whose logits point elsewhere. The build's own
+# held-back bars (`int8_build_bars`) allow no outlier.
+#
 # int8 alone has a cosine floor: 5 % of the largest real-image logit (a few output quantisation steps; int8's
 # error on a trained net is ~1–3 % of that scale). On an all-zeros input eager's logits are ~0.07 (alexnet, real
 # images ±22) and int8 rounds them to exact zeros, or ~0.33 (nin, ±20) with 0.13 of noise — errors the absolute
@@ -122,7 +137,7 @@ TOLERANCES: dict[str, Tolerance] = {
                       layer_tol=1e-1, why="8-bit mantissa everywhere; near-tied images may flip"),
     "int8": Tolerance("int8", atol=1.0, rtol=1e-1, rel_floor=1.0, min_agreement=0.99, min_cosine=0.99,
                       layer_tol=2.5e-1, why="per-tensor quantisation noise; judged mainly on agreement/cosine",
-                      cosine_floor=0.05),
+                      cosine_floor=0.05, max_outlier_share=1e-3),
 }
 
 
@@ -247,12 +262,14 @@ def judge(reference: np.ndarray, output: np.ndarray, metrics: Metrics, tol: Tole
     atol = tol.atol * atol_scale
     allowed = allowed_error(reference, tol, atol_scale)
     excess = np.abs(output.astype(np.float64) - reference) - allowed
-    if (excess > 0).any():
+    outliers, allowed_outliers = int((excess > 0).sum()), tol.allowed_outliers(excess.size)
+    if outliers > allowed_outliers:
         worst = np.unravel_index(np.argmax(excess), excess.shape)
         failures.append(
             f"max abs error {metrics.max_abs:.3g} > atol {atol:.3g} + rtol {tol.rtol:.3g}·|ref| at "
-            f"{int((excess > 0).sum())}/{excess.size} values (worst: image {worst[0]}, error "
-            f"{abs(float(output[worst]) - float(reference[worst])):.3g}, allowed {float(allowed[worst]):.3g})")
+            f"{outliers}/{excess.size} values" + (f" ({allowed_outliers} allowed)" if allowed_outliers else "")
+            + f" (worst: image {worst[0]}, error {abs(float(output[worst]) - float(reference[worst])):.3g}, "
+            f"allowed {float(allowed[worst]):.3g})")
     ref = reference.reshape(len(reference), -1).astype(np.float64)
     floor = tol.cosine_floor * (metrics.ref_scale if logit_scale is None else logit_scale)
     directed = np.abs(ref).max(1, initial=0.0) > floor

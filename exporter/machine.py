@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 # Always reported; each backend adds the optional library it needs (`Runner.library`).
-CORE_LIBRARIES = ("exporter", "torch", "torchvision", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "openvino",
-                  "nncf", "tensorrt", "safetensors", "matplotlib")
-PEAK_PRECISIONS = ("fp32", "bf16")
+CORE_LIBRARIES = ("exporter", "torch", "torchvision", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+                  "openvino", "nncf", "tensorrt", "safetensors", "matplotlib")
+PEAK_PRECISIONS = ("fp32", "bf16", "int8")  # int8: integer ops per second (GOP/s)
 
 
 def usable_cores() -> int:
@@ -142,22 +142,26 @@ def library_versions() -> dict[str, str | None]:
 
 def measure_peaks(*, size: int, device: str = "cpu", threads: int | None = None,
                   previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The machine's matrix-multiply peak in GFLOP/s per precision, the best over every runtime's probe.
+    """The machine's matrix-multiply peak in GFLOP/s (int8: GOP/s) per precision, the best over every runtime's
+    probe.
 
     Each backend may measure an n×n×n matmul with its own library (`Runner.gemm_peak_gflops`: torch, OpenVINO,
-    ONNX Runtime); the best is the machine's peak, and which library reached it is recorded, because one
-    library's kernels (torch's MKL on an AMD CPU) can be far from what the hardware does. With `previous`, the
-    best of both measurements (callers probe at the start and the end of a run: one probe can land in a busy
-    moment). Returns {"fp32": …, "bf16": …, "sources": {precision: {library: GFLOP/s}}, "best": {precision: library}}.
+    ONNX Runtime), at n = `size` and n = `size` / 2; the best is the machine's peak, and which library reached it is
+    recorded, because one library's kernels (torch's MKL on an AMD CPU) can be far from what the hardware does, and
+    one size can miss it (on a 2-core VM torch bf16 gave 922 GFLOP/s at n = 1024 and 780 at 2048 within a minute).
+    With `previous`, the best of both measurements (callers probe at the start and the end of a run: one probe can
+    land in a busy moment). Returns {"fp32": …, "bf16": …, "int8": …, "sizes": […],
+    "sources": {precision: {library: GFLOP/s}}, "best": {precision: library}}.
     """
     from exporter.backends import BACKENDS
 
     set_threads(threads)
+    sizes = list(dict.fromkeys([size, size // 2])) if size // 2 >= 64 else [size]
     sources: dict[str, dict[str, float]] = {p: {} for p in PEAK_PRECISIONS}
     for precision in PEAK_PRECISIONS:
-        for cls in dict.fromkeys(BACKENDS.values()):
+        for cls, n in ((cls, n) for cls in dict.fromkeys(BACKENDS.values()) for n in sizes):
             try:
-                value = cls.gemm_peak_gflops(precision, size=size, device=device, threads=threads)
+                value = cls.gemm_peak_gflops(precision, size=n, device=device, threads=threads)
             except Exception:  # noqa: BLE001  (a probe that cannot run here gives no number, not a failed bench)
                 value = None
             if value is not None and math.isfinite(value):
@@ -165,7 +169,7 @@ def measure_peaks(*, size: int, device: str = "cpu", threads: int | None = None,
                 sources[precision][library] = max(value, sources[precision].get(library, 0.0))
         for library, value in ((previous or {}).get("sources") or {}).get(precision, {}).items():
             sources[precision][library] = max(value, sources[precision].get(library, 0.0))
-    peaks: dict[str, Any] = {"sources": sources, "best": {}}
+    peaks: dict[str, Any] = {"sizes": sizes, "sources": sources, "best": {}}
     for precision in PEAK_PRECISIONS:
         found = sources[precision]
         best = max(found, key=found.get) if found else None
@@ -176,15 +180,17 @@ def measure_peaks(*, size: int, device: str = "cpu", threads: int | None = None,
 
 
 AMX_BF16_FLOPS_PER_CYCLE = 1024  # per core: Intel's figure for the 4th-generation Xeon's tile unit
+AMX_INT8_OPS_PER_CYCLE = 2048  # per core: the tile unit's int8 rate, twice its bf16
 
 
 def isa_peak_estimate() -> dict[str, Any] | None:
-    """An estimate (not a measurement) of the fp32/bf16 peak: cores × FMA units × vector width × 2 × clock.
+    """An estimate (not a measurement) of the fp32/bf16/int8 peak: cores × FMA units × vector width × 2 × clock.
 
     Assumes two 512-bit FMA pipes per core with AVX-512 (one for AVX2) and that bf16 dot products (AVX512_BF16)
     double the fp32 rate; with AMX-BF16 the tile unit's 1,024 bf16 FLOPs per cycle per core (a 16×32 by 32×16
-    tile product, 16,384 FLOPs, every 16 cycles) set the bf16 figure. The clock is the current frequency
-    /proc/cpuinfo reports.
+    tile product, 16,384 FLOPs, every 16 cycles) set the bf16 figure. int8: VNNI's `vpdpbusd` does 4 byte
+    multiply-adds per 32-bit lane (4× fp32), AMX-INT8 2,048 ops per cycle per core; none without either. The clock
+    is the current frequency /proc/cpuinfo reports (a VM's may be its base clock, below what it boosts to).
     """
     mhz = _cpuinfo_field("cpu mhz")
     flags = set((_cpuinfo_field("flags") or "").split())
@@ -203,8 +209,15 @@ def isa_peak_estimate() -> dict[str, Any] | None:
     elif "avx512_bf16" in flags:
         bf16 = fp32 * 2
         formula += " (bf16: ×2, AVX512_BF16)"
-    return {"fp32": round(fp32, 1), "bf16": round(bf16, 1) if bf16 else None, "clock_mhz": float(mhz),
-            "formula": formula}
+    int8: float | None = None
+    if "amx_int8" in flags:
+        int8 = cores * AMX_INT8_OPS_PER_CYCLE * float(mhz) / 1000
+        formula += f" (int8: {cores} cores × {AMX_INT8_OPS_PER_CYCLE} AMX ops per cycle × clock)"
+    elif flags & {"avx512_vnni", "avx_vnni"}:
+        int8 = fp32 * 4
+        formula += " (int8: ×4, VNNI)"
+    return {"fp32": round(fp32, 1), "bf16": round(bf16, 1) if bf16 else None,
+            "int8": round(int8, 1) if int8 else None, "clock_mhz": float(mhz), "formula": formula}
 
 
 # --- memory -----------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from exporter.errors import ExporterError, one_line
 from exporter.fileio import atomic_write_bytes
+from exporter.machine import PEAK_PRECISIONS
 from exporter.manifest import LATEST_NAME, Build, json_default, load_build
 from exporter.paths import default_artifacts_dir
 from exporter.results import UNVERIFIED, parity_of, parity_records, read_bench
@@ -182,22 +183,28 @@ def _recommendation_lines(rec: dict[str, Any] | None) -> list[str]:
     return [f"- {line}" for line in describe_choice(rec)]
 
 
+def _unit(precision: str) -> str:
+    return "GOP/s" if precision == "int8" else "GFLOP/s"
+
+
 def machine_lines(bench: dict[str, Any] | None) -> list[str]:
     if not bench:
         return []
     m, s, peaks = bench["machine"], bench["settings"], bench.get("peaks_gflops") or {}
     isa = peaks.get("isa_estimate") or {}
+    precisions = [p for p in PEAK_PRECISIONS if p in peaks]  # a bench.json from before the int8 probe has none
     gpu = f"{m['gpu']} (driver {m.get('gpu_driver') or '?'}, CUDA {m.get('cuda') or '?'})" if m.get("gpu") else "none"
     return [f"- machine: {m['cpu']}, {m['usable_cores']} usable cores of {m['logical_cpus']}, "
             f"{m.get('memory_gb', '?')} GB; GPU: {gpu}",
-            f"- GEMM peak measured in the same run (best library's {s.get('gemm_size')}³ matmul): "
-            + "; ".join(f"{p} {_f(peaks.get(p), '.0f')} GFLOP/s ({(peaks.get('best') or {}).get(p) or '?'})"
-                        for p in ("fp32", "bf16"))
+            f"- GEMM peak measured in the same run (best library's matmul, n = "
+            f"{' or '.join(map(str, peaks.get('sizes') or [s.get('gemm_size')]))}, n³): "
+            + "; ".join(f"{p} {_f(peaks.get(p), '.0f')} {_unit(p)} ({(peaks.get('best') or {}).get(p) or '?'})"
+                        for p in precisions)
             + " — probes: " + "; ".join(f"{p}: " + ", ".join(f"{lib} {_f(v, '.0f')}" for lib, v in
                                                        ((peaks.get('sources') or {}).get(p) or {}).items())
-                                        for p in ("fp32", "bf16"))
-            + (f"; ISA estimate fp32 {_f(isa.get('fp32'), '.0f')} / bf16 {_f(isa.get('bf16'), '.0f')} GFLOP/s "
-               f"({isa.get('formula')})" if isa else ""),
+                                        for p in precisions)
+            + ("; ISA estimate " + ", ".join(f"{p} {_f(isa.get(p), '.0f')} {_unit(p)}" for p in precisions)
+               + f" ({isa.get('formula')})" if isa else ""),
             f"- method: {s['clock']}, device {s['device']}, {s['threads']} threads, first call timed alone, "
             f"{s['warmup']} warm-up calls, then ≥ {s['min_runs']} timed calls and ≥ {s['budget_s']} s per cell, "
             f"interleaved round by round; cv > {s.get('unstable_cv', 0.1):.0%} flagged unstable",

@@ -37,7 +37,14 @@ from tqdm import tqdm
 from exporter.backends.base import Artifact, BackendUnavailable, Runner, Variant
 from exporter.errors import ExporterError, UsageError, one_line
 from exporter.machine import (
-    MemoryProbe, available_memory_bytes, library_versions, machine_info, measure_peaks, set_threads, usable_cores,
+    PEAK_PRECISIONS,
+    MemoryProbe,
+    available_memory_bytes,
+    library_versions,
+    machine_info,
+    measure_peaks,
+    set_threads,
+    usable_cores,
 )
 from exporter.results import BENCH_FORMAT, UNVERIFIED, ParityRecord
 
@@ -149,12 +156,12 @@ def overhead_verdict(runner_ms: float, bare_ms: float) -> dict[str, Any]:
 
 
 def peak_class(precision: str) -> str | None:
-    """Which GEMM peak an executed precision is compared with (None: int8, no float peak applies)."""
+    """Which GEMM peak an executed precision is compared with (int8 with the int8 matmul's, in GOP/s)."""
     if precision in ("fp32", "tf32"):
         return "fp32"
     if precision in REDUCED_PRECISIONS:
         return "bf16"
-    return None
+    return "int8" if precision == "int8" else None
 
 
 
@@ -360,9 +367,9 @@ def run_bench(targets: Sequence[BenchTarget], *, input_shape: tuple[int, int, in
               label: str = "", activation_bytes: int | None = None) -> dict[str, Any]:
     """Time every target at every batch size with the one method above; returns the results document.
 
-    `peaks` ({"fp32": GFLOP/s, "bf16": GFLOP/s}) are measured here when not given. `activation_bytes` (all
-    layer outputs of one image) lets a CPU batch that cannot fit in the available memory be reported as a failed
-    cell up front instead of inviting the kernel's OOM killer, which would end the whole run.
+    `peaks` ({"fp32": GFLOP/s, "bf16": GFLOP/s, "int8": GOP/s}) are measured here when not given.
+    `activation_bytes` (all layer outputs of one image) lets a CPU batch that cannot fit in the available memory be
+    reported as a failed cell up front instead of inviting the kernel's OOM killer, which would end the whole run.
     """
     check_device(settings.device)
     threads = set_threads(settings.threads)
@@ -433,7 +440,7 @@ def _warnings(cells: list[dict[str, Any]], peaks: dict[str, Any]) -> list[str]:
     over = sorted({c["label"] for c in cells if (c.get("pct_of_peak") or 0) > 100})
     if over:
         probes = "; ".join(f"{p}: " + ", ".join(f"{lib} {v:.0f}" for lib, v in (peaks.get("sources") or {})
-                                                  .get(p, {}).items()) for p in ("fp32", "bf16"))
+                                                  .get(p, {}).items()) for p in PEAK_PRECISIONS)
         warnings.append(f"{len(over)} cell(s) exceed the best measured GEMM peak ({', '.join(over)}): every "
                         f"library's matmul probe lost to a whole model (probes, GFLOP/s — {probes}); the peak probes "
                         "ran while the machine was busy or none of the libraries reaches this CPU's peak")

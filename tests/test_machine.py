@@ -80,10 +80,11 @@ def _probe(library: str, rates: dict[str, float | None], *, fails: bool = False)
 
 @pytest.fixture()
 def probes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three fake runtimes: torch is slowest in fp32, OpenVINO fastest; only two probe bf16; one crashes."""
+    """Three fake runtimes: torch is slowest in fp32, OpenVINO fastest; only two probe bf16 and two int8 (ONNX
+    Runtime faster there); one crashes."""
     fake = {"a": _probe("torch", {"fp32": 100.0, "bf16": 150.0}),
-            "b": _probe("openvino", {"fp32": 300.0, "bf16": 500.0}),
-            "c": _probe("onnxruntime", {"fp32": 200.0}),
+            "b": _probe("openvino", {"fp32": 300.0, "bf16": 500.0, "int8": 900.0}),
+            "c": _probe("onnxruntime", {"fp32": 200.0, "int8": 1000.0}),
             "d": _probe("broken", {}, fails=True),
             "e": _probe("nan", {"fp32": float("nan")})}
     monkeypatch.setattr("exporter.backends.BACKENDS", fake)
@@ -91,11 +92,28 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_measure_peaks_takes_the_best_probe_and_names_it(probes: None) -> None:
     peaks = machine.measure_peaks(size=64, threads=1)
-    assert peaks["fp32"] == 300.0 and peaks["bf16"] == 500.0
-    assert peaks["best"] == {"fp32": "openvino", "bf16": "openvino"}
+    assert peaks["fp32"] == 300.0 and peaks["bf16"] == 500.0 and peaks["int8"] == 1000.0
+    assert peaks["best"] == {"fp32": "openvino", "bf16": "openvino", "int8": "onnxruntime"}
     assert peaks["sources"] == {"fp32": {"torch": 100.0, "openvino": 300.0, "onnxruntime": 200.0},
-                                "bf16": {"torch": 150.0, "openvino": 500.0}}  # NaN and crashes give no number
+                                "bf16": {"torch": 150.0, "openvino": 500.0},
+                                "int8": {"openvino": 900.0, "onnxruntime": 1000.0}}  # NaN and crashes give no number
     assert "isa_estimate" in peaks
+
+
+def test_measure_peaks_probes_two_sizes_and_keeps_the_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = []
+
+    class Sized(_probe("torch", {})):
+        @classmethod
+        def gemm_peak_gflops(cls, precision: str, *, size: int, device: str, threads: int | None) -> float | None:
+            asked.append((precision, size))
+            return 100.0 if size == 1024 else 80.0  # the smaller matmul happened to run faster
+
+    monkeypatch.setattr("exporter.backends.BACKENDS", {"t": Sized})
+    peaks = machine.measure_peaks(size=2048, threads=1)
+    assert peaks["fp32"] == 100.0 and peaks["sizes"] == [2048, 1024]
+    assert sorted(asked) == sorted((p, n) for p in machine.PEAK_PRECISIONS for n in (2048, 1024))
+    assert machine.measure_peaks(size=100, threads=1)["sizes"] == [100]  # no probe below n = 64
 
 
 def test_measure_peaks_keeps_the_best_of_two_measurements(probes: None) -> None:
@@ -108,7 +126,7 @@ def test_measure_peaks_keeps_the_best_of_two_measurements(probes: None) -> None:
 def test_no_probe_gives_nan_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("exporter.backends.BACKENDS", {"x": _probe("none", {})})
     peaks = machine.measure_peaks(size=64, threads=1)
-    assert math.isnan(peaks["fp32"]) and peaks["best"] == {"fp32": None, "bf16": None}
+    assert math.isnan(peaks["fp32"]) and peaks["best"] == {"fp32": None, "bf16": None, "int8": None}
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
@@ -124,6 +142,10 @@ def test_every_backend_probe_is_none_or_positive(backend: str) -> None:
 
         bf16 = cls.gemm_peak_gflops("bf16", size=128, device="cpu", threads=1)
         assert (bf16 is not None) == cpu_has_native_bf16()  # an emulated bf16 matmul is not a peak
+    if backend in ("openvino", "onnxruntime") and not cls.unavailable_reason("cpu"):
+        # both run a uint8 × int8 matmul on any x86 CPU (VNNI or not): an int8 peak, faster than their fp32 one
+        int8 = cls.gemm_peak_gflops("int8", size=512, device="cpu", threads=1)
+        assert int8 is not None and int8 > cls.gemm_peak_gflops("fp32", size=512, device="cpu", threads=1)
 
 
 def test_real_measure_peaks_names_an_installed_library() -> None:
@@ -178,6 +200,21 @@ def test_isa_estimate_counts_amx_for_bf16(monkeypatch: pytest.MonkeyPatch, flags
     else:
         assert estimate["bf16"] == pytest.approx(cores * bf16_per_core_cycle * 2.0, abs=0.1)
         assert ("AMX" in estimate["formula"]) == ("amx_bf16" in flags)
+
+
+@pytest.mark.parametrize(("flags", "int8_per_core_cycle"), [("avx512f avx512_vnni", 4 * 2 * 16 * 2),
+                                                             ("avx2 avx_vnni", 4 * 2 * 8 * 2),
+                                                             ("avx512f amx_int8 amx_tile", 2048), ("avx2", None)])
+def test_isa_estimate_counts_vnni_and_amx_for_int8(monkeypatch: pytest.MonkeyPatch, flags: str,
+                                                   int8_per_core_cycle: int | None) -> None:
+    fields = {"cpu mhz": "2000.0", "flags": flags}
+    monkeypatch.setattr(machine, "_cpuinfo_field", lambda prefix: fields.get(prefix))
+    estimate = machine.isa_peak_estimate()
+    if int8_per_core_cycle is None:
+        assert estimate["int8"] is None and "int8" not in estimate["formula"]
+    else:
+        assert estimate["int8"] == pytest.approx(machine.usable_cores() * int8_per_core_cycle * 2.0, abs=0.1)
+        assert ("AMX" in estimate["formula"]) == ("amx_int8" in flags) and "int8" in estimate["formula"]
 
 
 def test_isa_estimate_without_a_clock_is_none(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -63,7 +63,8 @@ def test_overhead_verdict_uses_the_larger_of_3_percent_and_20_us() -> None:
 def test_peak_class_per_precision() -> None:
     assert timing.peak_class("fp32") == timing.peak_class("tf32") == "fp32"
     assert timing.peak_class("bf16") == timing.peak_class("fp16") == "bf16"
-    assert timing.peak_class("int8") is None
+    assert timing.peak_class("int8") == "int8"  # against the int8 matmul's GOP/s
+    assert timing.peak_class("fp8") is None
 
 
 @pytest.mark.parametrize("bad, needle", [
@@ -213,7 +214,8 @@ def test_result_document_and_cells(scripted: Path, scripted_clock) -> None:
     default, fast = cells[("fake", 1)], cells[("fake+tuned", 2)]
     assert default["variant"] == "default" and default["options"] == {} and default["parity"]["source"] == "verify"
     assert fast["variant"] == "tuned" and fast["options"] == {"executes": "bf16"}
-    assert fast["executed_precision"] == "bf16" and fast["peak_class"] == "bf16" and fast["parity"]["judged_as"] == "bf16"
+    assert fast["executed_precision"] == "bf16" and fast["peak_class"] == "bf16"
+    assert fast["parity"]["judged_as"] == "bf16"
     # 1000 MACs/image at batch 2 in 1 ms: 4 MFLOP/s, 0.002 % of the 200 GFLOP/s bf16 peak
     assert fast["p50_ms"] == 1.0 and fast["gflops"] == pytest.approx(0.004) and fast["throughput_ips"] == 2000
     assert fast["pct_of_peak"] == pytest.approx(0.002) and fast["peak_source"] == "torch"

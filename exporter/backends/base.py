@@ -52,7 +52,7 @@ def int8_build_bars() -> Any:
 
     tol = tolerance_for("int8", min_agreement=INT8_MIN_AGREEMENT)
     return replace(tol, min_cosine=INT8_MIN_COSINE, atol=tol.atol * INT8_ABS_SHARE, rtol=tol.rtol * INT8_ABS_SHARE,
-                   slack_images=0)
+                   slack_images=0, max_outlier_share=0.0)
 
 
 # past this share of its multiply-adds in fp32 an int8 file is int8 in name only: the build warns (trained resnet152,
@@ -227,7 +227,8 @@ class Runner(ABC):
         if not self.is_active:
             raise RunnerError(f"{self.backend}: call activate() before infer()")
         if not isinstance(batch, np.ndarray) or batch.ndim != 4:
-            raise RunnerError(f"{self.backend}: expected a 4-D NCHW numpy array, got {getattr(batch, 'shape', type(batch))}")
+            got = getattr(batch, "shape", type(batch))
+            raise RunnerError(f"{self.backend}: expected a 4-D NCHW numpy array, got {got}")
         if batch.dtype != np.float32:
             raise RunnerError(f"{self.backend}: expected float32 input, got {batch.dtype}")
         return self.prepare_impl(np.ascontiguousarray(batch))

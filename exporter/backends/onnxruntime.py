@@ -195,18 +195,33 @@ class OnnxRuntimeRunner(Runner):
 
     @classmethod
     def gemm_peak_gflops(cls, precision: str, *, size: int, device: str, threads: int | None) -> float | None:
-        """A one-MatMul ONNX model in an ONNX Runtime CPU session (fp32 only: its CPU MatMul has no bf16)."""
-        if device != "cpu" or precision != "fp32" or cls.unavailable_reason("cpu"):
+        """A one-MatMul ONNX model in an ONNX Runtime CPU session: fp32 (its CPU MatMul has no bf16), or int8 as
+        `model.int8.onnx` lays a layer out — uint8 activations and int8 weights in QDQ form around the MatMul, which
+        the session fuses into one QLinearMatMul."""
+        if device != "cpu" or precision not in ("fp32", "int8") or cls.unavailable_reason("cpu"):
             return None
         import onnx
         from onnx import TensorProto, helper, numpy_helper
 
         ort = import_optional("onnxruntime")
         rng = np.random.default_rng(0)
-        weight = numpy_helper.from_array(rng.random((size, size), dtype=np.float32), "b")
-        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-                                  [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
-                                  [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])], [weight])
+        if precision == "fp32":
+            initializers = [numpy_helper.from_array(rng.random((size, size), dtype=np.float32), "b")]
+            nodes = [helper.make_node("MatMul", ["a", "b"], ["c"])]
+        else:
+            scales = {"a": (1 / 255, np.uint8(0)), "b": (1 / 254, np.int8(0)), "c": (size / 4, np.uint8(128))}
+            initializers = [numpy_helper.from_array(rng.integers(-127, 128, (size, size), dtype=np.int8), "b_q")]
+            for name, (scale, zero) in scales.items():
+                initializers += [numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale"),
+                                 numpy_helper.from_array(np.array(zero), f"{name}_zero")]
+            nodes = [helper.make_node("QuantizeLinear", ["a", "a_scale", "a_zero"], ["a_q"]),
+                     helper.make_node("DequantizeLinear", ["a_q", "a_scale", "a_zero"], ["a_dq"]),
+                     helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zero"], ["b_dq"]),
+                     helper.make_node("MatMul", ["a_dq", "b_dq"], ["c_f"]),
+                     helper.make_node("QuantizeLinear", ["c_f", "c_scale", "c_zero"], ["c_q"]),
+                     helper.make_node("DequantizeLinear", ["c_q", "c_scale", "c_zero"], ["c"])]
+        graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
+                                  [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])], initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
         session = ort.InferenceSession(onnx.shape_inference.infer_shapes(model).SerializeToString(),
                                        session_options(ort, {"intra_op_num_threads": threads or 0}),

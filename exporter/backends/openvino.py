@@ -164,21 +164,37 @@ class OpenVinoRunner(Runner):
 
     @classmethod
     def gemm_peak_gflops(cls, precision: str, *, size: int, device: str, threads: int | None) -> float | None:
-        """A one-MatMul OpenVINO model on the CPU plugin at an explicit inference precision."""
-        if device != "cpu" or precision not in PRECISION_TO_OV or cls.unavailable_reason("cpu"):
+        """A one-MatMul OpenVINO model on the CPU plugin at an explicit inference precision; int8: the MatMul between
+        FakeQuantize'd uint8 activations and int8 weights (how NNCF's models quantize a layer), which the plugin
+        runs as an integer matmul — no peak unless its runtime model says so."""
+        if device != "cpu" or precision not in (*PRECISION_TO_OV, "int8") or cls.unavailable_reason("cpu"):
             return None
         import openvino as ov
         import openvino.opset13 as ops
 
+        def fake_quantize(node: Any, low: float, high: float, levels: int) -> Any:
+            low_, high_ = (ops.constant(np.array(v, np.float32)) for v in (low, high))
+            return ops.fake_quantize(node, low_, high_, low_, high_, levels)
+
         rng = np.random.default_rng(0)
         a = ops.parameter([size, size], ov.Type.f32)
-        b = ops.constant(rng.random((size, size), dtype=np.float32))
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_TO_OV[precision],
+        b = ops.constant(rng.random((size, size), dtype=np.float32) - 0.5)
+        if precision == "int8":
+            a_in, b_in = fake_quantize(a, 0.0, 1.0, 256), fake_quantize(b, -0.5, 0.5, 255)
+        else:
+            a_in, b_in = a, b
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_TO_OV.get(precision, "f32"),
                                   "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        compiled = shared_core().compile_model(ov.Model([ops.matmul(a, b, False, False)], [a]), "CPU", config)
-        if ov_type_to_precision(compiled.get_property("INFERENCE_PRECISION_HINT")) != precision:
+        compiled = shared_core().compile_model(ov.Model([ops.matmul(a_in, b_in, False, False)], [a]), "CPU", config)
+        if precision == "int8":
+            info = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
+            ran = {i["runtimePrecision"].astype(str) for i in info
+                   if i["layerType"].astype(str) in ("FullyConnected", "MatMul")}
+            if not ran & {"i8", "u8"}:
+                return None  # the plugin dequantized the matmul: no int8 peak from it
+        elif ov_type_to_precision(compiled.get_property("INFERENCE_PRECISION_HINT")) != precision:
             return None  # this CPU would run another precision: no peak for this one
         request, x = compiled.create_infer_request(), rng.random((size, size), dtype=np.float32)
         return best_gemm_gflops(lambda: request.infer({0: x}), size)
