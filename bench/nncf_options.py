@@ -21,11 +21,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-OPTIONS = ("default", "mixed", "no_fast_bc", "histogram", "mixed_histogram", "mixed_no_fast_bc")
+OPTIONS = ("default", "mixed", "no_fast_bc", "histogram", "mixed_histogram", "mixed_no_fast_bc", "head_fp32",
+           "ends_fp32", "head_fp32_no_fast_bc")
 
 
-def option_arguments(name: str) -> dict:
-    """`nncf.quantize` keyword arguments of an option name in OPTIONS."""
+def option_arguments(name: str, model=None) -> dict:
+    """`nncf.quantize` keyword arguments of an option name in OPTIONS (`model`: the IR, for the head_/ends_ options,
+    which leave its last / first and last Convolution or MatMul unquantized)."""
     import nncf
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
@@ -33,7 +35,13 @@ def option_arguments(name: str) -> dict:
     slow = {"fast_bias_correction": False} if "no_fast_bc" in name else {}
     ranges = ({"advanced_parameters": nncf.AdvancedQuantizationParameters(
         activations_range_estimator_params=RangeEstimatorParametersSet.HISTOGRAM)} if "histogram" in name else {})
-    return {**mixed, **slow, **ranges}
+    ignored = {}
+    if name.startswith(("head_", "ends_")) and model is not None:
+        from exporter.backends.openvino_int8 import end_layers
+
+        names = end_layers(model, "last" if name.startswith("head_") else "both")
+        ignored = {"ignored_scope": nncf.IgnoredScope(names=names, validate=False)}
+    return {**mixed, **slow, **ranges, **ignored}
 
 
 def p50_ms(compiled, image: np.ndarray, calls: int = 150) -> float:
@@ -63,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import nncf
 
-    from exporter.backends.openvino import cpu_supports_bf16, shared_core
+    from exporter.backends.openvino import cpu_supports_bf16, run_compiled, shared_core
     from exporter.data import sample_images
     from exporter.judge import compute_metrics, judge, row_cosines, tolerance_for
     from exporter.manifest import load_build
@@ -77,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def outputs(model, precision: str) -> tuple[np.ndarray, object]:
         compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
-        return np.concatenate([np.asarray(compiled(test[i:i + 1])[0]) for i in range(len(test))]), compiled
+        output = np.concatenate([np.asarray(run_compiled(compiled, test[i:i + 1])[0]) for i in range(len(test))])
+        return output, compiled
 
     reference, _ = outputs(fp32, "f32")
     print(f"{build.model}: fp32 accuracy {(reference.argmax(1) == labels).mean():.3f} on {len(test)} test images; "
@@ -93,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
               + ("PASS" if not failures else "FAIL: " + "; ".join(failures)), flush=True)
 
     row(f"fp32 IR in {rest}", fp32, 0.0)
-    dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+    dataset = nncf.Dataset([calibration[i:i + 1].copy() for i in range(len(calibration))])
     for name in args.options.split(","):
         started = time.perf_counter()
-        quantized = nncf.quantize(fp32, dataset, subset_size=len(calibration), **option_arguments(name))
+        quantized = nncf.quantize(fp32, dataset, subset_size=len(calibration), **option_arguments(name, fp32))
         row(name, quantized, time.perf_counter() - started)
     return 0
 

@@ -68,6 +68,16 @@ def ov_type_to_precision(value: Any) -> str:
     return names[text]
 
 
+def run_compiled(compiled: Any, inputs: Any) -> Any:
+    """`compiled(inputs)` with the inputs copied into OpenVINO's memory, as every call of ours on a compiled model.
+
+    `CompiledModel.__call__` shares the caller's array by default, and the CPU plugin keeps using it after the call:
+    the next inference of *another* request of the same compiled model writes its own input into that array. After
+    `compiled(images[i:i + 1])` over a test set, one `create_infer_request().infer(…)` overwrote the last test image
+    (OpenVINO 2026.4), so that image alone came back as garbage — held-back and test images must not be shared."""
+    return compiled(inputs, share_inputs=False)
+
+
 @functools.lru_cache(maxsize=1)
 def shared_core() -> Any:
     """The process's one `ov.Core`, never released.
@@ -232,7 +242,7 @@ class OpenVinoRunner(Runner):
         config = {k: v for k, v in self.compile_config().items() if k == "INFERENCE_PRECISION_HINT"}
 
         def outputs_of(compiled: Any) -> dict[str, np.ndarray]:
-            result = compiled({0: batch})
+            result = run_compiled(compiled, {0: batch})
             return {name: np.asarray(result[port]) for port in compiled.outputs for name in port.get_names()}
 
         def run_outputs(path: Path, names: set[str]) -> dict[str, np.ndarray]:
@@ -390,7 +400,7 @@ def nncf_default_peer(build_dir: Path, artifacts: dict[str, Artifact], calibrati
         images = calibration()
         with stdout_to_stderr():
             quantized = nncf.quantize(shared_core().read_model(str(Path(build_dir) / ir.path)),
-                                      nncf.Dataset([images[i:i + 1] for i in range(len(images))]),
+                                      nncf.Dataset([images[i:i + 1].copy() for i in range(len(images))]),
                                       subset_size=len(images))
         save_ir(ov, quantized, target, compress_to_fp16=False)
     return _peer("nncf-default-int8", f"{PEER_DIR}/nncf-default/{IR_FILE}", "int8", PLUGIN_DEFAULT,

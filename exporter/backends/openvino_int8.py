@@ -23,7 +23,15 @@ from exporter.backends.base import (
     int8_held_back_verdict,
     stdout_to_stderr,
 )
-from exporter.backends.openvino import IR_FILE, IR_INT8_DIR, cpu_supports_bf16, label_ir, save_ir, shared_core
+from exporter.backends.openvino import (
+    IR_FILE,
+    IR_INT8_DIR,
+    cpu_supports_bf16,
+    label_ir,
+    run_compiled,
+    save_ir,
+    shared_core,
+)
 from exporter.judge import allowed_error, row_cosines
 from exporter.machine import int8_dot_product_saturates
 
@@ -52,7 +60,7 @@ def held_back_score(compiled: Any, items: Any, pool: int | None = None) -> float
     bars = int8_build_bars()
     worst, worst_excess, flips, count = 1.0, 0.0, 0, 0
     for x, expected in items:
-        got = np.asarray(compiled(x)[0], dtype=np.float64).ravel()
+        got = np.asarray(run_compiled(compiled, x)[0], dtype=np.float64).ravel()
         expected = np.asarray(expected, np.float64).ravel()
         worst = min(worst, float(row_cosines(expected[None], got[None])[0]))
         excess = np.abs(got - expected) / allowed_error(expected, bars)
@@ -76,6 +84,17 @@ def _fp32_layers(model: Any) -> list[str]:
         if weight.get_type_name() not in ("FakeQuantize", "Multiply"):  # Multiply: a dequantization scale
             found.append(op.get_friendly_name())
     return found
+
+
+def end_layers(model: Any, which: str = "both") -> list[str]:
+    """The friendly names of a model's first and/or last Convolution / MatMul ("first", "last", "both"): the stem that
+    sees raw pixels and the classifier whose output is the logits, the layers int8 toolkits most often leave in higher
+    precision — together a few % of a CNN's multiply-adds, the head alone ~0 with 10 classes."""
+    weighted = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in WEIGHTED_OPS]
+    if not weighted:
+        return []
+    chosen = {"first": weighted[:1], "last": weighted[-1:], "both": list(dict.fromkeys([weighted[0], weighted[-1]]))}
+    return chosen[which]
 
 
 def _multiply_adds(op: Any) -> float:
@@ -149,7 +168,8 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
             reference = ctx.model(torch.from_numpy(np.ascontiguousarray(validation))).numpy()
     else:  # an ONNX source: the fp32 IR is the reference
         compiled = shared_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        reference = np.concatenate([np.asarray(compiled(validation[i:i + 1])[0]) for i in range(len(validation))])
+        reference = np.concatenate([np.asarray(run_compiled(compiled, validation[i:i + 1])[0])
+                                    for i in range(len(validation))])
     items = [(validation[i:i + 1], reference[i]) for i in range(len(validation))]
 
     rests = ["bf16", "f32"] if cpu_supports_bf16() else ["f32"]
@@ -169,13 +189,15 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         judged = []
         for rest in rests:
             compiled = shared_core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": rest})
-            output = np.concatenate([np.asarray(compiled(x)[0]) for x, _ in items])
+            output = np.concatenate([np.asarray(run_compiled(compiled, x)[0]) for x, _ in items])
             judged.append((*int8_held_back_verdict(reference, output, ctx.held_back_pool), rest))
             if not judged[-1][0]:
                 return judged[-1]
         return judged[0]
 
-    calibration_data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+    # NNCF infers with shared inputs (`run_compiled`): it gets copies, so that it can never write into the held-back
+    # images or the build's calibration set
+    calibration_data = nncf.Dataset([calibration[i:i + 1].copy() for i in range(len(calibration))])
 
     def scope(names: list[str]) -> Any:
         return nncf.IgnoredScope(names=names, validate=False) if names else None
@@ -245,7 +267,8 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         try:
             with stdout_to_stderr():
                 controlled = nncf.quantize_with_accuracy_control(
-                    model, calibration_data, nncf.Dataset(items), validation_fn=score_within_budget,
+                    model, calibration_data, nncf.Dataset([(x.copy(), ref) for x, ref in items]),
+                    validation_fn=score_within_budget,
                     max_drop=1 - INT8_MIN_COSINE, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration),
                     ignored_scope=scope(ignored), advanced_quantization_parameters=parameters(ranges),
                     advanced_accuracy_restorer_parameters=restorer)

@@ -125,7 +125,8 @@ def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None
     from exporter.backends.base import INT8_ABS_SHARE, INT8_MIN_AGREEMENT, INT8_MIN_COSINE
     from exporter.backends.openvino_int8 import held_back_score
 
-    def compiled(x: np.ndarray) -> list[np.ndarray]:
+    def compiled(x: np.ndarray, share_inputs: bool = True) -> list[np.ndarray]:
+        assert not share_inputs  # OpenVINO would keep using the caller's array (`run_compiled`)
         return [np.eye(3, dtype=np.float32)[[int(x.sum()) % 3]]]
 
     items = [(np.full((1, 1), v, np.float32), np.eye(3)[label]) for v, label in ((0, 0), (1, 1), (2, 0), (4, 1))]
@@ -133,7 +134,8 @@ def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None
     assert held_back_score(compiled, iter(items[:2])) == pytest.approx(1.0)
     assert held_back_score(compiled, []) == 1.0
 
-    def near(x: np.ndarray) -> list[np.ndarray]:  # cosine ≈ 0.9999 everywhere, but image 0's top-1 flips
+    def near(x: np.ndarray, share_inputs: bool = True) -> list[np.ndarray]:
+        # cosine ≈ 0.9999 everywhere, but image 0's top-1 flips
         return [np.array([[1.0, 1.01, 0.0]]) if x.sum() == 0 else np.array([[1.0, 0.99, 0.0]])]
 
     tied = [(np.full((1, 1), v, np.float32), np.array([1.0, 0.99, 0.0])) for v in range(50)]
@@ -145,7 +147,8 @@ def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None
                                                                          / (1 - INT8_MIN_AGREEMENT))
     assert held_back_score(near, iter(tied), pool=1000) > INT8_MIN_COSINE
 
-    def scaled(x: np.ndarray) -> list[np.ndarray]:  # same direction, same top-1, error 4.5 > atol 1 + 0.1·30
+    def scaled(x: np.ndarray, share_inputs: bool = True) -> list[np.ndarray]:
+        # same direction, same top-1, error 4.5 > atol 1 + 0.1·30
         return [np.array([[34.5, 0.0, 0.0]])]
 
     large = [(np.zeros((1, 1), np.float32), np.array([30.0, 0.0, 0.0]))]
@@ -187,6 +190,22 @@ def test_nncf_progress_stays_off_json_stdout(tmp_path) -> None:
                if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8]
     assert len(weights) == 5  # lenet_bn's two convolutions and three linear layers
     assert (max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64) == saturates
+
+
+def test_run_compiled_never_lets_openvino_write_into_the_callers_images(onnx_build) -> None:
+    """After `compiled(images[i:i + 1])` with OpenVINO's default shared inputs, another request of the same compiled
+    model wrote its input into the last image (OpenVINO 2026.4); `run_compiled` copies, so the images stay as they
+    were."""
+    from exporter.backends.openvino import run_compiled, shared_core
+
+    build = onnx_build("lenet_bn")
+    compiled = shared_core().compile_model(str(build.path("openvino-fp32")), "CPU")
+    images = np.random.default_rng(0).random((4, *build.ctx.input_shape), dtype=np.float32)
+    kept = images.copy()
+    first = [np.asarray(run_compiled(compiled, images[i:i + 1])[0]).copy() for i in range(len(images))]
+    compiled.create_infer_request().infer({0: np.zeros_like(images[:1])})
+    np.testing.assert_array_equal(images, kept)
+    np.testing.assert_array_equal(np.asarray(run_compiled(compiled, images[3:4])[0]), first[3])
 
 
 def test_one_core_serves_the_whole_process() -> None:
@@ -374,3 +393,19 @@ def test_fp32_share_counts_multiply_adds_of_convolutions_and_matmuls() -> None:
     conv = next(name for name, macs in layers.items() if macs == 4 * 8 * 8 * 9)
     assert _fp32_share_of_macs(model, [conv]) == pytest.approx(2304 / (2304 + 2560))
     assert _fp32_share_of_macs(model, []) == 0.0
+
+
+def test_end_layers_are_the_first_and_last_weighted_operations() -> None:
+    """The stem and the classifier, what an int8 candidate may leave unquantized (`end_layers`)."""
+    import torch
+
+    from exporter.backends.openvino_int8 import end_layers
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1),
+                              torch.nn.Flatten(), torch.nn.Linear(256, 10)).eval()
+    model = ov.convert_model(net, example_input=torch.zeros(1, 1, 8, 8))
+    kinds = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
+    first, last = end_layers(model, "first"), end_layers(model, "last")
+    assert [kinds[n] for n in first + last] == ["Convolution", "MatMul"]
+    assert end_layers(model) == first + last
+    assert end_layers(ov.Model([], [], "empty")) == []
