@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OPTIONS = ("default", "mixed", "no_fast_bc", "histogram", "mixed_histogram", "mixed_no_fast_bc", "head_fp32",
-           "ends_fp32", "head_fp32_no_fast_bc")
+           "ends_fp32", "head_fp32_no_fast_bc", "head_fp32_histogram", "head_fp32_mixed")
 
 
 def option_arguments(name: str, model=None) -> dict:

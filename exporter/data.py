@@ -411,7 +411,8 @@ def _load_image_folder(root: Path, split: str) -> Dataset:
     for path in paths:
         try:
             with Image.open(path) as image:
-                pixels.append(image.convert("L") if image.mode in ("1", "L", "I;16", "I", "F") else image.convert("RGB"))
+                grey = image.mode in ("1", "L", "I;16", "I", "F")
+                pixels.append(image.convert("L") if grey else image.convert("RGB"))
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"{path}: not a readable image ({type(exc).__name__})") from None
     colour = any(image.mode == "RGB" for image in pixels)

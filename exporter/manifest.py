@@ -27,8 +27,8 @@ from typing import Any, Iterator
 
 from exporter.backends.base import Artifact, Runner, runner_for
 from exporter.errors import ExporterError
-from exporter.paths import default_artifacts_dir
 from exporter.fileio import atomic_write_json, read_json_object, sha256_file  # noqa: F401  (sha256_file: API)
+from exporter.paths import default_artifacts_dir
 
 MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "latest"
@@ -219,7 +219,8 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
                             f"{FORMAT_VERSION}); rebuild with `exporter build {data.get('model', 'MODEL')}`")
     problem = _schema_problem(data)
     if problem:
-        raise ManifestError(f"{path} is damaged: {problem} (rebuild with `exporter build {data.get('model', 'MODEL')}`)")
+        model = data.get("model", "MODEL")
+        raise ManifestError(f"{path} is damaged: {problem} (rebuild with `exporter build {model}`)")
     return data
 
 

@@ -341,10 +341,10 @@ def import_optional(module: str) -> Any:
 
 
 def best_gemm_gflops(call: Callable[[], Any], size: int, *, min_repeats: int = 5, max_repeats: int = 50,
-                     budget_s: float = 1.0) -> float:
-    """GFLOP/s of the fastest call of an n×n×n matmul (2·n³ FLOPs), after one untimed call: at least `min_repeats`
-    calls, then more until `budget_s` or `max_repeats`. A peak is a best case: with 5 calls (0.2 s at n = 2048)
-    whole models on this VM ran up to 6 % above it (bench/results/README.md)."""
+                     budget_s: float = 1.0, flops: float | None = None) -> float:
+    """GFLOP/s of the fastest call of an n×n×n matmul (2·n³ FLOPs, or `flops`), after one untimed call: at least
+    `min_repeats` calls, then more until `budget_s` or `max_repeats`. A peak is a best case: with 5 calls (0.2 s at
+    n = 2048) whole models on this VM ran up to 6 % above it (bench/results/README.md)."""
     call()  # library dispatch, packing buffers, compilation
     best = math.inf
     deadline = time.perf_counter() + budget_s
@@ -354,7 +354,7 @@ def best_gemm_gflops(call: Callable[[], Any], size: int, *, min_repeats: int = 5
         best = min(best, (time.perf_counter_ns() - start) / 1e9)
         if i + 1 >= min_repeats and time.perf_counter() > deadline:
             break
-    return 2.0 * size**3 / best / 1e9
+    return (2.0 * size**3 if flops is None else flops) / best / 1e9
 
 
 BACKENDS: dict[str, type[Runner]] = {}

@@ -20,6 +20,6 @@ from exporter.models.registry import (
 )
 
 __all__ = [
-    "MODELS", "CpuRecipe", "InputShapeError", "ModelSpec", "Recipe", "UnknownModelError", "check_input_shape", "count_macs",
-    "count_parameters", "create_model", "get_spec", "list_models", "model_summary", "valid_sizes",
+    "MODELS", "CpuRecipe", "InputShapeError", "ModelSpec", "Recipe", "UnknownModelError", "check_input_shape",
+    "count_macs", "count_parameters", "create_model", "get_spec", "list_models", "model_summary", "valid_sizes",
 ]

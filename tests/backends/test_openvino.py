@@ -152,7 +152,8 @@ def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None
         return [np.array([[34.5, 0.0, 0.0]])]
 
     large = [(np.zeros((1, 1), np.float32), np.array([30.0, 0.0, 0.0]))]
-    assert held_back_score(scaled, iter(large)) == pytest.approx(1 - 4.5 / (4.0 * INT8_ABS_SHARE) * (1 - INT8_MIN_COSINE))
+    expected = 1 - 4.5 / (4.0 * INT8_ABS_SHARE) * (1 - INT8_MIN_COSINE)
+    assert held_back_score(scaled, iter(large)) == pytest.approx(expected)
 
 
 def test_nncf_progress_stays_off_json_stdout(tmp_path) -> None:
@@ -219,9 +220,10 @@ def test_one_core_serves_the_whole_process() -> None:
 @pytest.mark.parametrize("onnxruntime_fp32_layers", [0, 2])
 def test_int8_candidates_in_order_until_one_passes(tmp_path, monkeypatch: pytest.MonkeyPatch,
                                                    histogram_is_closer: bool, onnxruntime_fp32_layers: int) -> None:
-    """NNCF's default failing the build bars: histogram activation ranges next, kept when closer; then, where the
-    build's ORT int8 left layers in fp32, those layers ignored; accuracy control only if all fail, starting from
-    the kept ranges and ignored layers, with bounded iterations."""
+    """NNCF's default failing the build bars: the MIXED preset with the classifier unquantized next (here neither
+    passing nor closer); histogram activation ranges, kept when closer; then, where the build's ORT int8 left layers
+    in fp32, those layers ignored; accuracy control only if all fail, starting from the kept ranges and ignored
+    layers, with bounded iterations."""
     import nncf
 
     from exporter.backends import openvino_int8 as ovb
@@ -229,17 +231,18 @@ def test_int8_candidates_in_order_until_one_passes(tmp_path, monkeypatch: pytest
     monkeypatch.setattr(ovb, "cpu_supports_bf16", lambda core=None: False)  # one verdict per candidate
     seed = [f"conv{i}" for i in range(onnxruntime_fp32_layers)]
     monkeypatch.setattr(ovb, "ignored_scope_from_onnxruntime", lambda ctx, model: seed)
-    verdicts = iter([(["default: cosine"], 0.99, 0.95),
+    verdicts = iter([(["default: cosine"], 0.99, 0.95), (["mixed: flips"], 0.98, 0.97),
                      ([], 1.0, 0.999) if histogram_is_closer else (["histogram: worse"], 0.98, 0.90)]
                     + ([(["seed: closer"], 0.992, 0.99)] if seed and not histogram_is_closer else [])
                     + [([], 1.0, 0.998)])  # after accuracy control
     monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output, pool=None: next(verdicts))
-    ignored_scopes, controlled = [], []
+    ignored_scopes, presets, controlled = [], [], []
     quantize = nncf.quantize
 
-    def recording_quantize(model, dataset, *args, ignored_scope=None, **kwargs):
+    def recording_quantize(model, dataset, *args, ignored_scope=None, preset=None, **kwargs):
         ignored_scopes.append(ignored_scope and ignored_scope.names)
-        return quantize(model, dataset, *args, **kwargs)
+        presets.append(preset)
+        return quantize(model, dataset, *args, preset=preset, **kwargs)
 
     def accuracy_control(model, *args, advanced_quantization_parameters=None, ignored_scope=None,
                          advanced_accuracy_restorer_parameters=None, **kwargs):
@@ -255,12 +258,15 @@ def test_int8_candidates_in_order_until_one_passes(tmp_path, monkeypatch: pytest
     assert artifact.options == {"inference_precision": "f32"}
     info = ctx.diagnostics["openvino"]["int8"]
     assert info["default_failures"] == ["default: cosine"]
+    head = ignored_scopes[1]
+    assert len(head) == 1 and presets[:3] == [None, nncf.QuantizationPreset.MIXED, None]  # the classifier's MatMul
     if histogram_is_closer:
         assert info["method"].startswith("nncf.quantize (histogram") and not controlled and not info["failures"]
-        assert ignored_scopes == [None, None] and set(info["methods_measured"]) == {"default", "histogram"}
+        assert ignored_scopes == [None, head, None]
+        assert set(info["methods_measured"]) == {"default", "mixed_head_fp32", "histogram"}
         return
-    assert ignored_scopes == [None, None] + ([seed] if seed else [])
-    assert set(info["methods_measured"]) == ({"default", "histogram", "accuracy_control"}
+    assert ignored_scopes == [None, head, None] + ([seed] if seed else [])
+    assert set(info["methods_measured"]) == ({"default", "mixed_head_fp32", "histogram", "accuracy_control"}
                                              | ({"onnxruntime_fp32_layers"} if seed else set()))
     assert len(controlled) == 1 and "accuracy_control" in info["method"] and "histogram" not in info["method"]
     ranges, ignored, restorer = controlled[0]
@@ -269,6 +275,28 @@ def test_int8_candidates_in_order_until_one_passes(tmp_path, monkeypatch: pytest
     assert ignored == (seed or None)  # accuracy control starts from the closer ignored scope
     assert restorer.max_num_iterations == ovb.ACCURACY_CONTROL_MAX_REVERTED
     assert restorer.ranking_subset_size == ovb.ACCURACY_CONTROL_RANKING_IMAGES
+
+
+def test_mixed_preset_with_the_classifier_unquantized_is_kept_when_it_passes(tmp_path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where NNCF's default fails, asymmetric activations with the classifier left unquantized come next — as fast
+    as the default — and end the search when they pass; the manifest names the unquantized classifier."""
+    import nncf
+
+    from exporter.backends import openvino_int8 as ovb
+
+    monkeypatch.setattr(ovb, "cpu_supports_bf16", lambda core=None: False)
+    verdicts = iter([(["default: cosine"], 0.99, 0.95), ([], 1.0, 0.998)])
+    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output, pool=None: next(verdicts))
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", lambda *args, **kwargs: pytest.fail("not needed"))
+    calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    ctx = make_context("lenet_bn", tmp_path, int8=True, calibration=calibration)
+    artifact = {a.name: a for a in export_openvino(ctx)}["openvino-int8"]
+    info = ctx.diagnostics["openvino"]["int8"]
+    assert info["method"].startswith("nncf.quantize (MIXED preset") and not info["failures"]
+    assert set(info["methods_measured"]) == {"default", "mixed_head_fp32"}
+    ir = ov.Core().read_model(str(tmp_path / artifact.path))
+    assert info["fp32_layers"] == ovb.end_layers(ir, "last")  # the classifier alone stays unquantized
 
 
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no native bf16: the rest of an int8 model runs in f32 anyway")
@@ -280,8 +308,9 @@ def test_int8_rest_falls_back_to_f32_only_when_that_passes(tmp_path, monkeypatch
     from exporter.backends import openvino_int8 as ovb
 
     bf16, f32 = (["bf16: flips"], 0.984, 0.996), ([], 1.0, 0.999) if f32_passes else (["f32: flips"], 0.99, 0.99)
-    # default (bf16, then f32); where f32 fails too: histogram and accuracy control's result, each bf16 then f32
-    verdicts = iter([bf16, f32] * (1 if f32_passes else 3))
+    # default (bf16, then f32); where f32 fails too: MIXED with the classifier unquantized, histogram and accuracy
+    # control's result, each bf16 then f32
+    verdicts = iter([bf16, f32] * (1 if f32_passes else 4))
     monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output, pool=None: next(verdicts))
     monkeypatch.setattr(ovb, "ignored_scope_from_onnxruntime", lambda ctx, model: [])
     import nncf
@@ -317,13 +346,14 @@ def test_ort_qdq_file_is_tried_before_accuracy_control(tmp_path, monkeypatch: py
 
     monkeypatch.setattr(ovb, "cpu_supports_bf16", lambda core=None: False)  # one verdict per candidate
     monkeypatch.setattr(ovb, "ignored_scope_from_onnxruntime", lambda ctx, model: [])
-    verdicts = iter([(["default: flips"], 0.98, 0.99), (["histogram: flips"], 0.97, 0.99), ([], 1.0, 0.999)])
+    verdicts = iter([(["default: flips"], 0.98, 0.99), (["mixed: flips"], 0.97, 0.99),
+                     (["histogram: flips"], 0.97, 0.99), ([], 1.0, 0.999)])
     monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output, pool=None: next(verdicts))
     monkeypatch.setattr(nncf, "quantize_with_accuracy_control", lambda *args, **kwargs: pytest.fail("not needed"))
     artifact = {a.name: a for a in export_openvino(ctx)}["openvino-int8"]
     info = ctx.diagnostics["openvino"]["int8"]
     assert info["method"].startswith(ovb.QDQ_METHOD) and not info["failures"]
-    assert set(info["methods_measured"]) == {"default", "histogram", "onnxruntime_qdq"}
+    assert set(info["methods_measured"]) == {"default", "mixed_head_fp32", "histogram", "onnxruntime_qdq"}
     assert "accuracy_control" not in info and info["fp32_layers_why"].startswith("left in fp32 by ORT")
     assert artifact.notes[0].startswith("int8 (ONNX Runtime's") and artifact.options == {"inference_precision": "f32"}
     ir = ov.Core().read_model(str(tmp_path / artifact.path))
@@ -333,7 +363,8 @@ def test_ort_qdq_file_is_tried_before_accuracy_control(tmp_path, monkeypatch: py
         assert runner.infer(calibration[:2]).shape == (2, TEST_NUM_CLASSES)
 
 
-def test_accuracy_control_past_its_budget_keeps_the_closest_candidate(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_accuracy_control_past_its_budget_keeps_the_closest_candidate(tmp_path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """NNCF's accuracy control is ended by its wall-clock budget (raised from the validation function); the
     build keeps the closest candidate before it and says so instead of running on for an hour."""
     from exporter.backends import openvino_int8 as ovb
