@@ -106,7 +106,8 @@ def _summary(cell: dict[str, Any]) -> dict[str, Any]:
     return {"label": cell["label"], "artifact": cell["artifact"], "backend": cell["backend"],
             "variant": cell.get("variant", "default"), "options": cell.get("options") or {},
             "precision": cell.get("executed_precision") or cell.get("precision"), "batch": cell["batch"],
-            "p50_ms": cell.get("p50_ms"), "p99_ms": cell.get("p99_ms"), "throughput_ips": cell.get("throughput_ips"),
+            "p50_ms": cell.get("p50_ms"), "p90_ms": cell.get("p90_ms"), "p99_ms": cell.get("p99_ms"),
+            "throughput_ips": cell.get("throughput_ips"),
             "unstable": cell.get("unstable"), "cv": cell.get("cv"), "parity": parity.get("status"),
             "flip_rate": parity.get("flip_rate"), "acc_drop": parity.get("acc_drop")}
 
@@ -190,6 +191,8 @@ def describe_choice(choice: dict[str, Any]) -> list[str]:
     if runner_up:
         gap = runner_up["p50_ms"] / win["p50_ms"] - 1 if win["p50_ms"] else 0.0
         tie = max(0.05, 2 * (win.get("cv") or 0.0)) if win.get("unstable") else 0.05
+        if win.get("unstable") and win.get("p90_ms") and win["p50_ms"]:
+            tie = max(0.05, min(tie, win["p90_ms"] / win["p50_ms"] - 1))  # rare spikes: as the spread above
         lines.append(f"runner-up: {runner_up['label']} [{runner_up['backend']}, {runner_up['precision']}] "
                      f"p50 {runner_up['p50_ms']:.3f} ms (+{gap:.1%})"
                      + (f" — within {tie:.0%}, effectively a tie on this machine" if gap < tie else ""))
