@@ -1,15 +1,16 @@
 """ONNX Runtime int8: the calibrated QDQ copy of an ONNX model, accuracy-aware.
 
 `quantize_int8` writes `model.int8.onnx` in the layout ONNX Runtime's x86 int8 kernels are fast at (asymmetric uint8
-activations, per-channel symmetric int8 weights), MinMax-calibrated on real training images. A quarter of those
-images is held back and the result judged there (the parity judge's int8 class, with INT8_MIN_AGREEMENT and
-INT8_MIN_COSINE as its bars). If it fails, Percentile calibration is tried in its place — measured on the trained
-zoo (`bench/int8_calibration.py`, `bench/results/int8-calibration.md`), the better one on densenet and resnet18 and
-no better elsewhere — and kept if it passes. Otherwise, from the closer of the two, the fewest graph nodes whose
-exclusion makes the model pass are found by bisection (latest layers first) and left in fp32 (`nodes_to_exclude`),
-then the costliest of them are tried back in int8: an fp32 layer at full resolution costs most of int8's gain
-(trained resnet50, batch 1, `bench/run_matrix.py`: 12 convolutions left in fp32 ran at 0.54× ORT fp32's time, the
-4 left now at 0.47×).
+activations, per-channel symmetric int8 weights; every BatchNormalization no convolution absorbed rewritten as a
+depthwise 1×1 convolution so that it stays in int8: `batchnorms_as_convolutions`), MinMax-calibrated on real
+training images. A quarter of those images is held back and the result judged there (the parity judge's int8 class,
+with INT8_MIN_AGREEMENT and INT8_MIN_COSINE as its bars). If it fails, Percentile calibration is tried in its place
+— measured on the trained zoo (`bench/int8_calibration.py`, `bench/results/int8-calibration.md`), the better one on
+densenet and resnet18 and no better elsewhere — and kept if it passes. Otherwise, from the closer of the two, the
+fewest graph nodes whose exclusion makes the model pass are found by bisection (latest layers first) and left in
+fp32 (`nodes_to_exclude`), then the costliest of them are tried back in int8: an fp32 layer at full resolution costs
+most of int8's gain (trained resnet50, batch 1, `bench/run_matrix.py`: 12 convolutions left in fp32 ran at 0.54× ORT
+fp32's time, the 4 left now at 0.47×).
 
 `write_qdq` is the one quantizer call; the tensorrt stage uses it for its symmetric int8 copy.
 """
@@ -149,6 +150,7 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
     info["reduce_range"] = reduce_range
     with tempfile.TemporaryDirectory(prefix="exporter-int8-") as work:
         prepared = prepare_for_quantization(source, Path(work))
+        info["batchnorms_as_convolutions"] = batchnorms_as_convolutions(prepared)
         candidate = Path(work) / "candidate.onnx"
 
         def quantize(excluded: Sequence[str], *, bar: bool = progress) -> list[str]:
@@ -222,6 +224,9 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
                      + (f" ({', '.join(compute[:4])}{', …' if len(compute) > 4 else ''}; "
                         f"{info['fp32_share_of_macs']:.0%} of the multiply-adds)" if compute else ""))
     notes.insert(1, "for ONNX Runtime's CPU EP; TensorRT builds from its own symmetric copy (tensorrt stage)")
+    if info["batchnorms_as_convolutions"]:
+        notes.append(f"{info['batchnorms_as_convolutions']} BatchNormalizations no convolution could absorb run as "
+                     "int8 depthwise 1×1 convolutions (ONNX Runtime has no int8 BatchNormalization)")
     return Artifact(name="onnx-int8", backend="onnxruntime", path=target.name, precision="int8", notes=notes)
 
 
@@ -320,6 +325,50 @@ def prepare_for_quantization(source: Path, work: Path) -> Path:
     prepared = work / "prepared.onnx"
     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
     return prepared
+
+
+def batchnorms_as_convolutions(path: Path) -> int:
+    """Rewrite `path` in place: every BatchNormalization left after graph optimisation (one a convolution could not
+    absorb: a pre-activation BN after a Concat or Add) becomes the 1×1 depthwise Conv computing the same per-channel
+    affine map. Returns how many were rewritten.
+
+    ONNX Runtime has no int8 BatchNormalization: in a QDQ file each one dequantizes, runs in fp32 in NCHW between
+    two Transposes out of and back into the int8 kernels' NHWC, and its scale is quantized per-tensor. As a
+    depthwise convolution it gets per-channel weights and runs as one more QLinearConv (densenet, 20 pre-activation
+    BNs: 102 DequantizeLinear and 40 Transpose left in ORT's optimised int8 graph before, 2 and 2 after)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info, *graph.output]
+             if v.type.tensor_type.HasField("shape")}
+    nodes, count = [], 0
+    for node in graph.node:
+        rank = ranks.get(node.input[0], 0) if node.input else 0
+        if (node.op_type != "BatchNormalization" or len(node.output) != 1 or rank < 3
+                or not all(name in constants for name in node.input[1:5])):
+            kept = onnx.NodeProto()
+            kept.CopyFrom(node)
+            nodes.append(kept)
+            continue
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(constants[name]).astype(np.float64)
+                                  for name in node.input[1:5])
+        scale = gamma / np.sqrt(var + epsilon)
+        weight = numpy_helper.from_array(scale.reshape(len(scale), *[1] * (rank - 1)).astype(np.float32),
+                                         f"{node.name}.depthwise_weight")
+        bias = numpy_helper.from_array((beta - mean * scale).astype(np.float32), f"{node.name}.depthwise_bias")
+        graph.initializer.extend([weight, bias])
+        nodes.append(helper.make_node("Conv", [node.input[0], weight.name, bias.name], list(node.output),
+                                      name=node.name, group=len(scale), kernel_shape=[1] * (rank - 2)))
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx.save(model, str(path))
+    return count
 
 
 def write_qdq(source: Path, target: Path, calibration: np.ndarray | None, *, activation_type: str,

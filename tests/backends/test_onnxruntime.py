@@ -15,6 +15,7 @@ from exporter.backends.onnxruntime import OnnxRuntimeRunner, export_onnxruntime
 from exporter.backends.onnxruntime_int8 import (
     INT8_FILE,
     CalibrationDataError,
+    batchnorms_as_convolutions,
     fewest_fp32_nodes,
     node_costs,
     quantize_int8,
@@ -62,8 +63,9 @@ def test_session_options_come_from_runner_options(onnx_build) -> None:
 def test_missing_gpu_provider_is_unavailable_not_a_cpu_fallback(onnx_build) -> None:
     build = onnx_build("lenet")
     # The TensorRT EP is reported missing, or the CUDA EP it needs for the device check before it.
-    for provider, name, reason in (("cuda", "CUDAExecutionProvider", "has no CUDAExecutionProvider"),
-                                   ("tensorrt", "TensorrtExecutionProvider", "has no (CUDA|Tensorrt)ExecutionProvider")):
+    for provider, name, reason in (
+            ("cuda", "CUDAExecutionProvider", "has no CUDAExecutionProvider"),
+            ("tensorrt", "TensorrtExecutionProvider", "has no (CUDA|Tensorrt)ExecutionProvider")):
         if name in ort.get_available_providers():
             continue
         with pytest.raises(BackendUnavailable, match=reason):
@@ -260,6 +262,60 @@ def test_node_costs_are_multiply_adds_for_convolutions_and_elements_elsewhere(tm
     assert list(costs) == ["conv", "relu", "pool", "flat", "head"]  # topological order
     assert costs["conv"] == 4 * 8 * 8 * (2 * 3 * 3) and costs["relu"] == 4 * 8 * 8
     assert costs["head"] == 5 * 4 and costs["pool"] == 4
+
+
+def _preactivation_onnx(path) -> None:
+    """conv → add → BatchNormalization → relu → conv → pool → gemm: a BN after an Add, which no convolution absorbs
+    (DenseNet's and ResNet v2's pre-activation)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.normal(0, 0.5, (4, 2, 3, 3)), "w2": rng.normal(0, 0.5, (4, 4, 3, 3)),
+               "gamma": rng.uniform(0.5, 2, 4), "beta": rng.normal(0, 1, 4), "mean": rng.normal(0, 1, 4),
+               "var": rng.uniform(0.5, 2, 4), "fc": rng.normal(0, 0.5, (5, 4)), "shape": np.array([-1, 4])}
+    graph = helper.make_graph([
+        helper.make_node("Conv", ["input", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "c"], ["a"], name="add"),
+        helper.make_node("BatchNormalization", ["a", "gamma", "beta", "mean", "var"], ["b"], name="bn",
+                         epsilon=1e-3),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="pool"),
+        helper.make_node("Reshape", ["p", "shape"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], name="head", transB=1),
+    ], "preactivation", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])],
+        [numpy_helper.from_array(v.astype(np.int64 if k == "shape" else np.float32), k) for k, v in weights.items()])
+    onnx.save(onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 17)])), str(path))
+
+
+def test_a_batchnorm_no_convolution_absorbs_stays_int8_as_a_depthwise_convolution(tmp_path) -> None:
+    from exporter.backends.onnxruntime_int8 import prepare_for_quantization
+
+    _preactivation_onnx(tmp_path / "m.onnx")
+    images = np.random.default_rng(1).normal(0, 1, (32, 2, 8, 8)).astype(np.float32)
+    rewritten = prepare_for_quantization(tmp_path / "m.onnx", tmp_path)
+    assert batchnorms_as_convolutions(rewritten) == 1
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(rewritten)).graph.node}
+
+    def logits(path, **options) -> np.ndarray:
+        session_options = ort.SessionOptions()
+        for key, value in options.items():
+            setattr(session_options, key, value)
+        session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
+        return session.run(None, {"input": images})[0]
+
+    np.testing.assert_allclose(logits(rewritten), logits(tmp_path / "m.onnx"), rtol=1e-5, atol=1e-5)
+
+    info: dict = {}
+    artifact = quantize_int8(tmp_path / "m.onnx", tmp_path / INT8_FILE, images, progress=False, info=info)
+    assert info["batchnorms_as_convolutions"] == 1
+    assert any("1 BatchNormalizations no convolution could absorb" in note for note in artifact.notes)
+    # in ONNX Runtime's own optimised graph the BN is an int8 convolution, with no fp32 island around it
+    logits(tmp_path / INT8_FILE, optimized_model_filepath=str(tmp_path / "optimized.onnx"))
+    optimized = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert "BatchNormalization" not in optimized and "QLinearConv" in optimized
 
 
 def _tiny_onnx(path, offset: float) -> None:
