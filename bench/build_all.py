@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, atomic_write_text, error_line, run_exporter  # noqa: E402
+
 MODES = ("untrained", "trained", "checkpoint")
 STAGES = ("weights", "lint", "torch.export", "inductor", "aoti", "onnx", "onnxruntime", "openvino", "tensorrt",
           "quick parity")
@@ -80,7 +81,8 @@ def render(rows: list[dict], machine: dict) -> str:
         "the model's wall time in `training.md` for the whole train-then-build cost); the other modes build in a "
         "fresh artifacts directory. Compile stages reuse Inductor's on-disk kernel cache "
         "(`/tmp/torchinductor_<user>`), so a machine's first builds take longer; load from other jobs slows "
-        "them too (the *trained* rows ran earlier, on a machine shared with other jobs). Times in seconds; sizes are the files "
+        "them too (the *trained* rows ran earlier, on a machine shared with other jobs). Times in seconds; sizes are "
+        "the files "
         "each artifact needs (artifacts sharing a file, e.g. `eager` and `inductor`, count it each).",
         "",
         "| model | mode | input | build wall s | weights s | torch.export s | inductor s | aoti s | onnx s | "

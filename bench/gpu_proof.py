@@ -391,8 +391,8 @@ def step_ort(parts: Path, budget: Budget) -> dict[str, Any]:
 
 def ort_worker(spec_file: Path) -> int:
     """In the subprocess with onnxruntime-gpu first on sys.path: the CUDA EP cells through OnnxRuntimeRunner."""
-    import numpy as np
-    import torch  # noqa: F401  (loads the CUDA / cuDNN libraries onnxruntime-gpu links against)
+    import numpy as np  # noqa: I001  (torch before onnxruntime, on purpose)
+    import torch  # noqa: F401  (before onnxruntime: loads the CUDA / cuDNN libraries onnxruntime-gpu links against)
 
     import onnxruntime as ort
 

@@ -5,9 +5,9 @@
 
 For each model's latest build (`exporter build MODEL`), quantizes its `model.onnx` with each method in the CPU
 layout `exporter` ships (uint8 activations, per-channel int8 weights; no fp32 fallback, so the methods are compared
-alone) on 256 training images (a build calibrates on 384 of its 512 and judges the rest), and compares the result with the fp32 file on 1,000
-digits5k test images: top-1 agreement, worst cosine, accuracy, and the seconds each method took. Rows are kept in
-`bench/results/int8-calibration.json` and rendered to `int8-calibration.md`.
+alone) on 256 training images (a build calibrates on 384 of its 512 and judges the rest), and compares the result
+with the fp32 file on 1,000 digits5k test images: top-1 agreement, worst cosine, accuracy, and the seconds each
+method took. Rows are kept in `bench/results/int8-calibration.json` and rendered to `int8-calibration.md`.
 """
 
 from __future__ import annotations

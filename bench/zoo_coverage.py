@@ -198,7 +198,8 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         "since op support and not resolution is tested — then `exporter bench --batch-sizes 1`. A cell is the "
         "artifact's verdict from the build's quick parity check against eager PyTorch fp32 (8 real digits5k test "
         "images and a batch of one, the judge of `exporter verify`) with its batch-1 p50 latency; `FAIL` / "
-        "`skipped` cells have their reason under the table. *torch.export* is the program AOTInductor compiles; when it fails the other "
+        "`skipped` cells have their reason under the table. *torch.export* is the program AOTInductor compiles; "
+        "when it fails the other "
         f"backends still build. Backends run: {', '.join(meta['backends'])}"
         + "".join(f"; {backend} on {sum(backend in row_backends(r) for r in rows.values())} of {len(every)} models"
                   for backend in meta["backends"] if backend in COMPILE_BACKENDS)

@@ -13,7 +13,8 @@ from typing import Iterator
 
 import pytest
 
-from exporter import benchmark as bench, timing
+from exporter import benchmark as bench
+from exporter import timing
 from exporter.backends import BACKENDS
 from exporter.backends.base import Artifact
 from exporter.benchmark import BenchSettings

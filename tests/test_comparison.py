@@ -17,8 +17,20 @@ import pytest
 from exporter.backends import BACKENDS, Artifact, BackendUnavailable, Variant
 from exporter.backends.base import Runner, RunnerError
 from exporter.comparison import (
-    ERROR, FAIL, NOT_RUN, PARITY_FORMAT, PASS, ComparisonResult, Overrides, ParityReport, QUICK_BATCH,
-    compare_variant, make_input_sets, not_run, reference_outputs, run_batches,
+    ERROR,
+    FAIL,
+    NOT_RUN,
+    PARITY_FORMAT,
+    PASS,
+    QUICK_BATCH,
+    ComparisonResult,
+    Overrides,
+    ParityReport,
+    compare_variant,
+    make_input_sets,
+    not_run,
+    reference_outputs,
+    run_batches,
 )
 from exporter.errors import UsageError
 from exporter.judge import TOLERANCES

@@ -91,7 +91,8 @@ def test_idx_wrong_magic(tmp_path: Path) -> None:
     labels = np.zeros(12, np.uint8)
     # A labels file where the images file should be: magic 0x801 instead of 0x803.
     (tmp_path / "d" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels, IDX_LABELS_MAGIC)))
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: wrong magic number 0x00000801, expected 0x00000803"):
+    with pytest.raises(DataError,
+                       match=r"train-images-idx3-ubyte.gz: wrong magic number 0x00000801, expected 0x00000803"):
         load_split(tmp_path / "d", "train")
 
 
@@ -136,7 +137,8 @@ def test_idx_count_mismatch(tmp_path: Path) -> None:
     write_idx_dir(tmp_path / "d")
     (tmp_path / "d" / "train-labels-idx1-ubyte.gz").write_bytes(
         gzip.compress(idx_bytes(np.zeros(11, np.uint8), IDX_LABELS_MAGIC)))
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz has 12 images but train-labels-idx1-ubyte.gz has 11"):
+    with pytest.raises(DataError,
+                       match="train-images-idx3-ubyte.gz has 12 images but train-labels-idx1-ubyte.gz has 11"):
         load_split(tmp_path / "d", "train")
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from exporter.backends import STAGES, Stage
 from exporter.build_inputs import HELD_BACK_POOL
 from exporter.cli import main
 from exporter.errors import UsageError
-from exporter.backends import STAGES, Stage
 from exporter.export import STAGE_NAMES, BuildError, build, parse_backends
 from exporter.manifest import RESULT_FILES, ManifestError, load_build, sha256_file
 from exporter.results import parity_summary, read_parity
@@ -164,9 +164,8 @@ def test_unnamed_failing_backend_is_recorded_not_fatal(tmp_path: Path, monkeypat
 
 
 def test_strict_turns_lint_warnings_into_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from exporter import lint
-
     import exporter.export as export_module
+    from exporter import lint
 
     monkeypatch.setattr(export_module, "lint_model",
                         lambda *a, **k: [lint.LintWarning("adaptive-pool", "uneven pool")])

@@ -12,8 +12,16 @@ import pytest
 
 from exporter.manifest import Build
 from exporter.results import (
-    BENCH_FORMAT, UNVERIFIED, ResultsError, parity_of, parity_records, parity_summary, read_bench, read_parity,
-    write_bench, write_parity,
+    BENCH_FORMAT,
+    UNVERIFIED,
+    ResultsError,
+    parity_of,
+    parity_records,
+    parity_summary,
+    read_bench,
+    read_parity,
+    write_bench,
+    write_parity,
 )
 
 ORDER = ["eager", "onnx-fp32", "openvino-fp32"]

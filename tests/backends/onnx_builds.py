@@ -50,7 +50,8 @@ class Build:
         return np.random.default_rng(seed).random((n, *self.ctx.input_shape), dtype=np.float32)
 
 
-def make_context(model_name: str, out_dir: Path, *, model: Any = None, trace: bool = True, **kwargs: Any) -> BuildContext:
+def make_context(model_name: str, out_dir: Path, *, model: Any = None, trace: bool = True,
+                 **kwargs: Any) -> BuildContext:
     """A BuildContext like a build's: eval model, dynamic-batch ExportedProgram (unless `trace=False`)."""
     from exporter.models import create_model
 

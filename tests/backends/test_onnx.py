@@ -123,8 +123,11 @@ def test_intermediate_outputs_map_back_to_pytorch_modules(onnx_build, tmp_path, 
     assert by_module[""] == "logits"
 
     captured: dict[str, np.ndarray] = {}
-    hooks = [module.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o.detach().clone().numpy()))
-             for name, module in modules.items() if name in by_module and name]
+
+    def keep(name: str):
+        return lambda m, i, o: captured.__setitem__(name, o.detach().clone().numpy())
+
+    hooks = [module.register_forward_hook(keep(name)) for name, module in modules.items() if name in by_module and name]
     batch = build.batch(2)
     try:
         build.eager(batch)

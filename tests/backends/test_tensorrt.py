@@ -90,7 +90,8 @@ def test_rebuild_command_repeats_the_build_flags() -> None:
     assert rebuild_command(_sidecar()) == "exporter build resnet18 --backends tensorrt --fp16"
     flags = {"precision": "int8", "int8": True, "static_batch": 8}
     # The tensorrt stage writes the int8 engine's QDQ file itself: no onnxruntime stage needed.
-    assert rebuild_command(_sidecar(build_flags=flags)) == "exporter build resnet18 --backends tensorrt --int8 --batch 8"
+    expected = "exporter build resnet18 --backends tensorrt --int8 --batch 8"
+    assert rebuild_command(_sidecar(build_flags=flags)) == expected
 
 
 def test_check_engine_sidecar_refuses_with_the_rebuild_command(tmp_path) -> None:
