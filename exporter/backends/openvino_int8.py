@@ -32,6 +32,7 @@ from exporter.backends.openvino import (
     save_ir,
     shared_core,
 )
+from exporter.errors import one_line
 from exporter.judge import allowed_error, row_cosines
 from exporter.machine import int8_dot_product_saturates
 
@@ -245,11 +246,15 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
         histogram = RangeEstimatorParametersSet.HISTOGRAM
-        candidate = quantize(histogram, ignored, preset)
-        if keep(candidate, verdict(candidate), "histogram",
-                "nncf.quantize (histogram activation ranges, symmetric int8 weights per channel"
-                + ("; MIXED preset, the classifier unquantized)" if preset is not None else ")")):
-            ranges = histogram
+        try:
+            candidate = quantize(histogram, ignored, preset)
+        except ValueError as exc:  # activations within a few float steps of one value have no histogram (as in ORT)
+            info["methods_measured"]["histogram"] = {"error": one_line(exc)}
+        else:
+            if keep(candidate, verdict(candidate), "histogram",
+                    "nncf.quantize (histogram activation ranges, symmetric int8 weights per channel"
+                    + ("; MIXED preset, the classifier unquantized)" if preset is not None else ")")):
+                ranges = histogram
     ranges_note = "; histogram activation ranges" if ranges is not None else ""
     if failures and (seed := ignored_scope_from_onnxruntime(ctx, model)):
         seed = list(dict.fromkeys([*seed, *ignored]))

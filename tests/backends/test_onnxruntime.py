@@ -21,7 +21,7 @@ from exporter.backends.onnxruntime_int8 import (
     quantize_int8,
     write_qdq,
 )
-from exporter.errors import UsageError
+from exporter.errors import ExporterError, UsageError
 from exporter.machine import int8_dot_product_saturates
 from tests.backends.onnx_builds import (  # noqa: F401  (onnx_build is a fixture)
     CHEAP_MODELS,
@@ -185,6 +185,28 @@ def test_int8_that_fails_its_class_on_held_back_images_leaves_layers_in_fp32(int
     assert f"{info['fp32_share_of_macs']:.0%} of the multiply-adds" in " ".join(artifact.notes)
     stored = {p.key: p.value for p in onnx.load(str(tmp_path / INT8_FILE)).metadata_props}
     assert stored["int8_fp32_nodes"].split(",") == info["fp32_nodes"]
+
+
+def test_a_percentile_calibration_that_cannot_run_leaves_the_fallback_to_minmax(int8_build, tmp_path,
+                                                                                 monkeypatch) -> None:
+    from exporter.backends import onnxruntime_int8
+
+    ctx, images, _ = int8_build
+    calibration = np.concatenate([images[:48] * 0.1, images[48:64]])  # MinMax fails on the held-back quarter
+    real_write_qdq = onnxruntime_int8.write_qdq
+
+    def write_qdq(*args, method: str = "MinMax", **kwargs):
+        if method == "Percentile":  # what numpy says of activations that vanish (untrained mobilenet_v3_large)
+            raise ExporterError("int8 quantization failed: ValueError: Too many bins for data range. Cannot "
+                                "create 2048 finite-sized bins.")
+        return real_write_qdq(*args, method=method, **kwargs)
+
+    monkeypatch.setattr(onnxruntime_int8, "write_qdq", write_qdq)
+    info: dict = {}
+    quantize_int8(ctx.out_dir / ctx.artifact("onnx-fp32").path, tmp_path / INT8_FILE, calibration, progress=False,
+                  info=info)
+    assert info["default_failures"] and "Too many bins" in info["methods_measured"]["Percentile"]["error"]
+    assert info["method"] == "MinMax" and info["fp32_nodes"] and info["failures"] == []
 
 
 @pytest.mark.parametrize("share, warned", [(0.9, True), (0.3, False)])

@@ -277,6 +277,43 @@ def test_int8_candidates_in_order_until_one_passes(tmp_path, monkeypatch: pytest
     assert restorer.ranking_subset_size == ovb.ACCURACY_CONTROL_RANKING_IMAGES
 
 
+def test_histogram_ranges_that_cannot_be_made_are_recorded_and_skipped(tmp_path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy makes no histogram of activations within a few float steps of one value (an untrained torchvision
+    mobilenet_v3_large's vanish): that candidate is recorded with its error and the search goes on."""
+    import nncf
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    from exporter.backends import openvino_int8 as ovb
+
+    monkeypatch.setattr(ovb, "cpu_supports_bf16", lambda core=None: False)
+    monkeypatch.setattr(ovb, "ignored_scope_from_onnxruntime", lambda ctx, model: [])
+    verdicts = iter([(["default: cosine"], 0.99, 0.95), (["mixed: flips"], 0.98, 0.97), ([], 1.0, 0.998)])
+    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output, pool=None: next(verdicts))
+    quantize, controlled = nncf.quantize, []
+
+    def quantize_without_histograms(model, dataset, *args, advanced_parameters=None, **kwargs):
+        ranges = getattr(advanced_parameters, "activations_range_estimator_params", None)
+        if ranges == RangeEstimatorParametersSet.HISTOGRAM:
+            raise ValueError("Too many bins for data range. Cannot create 2048 finite-sized bins.")
+        return quantize(model, dataset, *args, advanced_parameters=advanced_parameters, **kwargs)
+
+    def accuracy_control(model, *args, advanced_quantization_parameters=None, **kwargs):
+        controlled.append(advanced_quantization_parameters)
+        return model
+
+    monkeypatch.setattr(nncf, "quantize", quantize_without_histograms)
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", accuracy_control)
+    calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    ctx = make_context("lenet_bn", tmp_path, int8=True, calibration=calibration)
+    assert "openvino-int8" in {a.name for a in export_openvino(ctx)}
+    info = ctx.diagnostics["openvino"]["int8"]
+    assert "Too many bins" in info["methods_measured"]["histogram"]["error"]
+    assert len(controlled) == 1 and not info["failures"] and "accuracy_control" in info["method"]
+    assert getattr(controlled[0], "activations_range_estimator_params", None) != \
+        RangeEstimatorParametersSet.HISTOGRAM
+
+
 def test_mixed_preset_with_the_classifier_unquantized_is_kept_when_it_passes(tmp_path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Where NNCF's default fails, asymmetric activations with the classifier left unquantized come next — as fast
