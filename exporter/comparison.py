@@ -26,6 +26,7 @@ from exporter.judge import (
     compute_metrics,
     judge,
     judged_class,
+    near_tie_note,
     tolerance_for,
 )
 
@@ -363,6 +364,8 @@ def compare_variant(variant: Variant, build_dir: Path, sets: list[InputSet], ref
                 notes = [f"not judged for int8 (outside the calibration range, activations saturate): {f}"
                          for f in failures]
                 failures = []
+            elif any(f.startswith("top-1 agreement") for f in failures):
+                notes = [n for n in [near_tie_note(ref, out, tol, scale)] if n]
             result.sets.append(SetResult(s.name, s.description, sorted(set(s.batches)), metrics, failures,
                                          tol.atol * scale, notes))
     except ExporterError as exc:

@@ -252,6 +252,29 @@ def allowed_error(reference: np.ndarray, tol: Tolerance, atol_scale: float = 1.0
     return tol.atol * atol_scale + tol.rtol * np.abs(np.asarray(reference, np.float64))
 
 
+def near_tie_note(reference: np.ndarray, output: np.ndarray, tol: Tolerance, atol_scale: float = 1.0) -> str | None:
+    """A note (never a verdict) on the flipped images where eager's margin between its class and the artifact's is
+    within what `tol` allows those two logits to move: the artifact may swap them with every logit in bounds. Random
+    weights give such margins on most images (an untrained torchvision mobilenet_v3_large's logits are ~1e-11).
+    None when no flip is a near-tie."""
+    ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
+    out = np.asarray(output).reshape(len(output), -1)
+    flipped = np.flatnonzero(ref.argmax(1) != out.argmax(1))
+    if not len(flipped):
+        return None
+    ours, theirs = ref.argmax(1)[flipped], out.argmax(1)[flipped]
+    allowed = allowed_error(ref[flipped], tol, atol_scale)
+    rows = np.arange(len(flipped))
+    margin = ref[flipped, ours] - ref[flipped, theirs]
+    ties = margin <= allowed[rows, ours] + allowed[rows, theirs]
+    if not ties.any():
+        return None
+    return (f"{int(ties.sum())} of the {len(flipped)} flipped images are near-ties: eager's margin between its class "
+            f"and the artifact's (median {float(np.median(margin[ties])):.3g}) is within the error the {tol.precision} "
+            "class allows those two logits; untrained weights give such margins on most images — judge a trained "
+            "model (`--checkpoint`) for a verdict on top-1")
+
+
 def judge(reference: np.ndarray, output: np.ndarray, metrics: Metrics, tol: Tolerance, *, atol_scale: float = 1.0,
           check_agreement: bool = True, logit_scale: float | None = None) -> list[str]:
     """The reasons `output` fails `tol` (empty when it passes); `logit_scale` is the largest |logit| of eager on real
@@ -290,7 +313,6 @@ def judge(reference: np.ndarray, output: np.ndarray, metrics: Metrics, tol: Tole
                             f"{metrics.reference_accuracy:.4f} (> {tol.max_acc_drop:g} allowed; {lost} of "
                             f"{metrics.n} labelled images lost net, {tol.allowed_images_lost(metrics.n)} allowed)")
     return failures
-
 
 
 def judged_class(stored: str, executed: str | None, forced: str | None = None) -> tuple[str, str]:

@@ -266,3 +266,15 @@ def test_forced_class_overrides_both_and_is_validated() -> None:
 def test_unknown_precision_is_a_usage_error(stored: str, executed: str | None) -> None:
     with pytest.raises(UsageError, match="unknown precision"):
         judged_class(stored, executed)
+
+
+def test_flips_within_the_per_logit_allowance_are_noted_as_near_ties() -> None:
+    from exporter.judge import near_tie_note
+
+    tol = tolerance_for("bf16")  # atol 0.25 + rtol 0.05·|ref| per logit
+    reference = np.array([[5.0, 4.9, 0.0], [1e-11, 2e-11, 0.0], [9.0, 1.0, 0.0], [3.0, 0.0, 1.0]])
+    output = np.array([[4.9, 5.0, 0.0], [2e-11, 1e-11, 0.0], [1.0, 9.0, 0.0], [3.0, 0.0, 1.0]])
+    note = near_tie_note(reference, output, tol)
+    assert note is not None and note.startswith("2 of the 3 flipped images are near-ties")  # not the 9-vs-1 swap
+    assert near_tie_note(reference[2:], output[2:], tol) is None  # a real swap is no tie
+    assert near_tie_note(reference, reference, tol) is None  # nothing flipped
