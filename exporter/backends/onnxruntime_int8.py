@@ -346,7 +346,7 @@ def batchnorms_as_convolutions(path: Path) -> int:
     ONNX Runtime has no int8 BatchNormalization: in a QDQ file each one dequantizes, runs in fp32 in NCHW between
     two Transposes out of and back into the int8 kernels' NHWC, and its scale is quantized per-tensor. As a
     depthwise convolution it gets per-channel weights and runs as one more QLinearConv (densenet, 20 pre-activation
-    BNs: 102 DequantizeLinear and 40 Transpose left in ORT's optimised int8 graph before, 2 and 2 after)."""
+    BNs, every layer in int8: 102 DequantizeLinear and 40 Transpose in ORT's optimised graph before, 2 and 2 after)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -368,12 +368,13 @@ def batchnorms_as_convolutions(path: Path) -> int:
         gamma, beta, mean, var = (numpy_helper.to_array(constants[name]).astype(np.float64)
                                   for name in node.input[1:5])
         scale = gamma / np.sqrt(var + epsilon)
+        name = node.name or f"{node.output[0]}.batchnorm"  # an unnamed node: its output's name is unique
         weight = numpy_helper.from_array(scale.reshape(len(scale), *[1] * (rank - 1)).astype(np.float32),
-                                         f"{node.name}.depthwise_weight")
-        bias = numpy_helper.from_array((beta - mean * scale).astype(np.float32), f"{node.name}.depthwise_bias")
+                                         f"{name}.depthwise_weight")
+        bias = numpy_helper.from_array((beta - mean * scale).astype(np.float32), f"{name}.depthwise_bias")
         graph.initializer.extend([weight, bias])
         nodes.append(helper.make_node("Conv", [node.input[0], weight.name, bias.name], list(node.output),
-                                      name=node.name, group=len(scale), kernel_shape=[1] * (rank - 2)))
+                                      name=name, group=len(scale), kernel_shape=[1] * (rank - 2)))
         count += 1
     if count:
         del graph.node[:]
