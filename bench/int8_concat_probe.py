@@ -47,22 +47,27 @@ def push_batchnorms_through_concats(path: Path) -> int:
         return node is not None and node.op_type == "Concat" and any(a.name == "axis" and a.i == 1
                                                                     for a in node.attribute)
 
-    def normalised(tensor: str, weight: np.ndarray, bias: np.ndarray, owner: str) -> str:
-        parts_made[owner] += 1
-        name = f"{owner}.part{parts_made[owner]}"
-        if not is_channel_concat(tensor):
-            w = numpy_helper.from_array(weight.reshape(-1, 1, 1, 1), f"{name}.weight")
-            b = numpy_helper.from_array(bias, f"{name}.bias")
-            graph.initializer.extend([w, b])
-            added_nodes.append(helper.make_node("Conv", [tensor, w.name, b.name], [name], name=name,
-                                                group=len(weight), kernel_shape=[1, 1]))
-            return name
+    def parts_of(concat: str, weight: np.ndarray, bias: np.ndarray, owner: str) -> list[str]:
+        """The Concat's inputs, each through its slice of the depthwise convolution."""
         inputs, start = [], 0
-        for part in producer[tensor].input:
+        for part in producer[concat].input:
             end = start + channels[part]
             inputs.append(normalised(part, weight[start:end], bias[start:end], owner))
             start = end
-        added_nodes.append(helper.make_node("Concat", inputs, [name], name=name, axis=1))
+        return inputs
+
+    def normalised(tensor: str, weight: np.ndarray, bias: np.ndarray, owner: str) -> str:
+        parts_made[owner] += 1
+        name = f"{owner}.part{parts_made[owner]}"
+        if is_channel_concat(tensor):
+            added_nodes.append(helper.make_node("Concat", parts_of(tensor, weight, bias, owner), [name], name=name,
+                                                axis=1))
+            return name
+        w = numpy_helper.from_array(weight.reshape(-1, 1, 1, 1), f"{name}.weight")
+        b = numpy_helper.from_array(bias, f"{name}.bias")
+        graph.initializer.extend([w, b])
+        added_nodes.append(helper.make_node("Conv", [tensor, w.name, b.name], [name], name=name,
+                                            group=len(weight), kernel_shape=[1, 1]))
         return name
 
     nodes, moved = [], 0
@@ -72,11 +77,7 @@ def push_batchnorms_through_concats(path: Path) -> int:
             weight = numpy_helper.to_array(constants[node.input[1]]).reshape(-1)
             bias = numpy_helper.to_array(constants[node.input[2]])
             added_nodes.clear()
-            inputs, start = [], 0
-            for part in producer[node.input[0]].input:
-                end = start + channels[part]
-                inputs.append(normalised(part, weight[start:end], bias[start:end], node.name))
-                start = end
+            inputs = parts_of(node.input[0], weight, bias, node.name)
             nodes += [*added_nodes, helper.make_node("Concat", inputs, list(node.output), name=node.name, axis=1)]
             moved += 1
         else:

@@ -176,7 +176,8 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
             if info["default_failures"]:
                 # Percentile clips the activation outliers MinMax keeps; measured better on densenet and resnet18
                 # and no better elsewhere (bench/results/int8-calibration.md): tried only when MinMax fails.
-                measured = {"MinMax": (info["agreement"], info["min_cosine"])}
+                measured: dict[str, dict[str, Any]] = {
+                    "MinMax": {"agreement": info["agreement"], "min_cosine": info["min_cosine"]}}
                 info["method"], notes_of_minmax = "Percentile", notes
                 try:
                     notes = quantize(())
@@ -185,16 +186,14 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray | None, *,
                     # torchvision mobilenet_v3_large's vanish (logits ~1e-11) and numpy cannot make 2,048 bins of
                     # them. The candidate on disk is still MinMax's (write_qdq writes atomically).
                     info["method"], notes = "MinMax", notes_of_minmax
-                    info["methods_measured"] = {"MinMax": {"agreement": measured["MinMax"][0],
-                                                           "min_cosine": measured["MinMax"][1]},
-                                                "Percentile": {"error": str(exc)}}
+                    measured["Percentile"] = {"error": str(exc)}
                 else:
                     info["failures"] = failures()
-                    measured["Percentile"] = (info["agreement"], info["min_cosine"])
-                    info["methods_measured"] = {m: {"agreement": a, "min_cosine": c}
-                                                for m, (a, c) in measured.items()}
+                    measured["Percentile"] = {"agreement": info["agreement"], "min_cosine": info["min_cosine"]}
                     if info["failures"]:  # bisect from the closer of the two (each method is calibrated once)
-                        info["method"] = max(measured, key=lambda m: measured[m])
+                        info["method"] = max(measured, key=lambda m: (measured[m]["agreement"],
+                                                                      measured[m]["min_cosine"]))
+                info["methods_measured"] = measured
             if info["failures"]:
                 from tqdm import tqdm
 
