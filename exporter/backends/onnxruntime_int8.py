@@ -344,8 +344,9 @@ def batchnorms_as_convolutions(path: Path) -> int:
 
     ONNX Runtime has no int8 BatchNormalization: in a QDQ file each one dequantizes, runs in fp32 in NCHW between
     two Transposes out of and back into the int8 kernels' NHWC, and its scale is quantized per-tensor. As a
-    depthwise convolution it gets per-channel weights and runs as one more QLinearConv (densenet, 20 pre-activation
-    BNs, every layer in int8: 102 DequantizeLinear and 40 Transpose in ORT's optimised graph before, 2 and 2 after)."""
+    depthwise convolution it gets per-channel weights and runs as one more QLinearConv (trained densenet's build:
+    19 fp32 BatchNormalizations, 51 DequantizeLinear and 38 Transpose in ORT's optimised graph before, 0, 7 and 10
+    after — counted in the `optimized_model_filepath` ORT writes; bench/results/README.md, nineteenth session)."""
     import onnx
     from onnx import helper, numpy_helper
 
