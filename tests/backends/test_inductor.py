@@ -139,7 +139,7 @@ def test_compile_diagnostics_compile_for_cuda_without_moving_the_model() -> None
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten()).eval()
     before = torch.backends.cudnn.allow_tf32
     result = compile_diagnostics(model, torch.rand(2, 1, 8, 8), dynamic_batch=True, batch_sizes=(2, 5),
-                                 device="cuda")
+                                 device="cuda", backend="inductor")  # what the build asks for on CUDA
     assert result["device"] == "cuda" and result["graphs"] == 1 and result["compile_s"] > 0
     assert next(model.parameters()).device.type == "cpu"  # a copy went to the GPU
     assert torch.backends.cudnn.allow_tf32 == before  # TF32 was off for the compile only
