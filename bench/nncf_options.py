@@ -22,19 +22,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OPTIONS = ("default", "mixed", "no_fast_bc", "histogram", "mixed_histogram", "mixed_no_fast_bc", "head_fp32",
-           "ends_fp32", "head_fp32_no_fast_bc", "head_fp32_histogram", "head_fp32_mixed")
+           "ends_fp32", "head_fp32_no_fast_bc", "head_fp32_histogram", "head_fp32_mixed", "overflow_off",
+           "mixed_overflow_off", "head_fp32_mixed_overflow_off")
 
 
 def option_arguments(name: str, model=None) -> dict:
     """`nncf.quantize` keyword arguments of an option name in OPTIONS (`model`: the IR, for the head_/ends_ options,
     which leave its last / first and last Convolution or MatMul unquantized)."""
     import nncf
+    from nncf.quantization.advanced_parameters import OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     mixed = {"preset": nncf.QuantizationPreset.MIXED} if "mixed" in name else {}
     slow = {"fast_bias_correction": False} if "no_fast_bc" in name else {}
-    ranges = ({"advanced_parameters": nncf.AdvancedQuantizationParameters(
-        activations_range_estimator_params=RangeEstimatorParametersSet.HISTOGRAM)} if "histogram" in name else {})
+    advanced = {}
+    if "histogram" in name:
+        advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.HISTOGRAM
+    if "overflow_off" in name:  # NNCF's default halves the first layer's weight levels for CPUs without VNNI
+        advanced["overflow_fix"] = OverflowFix.DISABLE
+    ranges = {"advanced_parameters": nncf.AdvancedQuantizationParameters(**advanced)} if advanced else {}
     ignored = {}
     if name.startswith(("head_", "ends_")) and model is not None:
         from exporter.backends.openvino_int8 import end_layers
