@@ -81,7 +81,8 @@ def assemble_wheel(parts: Path, work: Path) -> Path:
 
 def restore_checkpoints(parts: Path, artifacts: Path, models: tuple[str, ...]) -> list[str]:
     """Put each carried checkpoint (`<model>.checkpoint.*` in SHA256SUMS) into `artifacts/<model>/`, unless the
-    same file is there already; what was done, one line per model. Without SHA256SUMS there is nothing to do."""
+    same file is there already; another checkpoint there is never replaced. What was done, one line per model.
+    Without SHA256SUMS there is nothing to do."""
     if not (parts / SUMS_FILE).is_file():
         return []
     sums, done = read_sums(parts), []
@@ -89,6 +90,10 @@ def restore_checkpoints(parts: Path, artifacts: Path, models: tuple[str, ...]) -
         names = {f"{model}.{file}": artifacts / model / file for file in CHECKPOINT_FILES}
         if not all(name in sums for name in names):
             continue
+        other = [str(target) for name, target in names.items() if target.is_file() and _sha256(target) != sums[name]]
+        if other:
+            raise ProofError(f"{', '.join(other)}: another checkpoint than the carried one; move it away or leave "
+                             f"the {model}.checkpoint.* parts out")
         for name, target in names.items():
             if target.is_file() and _sha256(target) == sums[name]:
                 continue

@@ -81,6 +81,11 @@ def test_make_parts_plans_calls_that_fit_and_the_checkpoints_come_back(tmp_path)
     for part in parts.glob("resnet50.checkpoint.safetensors.part-*"):  # already in place: the parts may be gone
         part.unlink()
     assert len(gpu_parts.restore_checkpoints(parts, artifacts, MODELS)) == 2
+    (artifacts / "lenet_bn" / "checkpoint.safetensors").write_bytes(b"mine")
+    with pytest.raises(gpu_parts.ProofError, match="lenet_bn/checkpoint.safetensors: another checkpoint than"):
+        gpu_parts.restore_checkpoints(parts, artifacts, MODELS)
+    assert (artifacts / "lenet_bn" / "checkpoint.safetensors").read_bytes() == b"mine"
+    (artifacts / "lenet_bn" / "checkpoint.safetensors").unlink()
     (artifacts / "resnet50" / "checkpoint.safetensors").unlink()
     with pytest.raises(gpu_parts.ProofError, match="parts missing in .*resnet50.checkpoint.safetensors.part-00"):
         gpu_parts.restore_checkpoints(parts, artifacts, MODELS)
