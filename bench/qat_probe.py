@@ -1,0 +1,123 @@
+"""Whether quantization-aware fine-tuning gives an all-int8 OpenVINO model that passes where post-training
+quantization needs some layers in bf16 (issue 11: resnet50's openvino-int8 keeps 5 layers in bf16 to pass, 1.13×
+NNCF's default int8, which fails the judge).
+
+    .venv/bin/python bench/qat_probe.py resnet50 --steps 150
+
+Both candidates start from the same calibration: the build's (`exporter.build_inputs`): 384 training images (seed
+0), and the held-back 128 it judges int8 on, the hardest of 1,024 more. NNCF's default `nncf.quantize` of the build's
+fp32 IR is the post-training row. The QAT row is `nncf.quantize` of the checkpoint's PyTorch model on the same 384
+images, then fine-tuned to the fp32 model's own logits (distillation: mean squared error, BatchNorm frozen, Adam) on
+training images that neither the calibration nor the held-back pool uses, and converted with `ov.convert_model`.
+Each is judged on the held-back images at the build's bars and on `--images` test images in the judge's int8 class,
+both against eager fp32, and timed at batch 1 with the rest in bf16 (where the CPU has it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CALIBRATION, HELD_BACK = 384, 128
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a built model (its latest build) with a checkpoint")
+    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps (default 150)")
+    parser.add_argument("--batch", type=int, default=16, help="fine-tuning batch (default 16)")
+    parser.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default 1e-5)")
+    parser.add_argument("--images", type=int, default=1000, help="test images judged (default 1000)")
+    args = parser.parse_args(argv)
+
+    import nncf
+    import openvino as ov
+    import torch
+
+    from exporter.backends.base import int8_held_back_verdict
+    from exporter.backends.openvino import cpu_supports_bf16, run_compiled, shared_core
+    from exporter.build_inputs import HELD_BACK_POOL, hardest_images
+    from exporter.checkpoint import load_trained_model
+    from exporter.data import load_split, sample_images
+    from exporter.judge import compute_metrics, judge, row_cosines, tolerance_for
+    from exporter.manifest import load_build
+    from exporter.paths import checkpoint_paths
+
+    torch.manual_seed(0)
+    build = load_build(args.model)
+    model, _ = load_trained_model(checkpoint_paths(args.model)[0], expect_model=args.model)
+    shape = tuple(build.input_shape)
+    pool = HELD_BACK * HELD_BACK_POOL
+    everything, _, _ = sample_images(build.dataset, "train", shape, len(load_split(build.dataset, "train")), seed=0)
+    calibration, candidates = everything[:CALIBRATION], everything[CALIBRATION:CALIBRATION + pool]
+    held_back = candidates[hardest_images(model, candidates, HELD_BACK)]
+    tuning = everything[CALIBRATION + pool:]  # neither calibrated on nor judged on
+    test, labels, _ = sample_images(build.dataset, "test", shape, args.images, seed=0)
+
+    def logits(net: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat([net(torch.from_numpy(images[i:i + 32])) for i in range(0, len(images), 32)]).numpy()
+
+    ref_held, ref_test = logits(model, held_back), logits(model, test)
+    rest = "bf16" if cpu_supports_bf16() else "f32"
+    print(f"{args.model}: fp32 accuracy {(ref_test.argmax(1) == labels).mean():.3f} on {len(test)} test images; "
+          f"{len(tuning)} fine-tuning images; rest {rest}", flush=True)
+
+    def row(name: str, ov_model, seconds: float) -> None:
+        compiled = shared_core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": rest})
+        held = np.concatenate([np.asarray(run_compiled(compiled, held_back[i:i + 1])[0]) for i in range(HELD_BACK)])
+        out = np.concatenate([np.asarray(run_compiled(compiled, test[i:i + 1])[0]) for i in range(len(test))])
+        held_failures, held_agreement, held_cosine = int8_held_back_verdict(ref_held, held, pool)
+        failures = judge(ref_test, out, compute_metrics(ref_test, out), tolerance_for("int8"))
+        request = compiled.create_infer_request()
+        for _ in range(20):
+            request.infer([test[:1]])
+        times = []
+        for _ in range(150):
+            start = time.perf_counter()
+            request.infer([test[:1]])
+            times.append(time.perf_counter() - start)
+        cosine = row_cosines(ref_test.astype(np.float64), out.astype(np.float64)).min()
+        flips = int((out.argmax(1) != ref_test.argmax(1)).sum())
+        print(f"{name:<14} held-back: agreement {held_agreement:.4f} worst cosine {held_cosine:.4f} "
+              f"{'PASS' if not held_failures else 'FAIL'} | test: flips {flips}"
+              f" accuracy {(out.argmax(1) == labels).mean():.3f} worst cosine {cosine:.4f} "
+              f"{'PASS' if not failures else 'FAIL'} | p50 {np.median(times) * 1e3:.2f} ms | {seconds:.0f} s",
+              flush=True)
+
+    data = nncf.Dataset([calibration[i:i + 1].copy() for i in range(len(calibration))])
+    fp32_ir = shared_core().read_model(str(Path(build.dir) / build.artifact("openvino-fp32").path))
+    started = time.perf_counter()
+    row("PTQ default", nncf.quantize(fp32_ir, data, subset_size=len(calibration)), time.perf_counter() - started)
+
+    started = time.perf_counter()
+    student = nncf.quantize(model, nncf.Dataset([torch.from_numpy(x) for x in data.get_inference_data()]),
+                            subset_size=len(calibration))
+    row("QAT 0 steps", ov.convert_model(student, example_input=torch.zeros(1, *shape)),
+        time.perf_counter() - started)
+    teacher = logits(model, tuning)
+    optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
+    student.eval()  # BatchNorm statistics stay the trained model's; its affine parameters still learn
+    rng = np.random.default_rng(0)
+    for step in range(1, args.steps + 1):
+        pick = rng.choice(len(tuning), args.batch, replace=False)
+        loss = torch.nn.functional.mse_loss(student(torch.from_numpy(tuning[pick])), torch.from_numpy(teacher[pick]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == 1 or step % 25 == 0 or step == args.steps:
+            print(f"  step {step}: distillation loss {loss.item():.5f} ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
+    row(f"QAT {args.steps} steps", ov.convert_model(student, example_input=torch.zeros(1, *shape)),
+        time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
