@@ -7,7 +7,7 @@ Each option is `nncf.quantize` of the build's fp32 IR (`openvino-fp32`) on `--ca
 as the benchmark's NNCF peer), run with a bf16 rest where the CPU has it; judged against the fp32 IR on `--images`
 test images in the judge's int8 class (`exporter.judge`), as `exporter verify` would. The first row is the fp32 IR
 itself at the same rest precision: what the model's margins allow before any int8. The measurement behind
-bench/results/README.md's seventeenth-session table.
+bench/results/README.md's seventeenth-, eighteenth- and twentieth-session tables.
 """
 
 from __future__ import annotations
@@ -38,16 +38,16 @@ def option_arguments(name: str, model=None) -> dict:
     advanced = {}
     if "histogram" in name:
         advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.HISTOGRAM
-    if "overflow_off" in name:  # NNCF's default halves the first layer's weight levels for CPUs without VNNI
+    if "overflow_off" in name:  # NNCF's default gives the first layer 7-bit weights, for CPUs without VNNI
         advanced["overflow_fix"] = OverflowFix.DISABLE
-    ranges = {"advanced_parameters": nncf.AdvancedQuantizationParameters(**advanced)} if advanced else {}
+    advanced_arguments = {"advanced_parameters": nncf.AdvancedQuantizationParameters(**advanced)} if advanced else {}
     ignored = {}
     if name.startswith(("head_", "ends_")) and model is not None:
         from exporter.backends.openvino_int8 import end_layers
 
         names = end_layers(model, "last" if name.startswith("head_") else "both")
         ignored = {"ignored_scope": nncf.IgnoredScope(names=names, validate=False)}
-    return {**mixed, **slow, **ranges, **ignored}
+    return {**mixed, **slow, **advanced_arguments, **ignored}
 
 
 def p50_ms(compiled, image: np.ndarray, calls: int = 150) -> float:
