@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OPTIONS = ("default", "mixed", "no_fast_bc", "histogram", "mixed_histogram", "mixed_no_fast_bc", "head_fp32",
            "ends_fp32", "head_fp32_no_fast_bc", "head_fp32_histogram", "head_fp32_mixed", "overflow_off",
-           "mixed_overflow_off", "head_fp32_mixed_overflow_off")
+           "mixed_overflow_off", "head_fp32_mixed_overflow_off", "align", "mixed_align", "head_fp32_mixed_align")
 
 
 def option_arguments(name: str, model=None) -> dict:
@@ -40,6 +40,8 @@ def option_arguments(name: str, model=None) -> dict:
         advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.HISTOGRAM
     if "overflow_off" in name:  # NNCF's default gives the first layer 7-bit weights, for CPUs without VNNI
         advanced["overflow_fix"] = OverflowFix.DISABLE
+    if "align" in name:  # NNCF's ChannelAlignment (off by default): equalises consecutive convolutions' channel ranges
+        advanced["disable_channel_alignment"] = False
     advanced_arguments = {"advanced_parameters": nncf.AdvancedQuantizationParameters(**advanced)} if advanced else {}
     ignored = {}
     if name.startswith(("head_", "ends_")) and model is not None:
