@@ -13,6 +13,7 @@ bench/results/README.md's seventeenth-, eighteenth- and twentieth-session tables
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OPTIONS = ("default", "mixed", "no_fast_bc", "histogram", "mixed_histogram", "mixed_no_fast_bc", "head_fp32",
            "ends_fp32", "head_fp32_no_fast_bc", "head_fp32_histogram", "head_fp32_mixed", "overflow_off",
-           "mixed_overflow_off", "head_fp32_mixed_overflow_off", "align", "mixed_align", "head_fp32_mixed_align")
+           "mixed_overflow_off", "head_fp32_mixed_overflow_off", "align", "mixed_align", "head_fp32_mixed_align",
+           "sq15", "sq50", "head_fp32_mixed_sq50")
 
 
 def option_arguments(name: str, model=None) -> dict:
@@ -42,6 +44,13 @@ def option_arguments(name: str, model=None) -> dict:
         advanced["overflow_fix"] = OverflowFix.DISABLE
     if "align" in name:  # NNCF's ChannelAlignment (off by default): equalises consecutive convolutions' channel ranges
         advanced["disable_channel_alignment"] = False
+    sq = re.search(r"sq(\d+)", name)
+    model_type = {}
+    if sq:  # SmoothQuant on convolutions, alpha = digits / 100: NNCF runs it only for ModelType.TRANSFORMER
+        from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+
+        advanced["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(convolution=int(sq.group(1)) / 100, matmul=-1)
+        model_type = {"model_type": nncf.ModelType.TRANSFORMER}
     advanced_arguments = {"advanced_parameters": nncf.AdvancedQuantizationParameters(**advanced)} if advanced else {}
     ignored = {}
     if name.startswith(("head_", "ends_")) and model is not None:
@@ -49,7 +58,7 @@ def option_arguments(name: str, model=None) -> dict:
 
         names = end_layers(model, "last" if name.startswith("head_") else "both")
         ignored = {"ignored_scope": nncf.IgnoredScope(names=names, validate=False)}
-    return {**mixed, **slow, **advanced_arguments, **ignored}
+    return {**mixed, **slow, **advanced_arguments, **ignored, **model_type}
 
 
 def p50_ms(compiled, image: np.ndarray, calls: int = 150) -> float:
