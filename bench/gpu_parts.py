@@ -2,7 +2,7 @@
 
 `bench/gpu_proof.py --make-parts WHEEL` (`make gpu-parts`) fills the parts folder here; on the lent machine the proof
 checks each part against SHA256SUMS, rejoins the onnxruntime-gpu wheel and the trained checkpoints, and installs the
-wheel. Only the standard library: that machine's python3 runs it.
+wheel. Only the standard library and `exporter.fileio`: that machine's python3 runs it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from exporter.fileio import sha256_file
+
 DIGITS_FILE = "mnist_5k.csv.gz"
 SUMS_FILE = "SHA256SUMS"
 # A lent machine takes 64 MiB a call, the working tree (about 8 MiB) included: big files travel in parts, one per call.
@@ -24,14 +26,6 @@ CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")
 
 class ProofError(Exception):
     """A step cannot go on (missing or corrupt parts, a failed install); the message says what to do."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_sums(parts: Path) -> dict[str, str]:
@@ -55,7 +49,7 @@ def rejoin(parts: Path, name: str, target: Path, sums: dict[str, str]) -> Path:
         raise ProofError(f"parts missing in {parts}: {', '.join(missing) or 'all'} (carry each, one per call: "
                          "docs/gpu.md)")
     for part in names:
-        if _sha256(parts / part) != sums[part]:
+        if sha256_file(parts / part) != sums[part]:
             raise ProofError(f"{parts / part} does not match its sha256 (carried partly?): carry it again")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".joining")
@@ -63,7 +57,7 @@ def rejoin(parts: Path, name: str, target: Path, sums: dict[str, str]) -> Path:
         for part in names:
             with open(parts / part, "rb") as piece:
                 shutil.copyfileobj(piece, out, 1 << 20)
-    if _sha256(partial) != sums[name]:
+    if sha256_file(partial) != sums[name]:
         partial.unlink()
         raise ProofError(f"the rejoined {name} does not match its sha256: rebuild the parts with `make gpu-parts`")
     partial.replace(target)
@@ -90,15 +84,16 @@ def restore_checkpoints(parts: Path, artifacts: Path, models: tuple[str, ...]) -
         names = {f"{model}.{file}": artifacts / model / file for file in CHECKPOINT_FILES}
         if not all(name in sums for name in names):
             continue
-        other = [str(target) for name, target in names.items() if target.is_file() and _sha256(target) != sums[name]]
+        other = [str(target) for name, target in names.items()
+                 if target.is_file() and sha256_file(target) != sums[name]]
         if other:
             raise ProofError(f"{', '.join(other)}: another checkpoint than the carried one; move it away or leave "
                              f"the {model}.checkpoint.* parts out")
         for name, target in names.items():
-            if target.is_file() and _sha256(target) == sums[name]:
+            if target.is_file() and sha256_file(target) == sums[name]:
                 continue
             if (parts / name).is_file():
-                if _sha256(parts / name) != sums[name]:
+                if sha256_file(parts / name) != sums[name]:
                     raise ProofError(f"{parts / name} does not match its sha256 (carried partly?): carry it again")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(parts / name, target)
@@ -119,7 +114,7 @@ def make_parts(wheel: Path, parts: Path, checkpoints: Path, models: tuple[str, .
     sums: dict[str, str] = {}
 
     def split(source: Path, name: str) -> list[str]:
-        sums[name] = _sha256(source)
+        sums[name] = sha256_file(source)
         pieces = []
         with open(source, "rb") as handle:
             for index, block in enumerate(iter(lambda: handle.read(part_bytes), b"")):
@@ -131,7 +126,7 @@ def make_parts(wheel: Path, parts: Path, checkpoints: Path, models: tuple[str, .
 
     def copy(source: Path, name: str) -> str:
         shutil.copyfile(source, parts / name)
-        sums[name] = _sha256(parts / name)
+        sums[name] = sha256_file(parts / name)
         return name
 
     pieces = [copy(digits, DIGITS_FILE)]
@@ -174,7 +169,7 @@ def carry_plan(parts: Path, pieces: list[str], checkpoints_end: int, capacity: i
 def install_wheel(wheel: Path, target: Path) -> str:
     """pip-install `wheel` (no index, no dependencies) into `target` unless the same wheel is there already."""
     marker = target / ".exporter-wheel-sha256"
-    digest = _sha256(wheel)
+    digest = sha256_file(wheel)
     if marker.is_file() and marker.read_text().strip() == digest:
         return f"{wheel.name} already in {target}"
     shutil.rmtree(target, ignore_errors=True)

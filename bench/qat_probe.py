@@ -4,8 +4,9 @@ NNCF's default int8, which fails the judge).
 
     .venv/bin/python bench/qat_probe.py resnet50 --steps 150
 
-Both candidates start from the same calibration: the build's (`exporter.build_inputs`): 384 training images (seed
-0), and the held-back 128 it judges int8 on, the hardest of 1,024 more. NNCF's default `nncf.quantize` of the build's
+Both candidates start from the same calibration, chosen as `exporter build` chooses it
+(`exporter.build_inputs.calibration_images`): 384 training images (seed 0), and the held-back 128 it judges int8 on,
+the hardest of 1,024 more. NNCF's default `nncf.quantize` of the build's
 fp32 IR is the post-training row. The QAT row is `nncf.quantize` of the checkpoint's PyTorch model on the same 384
 images, then fine-tuned to the fp32 model's own logits (distillation: mean squared error, BatchNorm frozen, Adam) on
 training images that neither the calibration nor the held-back pool uses, and converted with `ov.convert_model`.
@@ -24,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CALIBRATION, HELD_BACK = 384, 128
+from bench.nncf_options import p50_ms  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="fine-tuning batch (default 16)")
     parser.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default 1e-5)")
     parser.add_argument("--images", type=int, default=1000, help="test images judged (default 1000)")
+    parser.add_argument("--freeze-ranges", action="store_true",
+                        help="train only the model's weights and biases, not NNCF's quantizer scales")
     args = parser.parse_args(argv)
 
     import nncf
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from exporter.backends.base import int8_held_back_verdict
     from exporter.backends.openvino import cpu_supports_bf16, run_compiled, shared_core
-    from exporter.build_inputs import HELD_BACK_POOL, hardest_images
+    from exporter.build_inputs import BuildOptions, Weights, calibration_images, held_back_count
     from exporter.checkpoint import load_trained_model
     from exporter.data import load_split, sample_images
     from exporter.judge import compute_metrics, judge, row_cosines, tolerance_for
@@ -51,13 +54,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     build = load_build(args.model)
-    model, _ = load_trained_model(checkpoint_paths(args.model)[0], expect_model=args.model)
+    model, sidecar = load_trained_model(checkpoint_paths(args.model)[0], expect_model=args.model)
     shape = tuple(build.input_shape)
-    pool = HELD_BACK * HELD_BACK_POOL
-    everything, _, _ = sample_images(build.dataset, "train", shape, len(load_split(build.dataset, "train")), seed=0)
-    calibration, candidates = everything[:CALIBRATION], everything[CALIBRATION:CALIBRATION + pool]
-    held_back = candidates[hardest_images(model, candidates, HELD_BACK)]
-    tuning = everything[CALIBRATION + pool:]  # neither calibrated on nor judged on
+    opts = BuildOptions(model=args.model, data=build.dataset)
+    weights = Weights(model=model, input_shape=shape, num_classes=int(sidecar["num_classes"]), class_names=[],
+                      info={}, dataset=build.dataset)
+    images, pool = calibration_images(opts, weights)
+    held = held_back_count(opts.calibration_samples)
+    calibration, held_back = images[:-held], images[-held:]
+    everything, _, _ = sample_images(build.dataset, "train", shape, len(load_split(build.dataset, "train")),
+                                     seed=opts.seed)  # the same permutation: what follows the pool was never used
+    tuning = everything[opts.calibration_samples - held + pool:]
     test, labels, _ = sample_images(build.dataset, "test", shape, args.images, seed=0)
 
     def logits(net: torch.nn.Module, images: np.ndarray) -> np.ndarray:
@@ -71,24 +78,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def row(name: str, ov_model, seconds: float) -> None:
         compiled = shared_core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": rest})
-        held = np.concatenate([np.asarray(run_compiled(compiled, held_back[i:i + 1])[0]) for i in range(HELD_BACK)])
+        held_out = np.concatenate([np.asarray(run_compiled(compiled, x[None])[0]) for x in held_back])
         out = np.concatenate([np.asarray(run_compiled(compiled, test[i:i + 1])[0]) for i in range(len(test))])
-        held_failures, held_agreement, held_cosine = int8_held_back_verdict(ref_held, held, pool)
+        held_failures, held_agreement, held_cosine = int8_held_back_verdict(ref_held, held_out, pool)
         failures = judge(ref_test, out, compute_metrics(ref_test, out), tolerance_for("int8"))
-        request = compiled.create_infer_request()
-        for _ in range(20):
-            request.infer([test[:1]])
-        times = []
-        for _ in range(150):
-            start = time.perf_counter()
-            request.infer([test[:1]])
-            times.append(time.perf_counter() - start)
         cosine = row_cosines(ref_test.astype(np.float64), out.astype(np.float64)).min()
         flips = int((out.argmax(1) != ref_test.argmax(1)).sum())
         print(f"{name:<14} held-back: agreement {held_agreement:.4f} worst cosine {held_cosine:.4f} "
               f"{'PASS' if not held_failures else 'FAIL'} | test: flips {flips}"
               f" accuracy {(out.argmax(1) == labels).mean():.3f} worst cosine {cosine:.4f} "
-              f"{'PASS' if not failures else 'FAIL'} | p50 {np.median(times) * 1e3:.2f} ms | {seconds:.0f} s",
+              f"{'PASS' if not failures else 'FAIL'} | p50 {p50_ms(compiled, test[:1]):.2f} ms | {seconds:.0f} s",
               flush=True)
 
     data = nncf.Dataset([calibration[i:i + 1].copy() for i in range(len(calibration))])
@@ -102,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     row("QAT 0 steps", ov.convert_model(student, example_input=torch.zeros(1, *shape)),
         time.perf_counter() - started)
     teacher = logits(model, tuning)
-    optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
+    trained = [p for n, p in student.named_parameters()
+               if p.requires_grad and not (args.freeze_ranges and n.endswith("_scale_param_storage"))]
+    optimizer = torch.optim.Adam(trained, lr=args.lr)
     student.eval()  # BatchNorm statistics stay the trained model's; its affine parameters still learn
     rng = np.random.default_rng(0)
     for step in range(1, args.steps + 1):
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         if step == 1 or step % 25 == 0 or step == args.steps:
             print(f"  step {step}: distillation loss {loss.item():.5f} ({time.perf_counter() - started:.0f} s)",
                   flush=True)
-    row(f"QAT {args.steps} steps", ov.convert_model(student, example_input=torch.zeros(1, *shape)),
+    name = f"QAT {args.steps} steps" + (", ranges frozen" if args.freeze_ranges else "")
+    row(name, ov.convert_model(student, example_input=torch.zeros(1, *shape)),
         time.perf_counter() - started)
     return 0
 

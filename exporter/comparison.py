@@ -364,8 +364,9 @@ def compare_variant(variant: Variant, build_dir: Path, sets: list[InputSet], ref
                 notes = [f"not judged for int8 (outside the calibration range, activations saturate): {f}"
                          for f in failures]
                 failures = []
-            elif any(f.startswith("top-1 agreement") for f in failures):
-                notes = [n for n in [near_tie_note(ref, out, tol, scale)] if n]
+            elif any(f.startswith("top-1 agreement") for f in failures) and (
+                    note := near_tie_note(ref, out, tol, scale)):
+                notes = [note]
             result.sets.append(SetResult(s.name, s.description, sorted(set(s.batches)), metrics, failures,
                                          tol.atol * scale, notes))
     except ExporterError as exc:
