@@ -6,8 +6,10 @@
    `warmup` more calls, counted separately and never mixed into the statistics. Peak memory is read over
    these calls (`exporter.machine.MemoryProbe`).
 3. Timed calls, interleaved: every round runs a short block (`block_s`) of calls of every cell in turn, so
-   machine drift (other processes, clocks, thermals) hits every backend alike; a block of several calls starts
-   with one untimed call so that switching runtimes is charged to no one. A cell stops after `min_runs` calls and
+   machine drift (other processes, clocks, thermals) hits every backend alike. Switching runtimes is charged to no
+   one: a block of several calls starts with one untimed call, and after another runtime's block with `settle_s`
+   of untimed calls (a sleep where one call is longer than a block), until that runtime's spin-waiting threads
+   have stopped competing for the cores (`SETTLE_S`). A cell stops after `min_runs` calls and
    `budget_s` seconds of timed calls, or at `max_runs`. A cell whose coefficient of variation exceeds
    `UNSTABLE_CV` is measured once more and keeps the steadier series; if it stays unstable it is flagged, and
    `select` will not pick it. CPU: `time.perf_counter_ns` around `Runner.run` alone. CUDA: CUDA events around
@@ -54,6 +56,10 @@ OVERHEAD_MAX_FRACTION = 0.03  # runner overhead budget: ≤ 3 % of the bare call
 OVERHEAD_MAX_US = 20.0  # … or ≤ 20 µs, whichever is larger
 REDUCED_PRECISIONS = ("bf16", "fp16")  # compared with the bf16 GEMM peak; fp32/tf32 with the fp32 peak
 INPUT_SEED = 1234
+# Each runtime's pool threads spin-wait for a while after its calls and slow the next runtime's first calls on a
+# small machine: densenet's openvino-int8 after a 20 ms block of ONNX Runtime ran 1.34× its steady p50 over the next
+# 30 ms; after 20 ms of untimed calls 1.05×, after 50 ms 1.00× (a 50 ms sleep: 1.01×; bench/results/README.md).
+SETTLE_S = 0.05
 MAX_THREADS_PER_CORE = 4  # beyond this a thread count only oversubscribes the cores (and some runtimes crash)
 
 
@@ -73,6 +79,7 @@ class BenchSettings:
     max_runs: int = 1000  # … and at most
     budget_s: float = 1.0  # seconds of timed calls per cell (reached after min_runs)
     block_s: float = 0.05  # seconds of calls per cell per round (interleaving granularity)
+    settle_s: float = SETTLE_S  # untimed, after a block of another runtime (see SETTLE_S)
     gemm_size: int = 2048  # n of the n×n×n matmul that measures the machine's peak
     overhead: bool = True  # time a bare runtime call beside the runner at the smallest batch
 
@@ -95,11 +102,14 @@ class BenchSettings:
         if not (math.isfinite(self.budget_s) and 0 <= self.budget_s <= 3600) or not (
                 math.isfinite(self.block_s) and self.block_s > 0):
             raise UsageError(f"--budget must be a number of seconds between 0 and 3600, got {self.budget_s}")
+        if not (math.isfinite(self.settle_s) and 0 <= self.settle_s <= 10):
+            raise UsageError(f"settle_s must be a number of seconds between 0 and 10, got {self.settle_s}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch_sizes": list(self.batch_sizes), "device": self.device, "threads": self.threads,
                 "warmup": self.warmup, "min_runs": self.min_runs, "max_runs": self.max_runs,
-                "budget_s": self.budget_s, "block_s": self.block_s, "gemm_size": self.gemm_size,
+                "budget_s": self.budget_s, "block_s": self.block_s, "settle_s": self.settle_s,
+                "gemm_size": self.gemm_size,
                 "clock": "cuda events" if self.device == "cuda" else "time.perf_counter_ns",
                 "unstable_cv": UNSTABLE_CV}
 
@@ -320,9 +330,28 @@ def _time_transfers(runner: Runner, batch: np.ndarray, clock: _Clock, repeats: i
             "end_to_end_ms": float(np.median(h2d)) + float(np.median(total))}
 
 
+def _settle(cell: Cell, settings: BenchSettings, switched: bool) -> None:
+    """Untimed, before a cell's block: after another runtime's block, calls for `settle_s` (a cell whose call is
+    longer than a block sleeps instead: the other runtime's threads stop spinning and no call of ours is wasted);
+    else one call when the block has several (it absorbs re-preparing the input)."""
+    runner = cell.runner
+    assert runner is not None and cell.call is not None
+    if switched and settings.settle_s > 0 and cell.block == 1:
+        time.sleep(settings.settle_s)
+        return
+    if cell.block == 1:
+        return
+    deadline = time.perf_counter() + (settings.settle_s if switched else 0.0)
+    while True:
+        cell.call()
+        runner.sync()
+        if time.perf_counter() >= deadline:
+            return
+
+
 def _run_rounds(cells: list[Cell], settings: BenchSettings, clock: _Clock, progress: Any = None) -> int:
     """Timed calls, round by round: each round runs one block of every unfinished cell in turn."""
-    rounds = 0
+    rounds, previous_runtime = 0, None
     while True:
         active = [c for c in cells if c.status == "ok" and not c.finished]
         if not active:
@@ -337,9 +366,8 @@ def _run_rounds(cells: list[Cell], settings: BenchSettings, clock: _Clock, progr
                 prepared = runner.prepare(cell.batch_input)
                 if cell.kind == "runner":
                     cell.prepared = prepared
-                if cell.block > 1:  # untimed: the switch from the previous runtime is charged to no one
-                    cell.call()  # (a call longer than a block dwarfs the switch, so it is not repeated)
-                    runner.sync()
+                _settle(cell, settings, switched=runner.backend != previous_runtime)
+                previous_runtime = runner.backend
                 for _ in range(cell.block):
                     ms = clock.time_ms(cell.call, runner.sync)
                     cell.samples_ms.append(ms)

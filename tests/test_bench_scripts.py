@@ -202,3 +202,19 @@ def test_nncf_options_are_arguments_nncf_quantize_takes() -> None:
                                                           "fast_bias_correction": False}
     with pytest.raises(SystemExit):
         probe.main(["resnet18", "--options", "default,nonsense"])
+
+
+def test_settle_probe_times_every_condition(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    from exporter.export import build
+    from tests.export_builds import build_options
+
+    result = build(build_options("lenet", tmp_path, backends=["onnxruntime", "openvino"]))
+    code = _script("settle_probe").main([str(result.build_dir), "--artifact", "openvino-fp32", "--rounds", "2",
+                                         "--other-ms", "2", "--window-ms", "2"])
+    assert code == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "÷ no switch" in line]
+    assert [" ".join(r[:r.index("window")]) for r in rows] == [
+        "none (one untimed call)", "sleep 20 ms", "sleep 50 ms", "calls 20 ms", "calls 50 ms", "no switch"]
+    assert rows[-1][-1] == "1.000" and all(float(r[-1]) > 0 for r in rows)

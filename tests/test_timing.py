@@ -73,6 +73,7 @@ def test_peak_class_per_precision() -> None:
     (dict(gemm_size=32), "--gemm-size"), (dict(gemm_size=20000), "--gemm-size"),
     (dict(budget_s=float("inf")), "--budget"), (dict(budget_s=float("nan")), "--budget"),
     (dict(block_s=0.0), "--budget"), (dict(warmup=-1), "warmup"),
+    (dict(settle_s=-0.01), "settle_s"), (dict(settle_s=float("nan")), "settle_s"),
 ])
 def test_settings_reject_nonsense(bad: dict, needle: str) -> None:
     with pytest.raises(UsageError, match=needle):
@@ -262,6 +263,50 @@ def test_bare_call_twin_measures_the_runner_overhead(scripted: Path, scripted_cl
     assert "overhead_us" not in cells[("tunedfake+tuned", 1)]  # tuned variants: the default's twin is enough
     none = _run([_target(scripted)], overhead=False)["cells"][0]
     assert "overhead_us" not in none and "bare_call" not in none
+
+
+class OtherRuntime(ScriptedRunner):
+    """A second runtime (another backend name), as ONNX Runtime is to OpenVINO."""
+
+    backend = "test_other"
+
+
+@pytest.mark.parametrize("settle_s", [0.0, 0.02])
+def test_switching_runtimes_settles_before_timing(scripted: Path, scripted_clock, monkeypatch: pytest.MonkeyPatch,
+                                                  settle_s: float) -> None:
+    """Each runtime's block after the other's starts with `settle_s` of untimed calls, else with one untimed call;
+    the timed series are the same either way."""
+    monkeypatch.setitem(BACKENDS, OtherRuntime.backend, OtherRuntime)
+    monkeypatch.setattr(OtherRuntime, "calls", 0)
+    other = BenchTarget(Variant(Artifact("other", OtherRuntime.backend, "fake.bin", "fp32")), scripted,
+                        ParityRecord("pass", source="verify"))
+    # no warm-up: a block is sized by the first call's scripted 1 ms, 5 calls per 5 ms block, 20 per 20 ms budget
+    results = _run([_target(scripted), other], overhead=False, warmup=0, settle_s=settle_s)
+    cells = {c["label"]: c for c in results["cells"]}
+    assert all(c["status"] == "ok" and c["n"] == 20 for c in cells.values()) and results["rounds"] == 4
+    untimed = ScriptedRunner.calls + OtherRuntime.calls - 40 - 2 * 2  # timed; first call + output check per cell
+    if settle_s == 0:
+        assert untimed == 2 * 4  # one per block
+    else:  # 20 ms of calls that take microseconds, in every block (the runtimes alternate)
+        assert untimed > 50 * 2 * 4
+
+
+def test_a_long_call_sleeps_out_another_runtimes_threads(scripted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cell whose one call fills a block sleeps `settle_s` after a switch instead of calling (no call wasted)."""
+    runner = ScriptedRunner(scripted / "fake.bin")
+    runner.activate()
+    cell = timing.Cell(target=_target(scripted), batch=1, runner=runner, block=1)
+    cell.call = lambda: runner.run(runner.prepare(np.zeros((1, *SHAPE), np.float32)))
+    slept: list[float] = []
+    monkeypatch.setattr(timing.time, "sleep", slept.append)
+    settings = BenchSettings(**FAST, settle_s=0.03)
+    timing._settle(cell, settings, switched=True)
+    assert slept == [0.03] and ScriptedRunner.calls == 0
+    timing._settle(cell, settings, switched=False)
+    assert slept == [0.03] and ScriptedRunner.calls == 0  # same runtime, one call per block: nothing to absorb
+    cell.block = 5
+    timing._settle(cell, settings, switched=False)
+    assert ScriptedRunner.calls == 1 and slept == [0.03]
 
 
 def test_runner_state_is_rebound_for_each_batch_size(scripted: Path) -> None:
