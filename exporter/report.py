@@ -207,7 +207,9 @@ def machine_lines(bench: dict[str, Any] | None) -> list[str]:
                + f" ({isa.get('formula')})" if isa else ""),
             f"- method: {s['clock']}, device {s['device']}, {s['threads']} threads, first call timed alone, "
             f"{s['warmup']} warm-up calls, then ≥ {s['min_runs']} timed calls and ≥ {s['budget_s']} s per cell, "
-            f"interleaved round by round; cv > {s.get('unstable_cv', 0.1):.0%} flagged unstable",
+            f"interleaved round by round"
+            + (f" ({s['settle_s']} s untimed after a switch of runtime)" if s.get("settle_s") else "")
+            + f"; cv > {s.get('unstable_cv', 0.1):.0%} flagged unstable",
             "- versions: " + ", ".join(f"{k} {v}" for k, v in bench["versions"].items() if v)]
 
 

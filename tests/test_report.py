@@ -59,6 +59,7 @@ def test_report_files_per_model_and_across(benched: Path, tmp_path: Path) -> Non
     # the recommendation comes first, then parity and latency; machine and versions are stated
     assert markdown.index("**Recommended**") < markdown.index("### Parity") < markdown.index("### Latency")
     assert "recommended at batch 1" in markdown and "GEMM peak" in markdown and "torch 2." in markdown
+    assert "interleaved round by round (0.05 s untimed after a switch of runtime)" in markdown
     assert "✓ pass" in markdown and "reference" in markdown and "? unverified" not in markdown
     assert "| eager-bf16 | eager | bf16 | ✓ pass |" in markdown and "| bf16 | verify |" in markdown
     index = written["index"]["md"].read_text()
