@@ -123,3 +123,36 @@ def run_rows(names: list[str], rows: dict[str, dict], work: Callable[[str], dict
             atomic_write_text(store, json.dumps({header_key: header, "rows": rows}, indent=2) + "\n")
             atomic_write_text(store.with_suffix(".md"), render(rows, header))
         print(f"[{i}/{len(names)}] {name}: {outcome(rows[name])}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Int8Split:
+    """A trained model's latest build and the int8 images its build used: calibration, and held back (the hardest
+    of `pool` training images) — what `openvino-int8` was judged on."""
+
+    build: object
+    model: object
+    options: object
+    calibration: object
+    held_back: object
+    pool: int
+
+
+def int8_split(model_name: str) -> Int8Split:
+    """The build's own int8 split of `model_name`'s latest build, from its checkpoint (`calibration_images`)."""
+    import torch
+
+    from exporter.build_inputs import BuildOptions, Weights, calibration_images, held_back_count
+    from exporter.checkpoint import load_trained_model
+    from exporter.manifest import load_build
+    from exporter.paths import checkpoint_paths
+
+    torch.manual_seed(0)
+    build = load_build(model_name)
+    model, sidecar = load_trained_model(checkpoint_paths(model_name)[0], expect_model=model_name)
+    options = BuildOptions(model=model_name, data=build.dataset)
+    weights = Weights(model=model, input_shape=tuple(build.input_shape), num_classes=int(sidecar["num_classes"]),
+                      class_names=[], info={}, dataset=build.dataset)
+    images, pool = calibration_images(options, weights)
+    held = held_back_count(len(images))
+    return Int8Split(build, model, options, images[:-held], images[-held:], pool)

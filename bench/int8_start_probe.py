@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import int8_split  # noqa: E402
 from bench.nncf_options import OPTIONS, option_arguments  # noqa: E402
 
 TORCH_CANDIDATES = ("torch", "torch_mixed", "torch_head", "torch_mixed_head")
@@ -48,23 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from exporter.backends.base import int8_held_back_verdict
     from exporter.backends.openvino import cpu_supports_bf16, run_compiled, shared_core
-    from exporter.build_inputs import BuildOptions, Weights, calibration_images, held_back_count
-    from exporter.checkpoint import load_trained_model
     from exporter.data import sample_images
     from exporter.judge import compute_metrics, judge, row_cosines, tolerance_for
-    from exporter.manifest import load_build
-    from exporter.paths import checkpoint_paths
 
-    torch.manual_seed(0)
-    build = load_build(args.model)
-    model, sidecar = load_trained_model(checkpoint_paths(args.model)[0], expect_model=args.model)
+    split = int8_split(args.model)
+    build, model, pool = split.build, split.model, split.pool
+    calibration, held_back = split.calibration, split.held_back
     shape = tuple(build.input_shape)
-    opts = BuildOptions(model=args.model, data=build.dataset)
-    weights = Weights(model=model, input_shape=shape, num_classes=int(sidecar["num_classes"]), class_names=[],
-                      info={}, dataset=build.dataset)
-    images, pool = calibration_images(opts, weights)
-    held = held_back_count(len(images))
-    calibration, held_back = images[:-held], images[-held:]
     test, labels, _ = sample_images(build.dataset, "test", shape, args.images, seed=0)
 
     def logits(x: np.ndarray) -> np.ndarray:
