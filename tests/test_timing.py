@@ -274,8 +274,8 @@ class OtherRuntime(ScriptedRunner):
 @pytest.mark.parametrize("settle_s", [0.0, 0.02])
 def test_switching_runtimes_settles_before_timing(scripted: Path, scripted_clock, monkeypatch: pytest.MonkeyPatch,
                                                   settle_s: float) -> None:
-    """Each runtime's block after the other's starts with `settle_s` of untimed calls, else with one untimed call;
-    the timed series are the same either way."""
+    """Each runtime's block after the other's starts with `settle_s` of untimed calls (with 0, one untimed call);
+    the timed calls per cell and the rounds do not change."""
     monkeypatch.setitem(BACKENDS, OtherRuntime.backend, OtherRuntime)
     monkeypatch.setattr(OtherRuntime, "calls", 0)
     other = BenchTarget(Variant(Artifact("other", OtherRuntime.backend, "fake.bin", "fp32")), scripted,
