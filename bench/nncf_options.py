@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 OPTIONS = ("default", "mixed", "no_fast_bc", "histogram", "mixed_histogram", "mixed_no_fast_bc", "head_fp32",
            "ends_fp32", "head_fp32_no_fast_bc", "head_fp32_histogram", "head_fp32_mixed", "overflow_off",
            "mixed_overflow_off", "head_fp32_mixed_overflow_off", "align", "mixed_align", "head_fp32_mixed_align",
-           "sq15", "sq50", "head_fp32_mixed_sq50")
+           "sq15", "sq50", "head_fp32_mixed_sq50", "head_fp32_mixed_no_fast_bc", "head_fp32_mixed_mean_minmax",
+           "head_fp32_mixed_mean_quantile")
 
 
 def option_arguments(name: str, model=None) -> dict:
@@ -38,8 +39,9 @@ def option_arguments(name: str, model=None) -> dict:
     mixed = {"preset": nncf.QuantizationPreset.MIXED} if "mixed" in name else {}
     slow = {"fast_bias_correction": False} if "no_fast_bc" in name else {}
     advanced = {}
-    if "histogram" in name:
-        advanced["activations_range_estimator_params"] = RangeEstimatorParametersSet.HISTOGRAM
+    for ranges in ("histogram", "mean_minmax", "mean_quantile"):  # activation ranges other than min / max
+        if ranges in name:
+            advanced["activations_range_estimator_params"] = getattr(RangeEstimatorParametersSet, ranges.upper())
     if "overflow_off" in name:  # NNCF's default gives the first layer 7-bit weights, for CPUs without VNNI
         advanced["overflow_fix"] = OverflowFix.DISABLE
     if "align" in name:  # NNCF's ChannelAlignment (off by default): equalises consecutive convolutions' channel ranges

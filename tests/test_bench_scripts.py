@@ -200,6 +200,10 @@ def test_nncf_options_are_arguments_nncf_quantize_takes() -> None:
     assert probe.option_arguments("default") == {}
     assert probe.option_arguments("mixed_no_fast_bc") == {"preset": nncf.QuantizationPreset.MIXED,
                                                           "fast_bias_correction": False}
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    ranges = probe.option_arguments("head_fp32_mixed_mean_quantile")["advanced_parameters"]
+    assert ranges.activations_range_estimator_params == RangeEstimatorParametersSet.MEAN_QUANTILE
     with pytest.raises(SystemExit):
         probe.main(["resnet18", "--options", "default,nonsense"])
 
