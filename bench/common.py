@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -127,32 +128,83 @@ def run_rows(names: list[str], rows: dict[str, dict], work: Callable[[str], dict
 
 @dataclass
 class Int8Split:
-    """A trained model's latest build and the int8 images its build used: calibration, and held back (the hardest
-    of `pool` training images) — what `openvino-int8` was judged on."""
+    """A trained model's latest build, the int8 images its build used — calibration, and held back (the hardest of
+    `pool` training images), what `openvino-int8` was judged on — and test images, with the checkpoint's fp32
+    logits of both judged sets."""
 
-    build: object
-    model: object
-    options: object
-    calibration: object
-    held_back: object
+    build: Any
+    model: Any
+    options: Any
+    calibration: Any
+    held_back: Any
     pool: int
+    test: Any
+    labels: Any
+    reference_held: Any
+    reference_test: Any
 
 
-def int8_split(model_name: str) -> Int8Split:
-    """The build's own int8 split of `model_name`'s latest build, from its checkpoint (`calibration_images`)."""
+def torch_logits(model: Any, images: Any, batch: int = 32) -> Any:
+    """`model`'s logits for `images` (numpy, NCHW), `batch` at a time, without gradients."""
+    import numpy as np
     import torch
 
-    from exporter.build_inputs import BuildOptions, Weights, calibration_images, held_back_count
+    with torch.no_grad():
+        return torch.cat([model(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])))
+                          for i in range(0, len(images), batch)]).numpy()
+
+
+def int8_split(model_name: str, test_images: int) -> Int8Split:
+    """The build's own int8 split of `model_name`'s latest build, from its checkpoint (`calibration_images`), and
+    `test_images` test images (seed 0)."""
+    import torch
+
+    from exporter.build_inputs import (
+        BuildOptions,
+        Weights,
+        calibration_images,
+        held_back_count,
+    )
     from exporter.checkpoint import load_trained_model
+    from exporter.data import sample_images
     from exporter.manifest import load_build
     from exporter.paths import checkpoint_paths
 
     torch.manual_seed(0)
     build = load_build(model_name)
     model, sidecar = load_trained_model(checkpoint_paths(model_name)[0], expect_model=model_name)
+    shape = tuple(build.input_shape)
     options = BuildOptions(model=model_name, data=build.dataset)
-    weights = Weights(model=model, input_shape=tuple(build.input_shape), num_classes=int(sidecar["num_classes"]),
-                      class_names=[], info={}, dataset=build.dataset)
+    weights = Weights(model=model, input_shape=shape, num_classes=int(sidecar["num_classes"]), class_names=[],
+                      info={}, dataset=build.dataset)
     images, pool = calibration_images(options, weights)
     held = held_back_count(len(images))
-    return Int8Split(build, model, options, images[:-held], images[-held:], pool)
+    test, labels, _ = sample_images(build.dataset, "test", shape, test_images, seed=0)
+    return Int8Split(build, model, options, images[:-held], images[-held:], pool, test, labels,
+                     torch_logits(model, images[-held:]), torch_logits(model, test))
+
+
+def int8_verdicts(split: Int8Split, ov_model: Any, rest: str) -> tuple[Any, str]:
+    """(the compiled model, one line): `ov_model` compiled with `rest` precision for what is not quantized, judged
+    on the held-back images as the build keeps `openvino-int8` (`int8_held_back_verdict`) and on the test images in
+    the judge's int8 class."""
+    import numpy as np
+
+    from exporter.backends.base import int8_held_back_verdict
+    from exporter.backends.openvino import run_compiled, shared_core
+    from exporter.judge import compute_metrics, judge, row_cosines, tolerance_for
+
+    compiled = shared_core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": rest})
+
+    def outputs(images: Any) -> Any:
+        return np.concatenate([np.asarray(run_compiled(compiled, images[i:i + 1])[0]) for i in range(len(images))])
+
+    held, out, reference = outputs(split.held_back), outputs(split.test), split.reference_test
+    failures, agreement, cosine = int8_held_back_verdict(split.reference_held, held, split.pool)
+    test_failures = judge(reference, out, compute_metrics(reference, out), tolerance_for("int8"))
+    test_cosine = row_cosines(reference.astype(np.float64), out.astype(np.float64)).min()
+    return compiled, (f"held-back: agreement {agreement:.4f} worst cosine {cosine:.5f} "
+                      f"{'PASS' if not failures else 'FAIL'} | test: flips "
+                      f"{int((out.argmax(1) != reference.argmax(1)).sum())} accuracy "
+                      f"{(out.argmax(1) == split.labels).mean():.3f} worst cosine {test_cosine:.5f} "
+                      f"{'PASS' if not test_failures else 'FAIL'}")

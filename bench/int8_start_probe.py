@@ -19,11 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import int8_split  # noqa: E402
+from bench.common import int8_split, int8_verdicts  # noqa: E402
 from bench.nncf_options import OPTIONS, option_arguments  # noqa: E402
 
 TORCH_CANDIDATES = ("torch", "torch_mixed", "torch_head", "torch_mixed_head")
@@ -47,30 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     import openvino as ov
     import torch
 
-    from exporter.backends.base import int8_held_back_verdict
-    from exporter.backends.openvino import cpu_supports_bf16, run_compiled, shared_core
-    from exporter.data import sample_images
-    from exporter.judge import compute_metrics, judge, row_cosines, tolerance_for
+    from exporter.backends.openvino import cpu_supports_bf16, shared_core
 
-    split = int8_split(args.model)
-    build, model, pool = split.build, split.model, split.pool
-    calibration, held_back = split.calibration, split.held_back
+    split = int8_split(args.model, args.images)
+    build, model, calibration = split.build, split.model, split.calibration
     shape = tuple(build.input_shape)
-    test, labels, _ = sample_images(build.dataset, "test", shape, args.images, seed=0)
-
-    def logits(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return torch.cat([model(torch.from_numpy(np.ascontiguousarray(x[i:i + 32])))
-                              for i in range(0, len(x), 32)]).numpy()
-
-    ref_held, ref_test = logits(held_back), logits(test)
-    core, rest = shared_core(), "bf16" if cpu_supports_bf16() else "f32"
-    fp32_ir = core.read_model(str(Path(build.dir) / build.artifact("openvino-fp32").path))
+    rest = "bf16" if cpu_supports_bf16() else "f32"
+    fp32_ir = shared_core().read_model(str(Path(build.dir) / build.artifact("openvino-fp32").path))
     data = nncf.Dataset([calibration[i:i + 1].copy() for i in range(len(calibration))])
     ir_ignore = [n for n in args.ir_ignore.split(",") if n]
     torch_ignore = [n.replace(".", "/") + "/conv2d/0" for n in args.torch_ignore.split(",") if n]
-    print(f"{args.model}: {len(calibration)} calibration images, {len(held_back)} held back (hardest of {pool}), "
-          f"{len(test)} test images; rest {rest}", flush=True)
+    print(f"{args.model}: {len(calibration)} calibration images, {len(split.held_back)} held back (hardest of "
+          f"{split.pool}), {len(split.test)} test images; rest {rest}", flush=True)
 
     def quantize(name: str):
         if name in TORCH_CANDIDATES:
@@ -89,17 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in candidates:
         started = time.perf_counter()
-        compiled = core.compile_model(quantize(name), "CPU", {"INFERENCE_PRECISION_HINT": rest})
+        quantized = quantize(name)
         seconds = time.perf_counter() - started
-        held_out = np.concatenate([np.asarray(run_compiled(compiled, x[None])[0]) for x in held_back])
-        failures, agreement, cosine = int8_held_back_verdict(ref_held, held_out, pool)
-        out = np.concatenate([np.asarray(run_compiled(compiled, test[i:i + 1])[0]) for i in range(len(test))])
-        test_failures = judge(ref_test, out, compute_metrics(ref_test, out), tolerance_for("int8"))
-        test_cosine = row_cosines(ref_test.astype(np.float64), out.astype(np.float64)).min()
-        print(f"{name:<22} held-back: agreement {agreement:.4f} worst cosine {cosine:.5f} "
-              f"{'PASS' if not failures else 'FAIL'} | test: flips {int((out.argmax(1) != ref_test.argmax(1)).sum())}"
-              f" accuracy {(out.argmax(1) == labels).mean():.3f} worst cosine {test_cosine:.5f} "
-              f"{'PASS' if not test_failures else 'FAIL'} | {seconds:.0f} s", flush=True)
+        print(f"{name:<22} {int8_verdicts(split, quantized, rest)[1]} | {seconds:.0f} s", flush=True)
     return 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import int8_split  # noqa: E402
+from bench.common import int8_split, int8_verdicts, torch_logits  # noqa: E402
 from bench.nncf_options import p50_ms  # noqa: E402
 
 
@@ -44,41 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     import openvino as ov
     import torch
 
-    from exporter.backends.base import int8_held_back_verdict
-    from exporter.backends.openvino import cpu_supports_bf16, run_compiled, shared_core
+    from exporter.backends.openvino import cpu_supports_bf16, shared_core
     from exporter.data import load_split, sample_images
-    from exporter.judge import compute_metrics, judge, row_cosines, tolerance_for
 
-    split = int8_split(args.model)
+    split = int8_split(args.model, args.images)
     build, model, opts, pool = split.build, split.model, split.options, split.pool
-    calibration, held_back, shape = split.calibration, split.held_back, tuple(split.build.input_shape)
+    calibration, shape = split.calibration, tuple(split.build.input_shape)
     everything, _, _ = sample_images(build.dataset, "train", shape, len(load_split(build.dataset, "train")),
                                      seed=opts.seed)  # the same permutation: what follows the pool was never used
     tuning = everything[len(calibration) + pool:]
-    test, labels, _ = sample_images(build.dataset, "test", shape, args.images, seed=0)
-
-    def logits(net: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return torch.cat([net(torch.from_numpy(images[i:i + 32])) for i in range(0, len(images), 32)]).numpy()
-
-    ref_held, ref_test = logits(model, held_back), logits(model, test)
     rest = "bf16" if cpu_supports_bf16() else "f32"
-    print(f"{args.model}: fp32 accuracy {(ref_test.argmax(1) == labels).mean():.3f} on {len(test)} test images; "
-          f"{len(tuning)} fine-tuning images; rest {rest}", flush=True)
+    print(f"{args.model}: fp32 accuracy {(split.reference_test.argmax(1) == split.labels).mean():.3f} on "
+          f"{len(split.test)} test images; {len(tuning)} fine-tuning images; rest {rest}", flush=True)
 
     def row(name: str, ov_model, seconds: float) -> None:
-        compiled = shared_core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": rest})
-        held_out = np.concatenate([np.asarray(run_compiled(compiled, x[None])[0]) for x in held_back])
-        out = np.concatenate([np.asarray(run_compiled(compiled, test[i:i + 1])[0]) for i in range(len(test))])
-        held_failures, held_agreement, held_cosine = int8_held_back_verdict(ref_held, held_out, pool)
-        failures = judge(ref_test, out, compute_metrics(ref_test, out), tolerance_for("int8"))
-        cosine = row_cosines(ref_test.astype(np.float64), out.astype(np.float64)).min()
-        flips = int((out.argmax(1) != ref_test.argmax(1)).sum())
-        print(f"{name:<14} held-back: agreement {held_agreement:.4f} worst cosine {held_cosine:.4f} "
-              f"{'PASS' if not held_failures else 'FAIL'} | test: flips {flips}"
-              f" accuracy {(out.argmax(1) == labels).mean():.3f} worst cosine {cosine:.4f} "
-              f"{'PASS' if not failures else 'FAIL'} | p50 {p50_ms(compiled, test[:1]):.2f} ms | {seconds:.0f} s",
-              flush=True)
+        compiled, verdicts = int8_verdicts(split, ov_model, rest)
+        print(f"{name:<14} {verdicts} | p50 {p50_ms(compiled, split.test[:1]):.2f} ms | {seconds:.0f} s", flush=True)
 
     data = nncf.Dataset([calibration[i:i + 1].copy() for i in range(len(calibration))])
     fp32_ir = shared_core().read_model(str(Path(build.dir) / build.artifact("openvino-fp32").path))
@@ -90,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                             subset_size=len(calibration))
     row("QAT 0 steps", ov.convert_model(student, example_input=torch.zeros(1, *shape)),
         time.perf_counter() - started)
-    teacher = logits(model, tuning)
+    teacher = torch_logits(model, tuning)
     trained = [p for n, p in student.named_parameters()
                if p.requires_grad and not (args.freeze_ranges and n.endswith("_scale_param_storage"))]
     optimizer = torch.optim.Adam(trained, lr=args.lr)

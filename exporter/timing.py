@@ -57,8 +57,8 @@ OVERHEAD_MAX_US = 20.0  # … or ≤ 20 µs, whichever is larger
 REDUCED_PRECISIONS = ("bf16", "fp16")  # compared with the bf16 GEMM peak; fp32/tf32 with the fp32 peak
 INPUT_SEED = 1234
 # Each runtime's pool threads spin-wait for a while after its calls and slow the next runtime's first calls on a
-# small machine: densenet's openvino-int8 after a 20 ms block of ONNX Runtime ran 1.34× its steady p50 over the next
-# 30 ms; after 20 ms of untimed calls 1.05×, after 50 ms 1.00× (a 50 ms sleep: 1.01×; bench/results/README.md).
+# small machine: densenet's openvino-int8 after a 20 ms block of ONNX Runtime ran 1.31× its steady p50 over the next
+# 30 ms; after 20 ms of untimed calls 1.02×, after 50 ms 1.00× (a 50 ms sleep: 1.01×; bench/settle_probe.py).
 SETTLE_S = 0.05
 MAX_THREADS_PER_CORE = 4  # beyond this a thread count only oversubscribes the cores (and some runtimes crash)
 
@@ -336,10 +336,9 @@ def _settle(cell: Cell, settings: BenchSettings, switched: bool) -> None:
     else one call when the block has several (it absorbs re-preparing the input)."""
     runner = cell.runner
     assert runner is not None and cell.call is not None
-    if switched and settings.settle_s > 0 and cell.block == 1:
-        time.sleep(settings.settle_s)
-        return
     if cell.block == 1:
+        if switched and settings.settle_s > 0:
+            time.sleep(settings.settle_s)
         return
     deadline = time.perf_counter() + (settings.settle_s if switched else 0.0)
     while True:

@@ -222,3 +222,8 @@ def test_settle_probe_times_every_condition(tmp_path: Path, capsys: pytest.Captu
     assert [" ".join(r[:r.index("window")]) for r in rows] == [
         "none (one untimed call)", "sleep 20 ms", "sleep 50 ms", "calls 20 ms", "calls 50 ms", "no switch"]
     assert rows[-1][-1] == "1.000" and all(float(r[-1]) > 0 for r in rows)
+    assert _script("settle_probe").main([str(result.build_dir), "--artifact", "openvino-fp32", "--rounds", "1",
+                                         "--other-ms", "2", "--decay"]) == 0
+    decay = [line.split() for line in capsys.readouterr().out.splitlines() if "+ ms" in line]
+    assert [row[:2] for row in decay] == [["after", "onnx-fp32"], ["after", "itself"]]
+    assert all(row[2:4] == ["0+", "ms"] and float(row[4]) > 0 for row in decay)
