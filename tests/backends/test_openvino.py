@@ -9,7 +9,13 @@ import openvino as ov
 import pytest
 
 from exporter.backends import RunnerError, runner_for
-from exporter.backends.openvino import OpenVinoRunner, cpu_supports_bf16, export_openvino, ov_type_to_precision
+from exporter.backends.openvino import (
+    MAX_STATIC_SHAPES,
+    OpenVinoRunner,
+    cpu_supports_bf16,
+    export_openvino,
+    ov_type_to_precision,
+)
 from exporter.errors import UsageError
 from tests.backends.onnx_builds import CHEAP_MODELS, FP32_ATOL, make_context, onnx_build  # noqa: F401
 from tests.conftest import TEST_NUM_CLASSES
@@ -117,6 +123,27 @@ def test_bad_runner_options_are_one_line_usage_errors(onnx_build) -> None:
     with OpenVinoRunner(path, performance_hint="latency", num_streams=1, inference_num_threads=1) as runner:
         assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
         assert runner.infer(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, TEST_NUM_CLASSES)
+
+
+def test_a_dynamic_ir_is_compiled_once_per_batch_shape_and_computes_the_same(onnx_build) -> None:
+    """Each batch shape gets its own statically compiled model (the first MAX_STATIC_SHAPES of them; later ones run
+    the dynamic model), with outputs equal to the dynamic model's; `static_shapes=False` (the peers) never does."""
+    build = onnx_build("lenet")
+    path = build.path("openvino-fp32")
+    sizes = list(range(1, MAX_STATIC_SHAPES + 3))
+    with OpenVinoRunner(path, static_shapes=False) as dynamic:
+        expected = {n: dynamic.infer(build.batch(n)) for n in sizes}
+        assert not dynamic.static_requests
+    with OpenVinoRunner(path) as runner:
+        for n in sizes + sizes:
+            np.testing.assert_allclose(runner.infer(build.batch(n)), expected[n], atol=1e-5, rtol=0)
+        compiled = [shape for shape, request in runner.static_requests.items() if request is not None]
+        assert [shape[0] for shape in compiled] == sizes[:MAX_STATIC_SHAPES]
+        assert all(runner.static_requests[(n, *build.batch(n).shape[1:])] is None for n in sizes[MAX_STATIC_SHAPES:])
+        request = runner.request_for(build.batch(2).shape)
+        assert request.get_compiled_model().inputs[0].get_partial_shape().is_static
+    with pytest.raises(UsageError, match="static_shapes must be true or false"):
+        OpenVinoRunner(path, static_shapes="yes").activate()
 
 
 def test_int8_accuracy_metric_takes_nncf_iterables_and_holds_every_bar() -> None:
