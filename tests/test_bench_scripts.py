@@ -227,3 +227,20 @@ def test_settle_probe_times_every_condition(tmp_path: Path, capsys: pytest.Captu
     decay = [line.split() for line in capsys.readouterr().out.splitlines() if "+ ms" in line]
     assert [row[:2] for row in decay] == [["after", "onnx-fp32"], ["after", "itself"]]
     assert all(row[2:4] == ["0+", "ms"] and float(row[4]) > 0 for row in decay)
+
+
+def test_static_shapes_probe_times_both_compilations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("openvino")
+    from exporter.export import build
+    from tests.export_builds import build_options
+
+    result = build(build_options("lenet", tmp_path, backends=["openvino"]))
+    probe = _script("static_shapes_probe")
+    assert probe.main([str(result.build_dir), "--artifacts", "openvino-fp32", "--batch-sizes", "1,3", "--rounds", "1",
+                       "--window-ms", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "static ÷ dynamic" in line]
+    assert [row[:3] for row in rows] == [["batch", "1", "openvino-fp32"], ["batch", "3", "openvino-fp32"]]
+    assert all(float(row[-1]) > 0 for row in rows)
+    with pytest.raises(SystemExit):  # no NNCF default IR until `exporter bench --peers` has made it
+        probe.main([str(result.build_dir), "--artifacts", "peer:nncf-default-int8", "--rounds", "1"])
+    assert "run `exporter bench" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""What compiling an OpenVINO IR for the batch shape it is called with gains: the measurement behind the OpenVINO
+runner's `static_shapes` (`exporter.backends.openvino.MAX_STATIC_SHAPES`).
+
+    .venv/bin/python bench/static_shapes_probe.py resnet50                       # openvino-int8 and NNCF's default
+    .venv/bin/python bench/static_shapes_probe.py densenet --artifacts openvino-int8,openvino-bf16 --batch-sizes 1,8
+
+Each artifact (an artifact name of the build, or `peer:nncf-default-int8`: the IR `exporter bench --peers` made under
+BUILD/peers/) runs through the runner `exporter bench` times (`Runner.run` on a prepared input, the bench's thread
+count) twice: with `static_shapes` (compiled for the batch shape) and without (the IR's dynamic batch, as the peers
+run). Each of `--rounds` rounds runs every runner for 50 ms untimed and then `--window-ms` of timed calls; printed per
+batch size: each runner's median of the windows' p50, and per artifact the median of static ÷ dynamic within a round
+(the VM's phases move both and cancel out of the ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+NNCF_PEER = "peer:nncf-default-int8"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a built model (its latest build) or a build directory")
+    parser.add_argument("--artifacts", default=f"openvino-int8,{NNCF_PEER}",
+                        help=f"comma-separated OpenVINO artifacts of the build, or {NNCF_PEER} (default: both)")
+    parser.add_argument("--batch-sizes", default="1", help="comma-separated (default 1)")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--window-ms", type=float, default=200.0, help="timed calls per runner and round")
+    args = parser.parse_args(argv)
+
+    from exporter.backends import Variant
+    from exporter.backends.base import PEERS
+    from exporter.machine import set_threads
+    from exporter.manifest import load_build
+
+    build = load_build(args.model)
+    threads = set_threads(None)
+    artifacts = {}
+    for name in args.artifacts.split(","):
+        if name == NNCF_PEER:  # the peer as `exporter bench --peers` runs it (its options), once it has made the IR
+            def missing() -> None:
+                parser.error(f"{build.dir} has no NNCF default IR yet: run `exporter bench {args.model} --peers` first")
+
+            artifacts[name] = PEERS[name.removeprefix("peer:")](Path(build.dir), {a.name: a for a in build.artifacts},
+                                                                missing)
+        else:
+            artifact = build.artifact(name)
+            if artifact is None or artifact.backend != "openvino":
+                parser.error(f"{name} is not an OpenVINO artifact of {build.dir}")
+            artifacts[name] = artifact
+    print(f"{build.model} ({build.dir}), {threads} threads, {args.rounds} rounds of {args.window_ms:.0f} ms")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        x = np.random.default_rng(0).random((batch, *build.input_shape), dtype=np.float32)
+        calls = {}
+        for name, artifact in artifacts.items():
+            for static in (True, False):
+                runner = Variant(artifact, options={"static_shapes": static}).runner(build.dir, threads=threads)
+                prepared = runner.activate().prepare(x)
+                calls[name, static] = lambda r=runner, p=prepared: r.run(p)
+        windows: dict[tuple[str, bool], list[float]] = {key: [] for key in calls}
+        for _ in range(args.rounds):
+            for key, call in calls.items():
+                end = time.perf_counter() + 0.05
+                while time.perf_counter() < end:
+                    call()
+                latencies, end = [], time.perf_counter() + args.window_ms / 1000
+                while (start := time.perf_counter()) < end:
+                    call()
+                    latencies.append(time.perf_counter() - start)
+                windows[key].append(float(np.median(latencies)) * 1e3)
+        for name in artifacts:
+            static, dynamic = (np.asarray(windows[name, s]) for s in (True, False))
+            print(f"  batch {batch:<3} {name:<24} static {np.median(static):.3f} ms, dynamic {np.median(dynamic):.3f} "
+                  f"ms, static ÷ dynamic {np.median(static / dynamic):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
