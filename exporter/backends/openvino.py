@@ -178,10 +178,16 @@ class OpenVinoRunner(Runner):
             return self.request
         if shape not in self.static_requests:
             request = None
-            if len(self.static_requests) < MAX_STATIC_SHAPES:
+            # only the dimensions the IR leaves open: an image of the wrong size is refused by the dynamic model
+            fits = self.model.inputs[0].get_partial_shape().compatible(import_optional("openvino").PartialShape(
+                list(shape)))
+            if fits and len(self.static_requests) < MAX_STATIC_SHAPES:
                 model = self.model.clone()
-                model.reshape(list(shape))
-                request = self._compile(model).create_infer_request()
+                try:
+                    model.reshape(list(shape))
+                    request = self._compile(model).create_infer_request()
+                except Exception:  # noqa: BLE001  (a shape the IR cannot take statically: the dynamic model runs it)
+                    request = None
             self.static_requests[shape] = request
         return self.static_requests[shape] or self.request
 

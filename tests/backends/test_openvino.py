@@ -142,6 +142,10 @@ def test_a_dynamic_ir_is_compiled_once_per_batch_shape_and_computes_the_same(onn
         assert all(runner.static_requests[(n, *build.batch(n).shape[1:])] is None for n in sizes[MAX_STATIC_SHAPES:])
         request = runner.request_for(build.batch(2).shape)
         assert request.get_compiled_model().inputs[0].get_partial_shape().is_static
+    # only the batch is specialised: resnet18 (global pooling) would run 40 × 40 if its IR were reshaped to it
+    with OpenVinoRunner(onnx_build("resnet18").path("openvino-fp32")) as runner:
+        with pytest.raises(RunnerError, match="inference failed"):
+            runner.infer(np.zeros((1, 1, 40, 40), np.float32))
     with pytest.raises(UsageError, match="static_shapes must be true or false"):
         OpenVinoRunner(path, static_shapes="yes").activate()
 
