@@ -222,6 +222,27 @@ def test_result_document_and_cells(scripted: Path, scripted_clock) -> None:
     assert fast["pct_of_peak"] == pytest.approx(0.002) and fast["peak_source"] == "torch"
 
 
+@pytest.mark.parametrize("probes, expected_calls", [([0.001, 0.001, 1.0], 3), ([1.0, 1.0], 2)])
+def test_a_cell_over_both_peak_probes_makes_a_third(scripted: Path, scripted_clock, monkeypatch: pytest.MonkeyPatch,
+                                                    probes: list[float], expected_calls: int) -> None:
+    """The peak is probed before and after the cells; a cell above it (2 MFLOP/s against 1) makes a third probe,
+    and the best of the three is the peak; below it, two are enough."""
+    calls = []
+
+    def measure_peaks(**kwargs: Any) -> dict[str, Any]:
+        best = max([probes[len(calls)], (kwargs.get("previous") or {}).get("fp32", 0.0)])
+        calls.append(kwargs)
+        return {"fp32": best, "bf16": best, "best": {"fp32": "torch", "bf16": "torch"}}
+
+    monkeypatch.setattr(timing, "measure_peaks", measure_peaks)
+    results = timing.run_bench([_target(scripted)], input_shape=SHAPE, macs_per_image=1000, peaks=None,
+                               settings=BenchSettings(batch_sizes=(1,), **FAST))
+    assert len(calls) == expected_calls and all(c["previous"] for c in calls[1:])
+    cell = results["cells"][0]
+    assert results["peaks_gflops"]["fp32"] == 1.0 and cell["pct_of_peak"] == pytest.approx(0.2)
+    assert not [w for w in results["warnings"] if "exceed" in w]
+
+
 def test_unstable_cell_is_measured_again_and_keeps_the_steadier_series(scripted: Path, scripted_clock,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The first series is noisy (other processes), the second steady: the steady one is kept."""
