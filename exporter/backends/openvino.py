@@ -22,6 +22,7 @@ peer baselines set it false, as a bare `compile_model` runs).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -183,11 +184,9 @@ class OpenVinoRunner(Runner):
                 list(shape)))
             if fits and len(self.static_requests) < MAX_STATIC_SHAPES:
                 model = self.model.clone()
-                try:
+                with contextlib.suppress(Exception):  # a shape the IR cannot take statically: the dynamic one runs it
                     model.reshape(list(shape))
                     request = self._compile(model).create_infer_request()
-                except Exception:  # noqa: BLE001  (a shape the IR cannot take statically: the dynamic model runs it)
-                    request = None
             self.static_requests[shape] = request
         return self.static_requests[shape] or self.request
 
