@@ -60,8 +60,8 @@ OV_TO_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 PRECISION_TO_OV = {v: k for k, v in OV_TO_PRECISION.items()}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 # Compiled for a static batch the CPU plugin skips per-call shape inference and plans its memory once: batch 1,
-# interleaved rounds, resnet50's openvino-int8 5.78 → 5.47 ms, densenet's 0.341 → 0.285 in the fastest round
-# (bench/results/README.md, "twenty-second session"). One compiled model per batch shape, for this many shapes;
+# resnet50's openvino-int8 5.105 → 4.966 ms, densenet's 0.630 → 0.424 (`bench/static_shapes_probe.py`;
+# bench/results/README.md, "twenty-second session"). One compiled model per batch shape, for this many shapes;
 # further shapes run the dynamic one.
 MAX_STATIC_SHAPES = 4
 
