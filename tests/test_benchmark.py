@@ -337,4 +337,9 @@ def test_peers_are_judged_then_timed_in_the_same_rounds_and_compared(own_build: 
         assert default["parity"]["judged_as"] == default["executed_precision"]  # judged in what it really ran
         assert (build_dir / "peers" / "nncf-default" / "model.xml").is_file()
         assert peers["peer:nncf-default-int8"]["parity"]["judged_as"] == "int8"
+        from exporter.backends.base import PEERS
+
+        artifacts = {a.name: a for a in load_build(str(build_dir)).artifacts}
+        for name in ("openvino-f32", "openvino-default", "nncf-default-int8"):  # the file as it is: dynamic batch
+            assert PEERS[name](build_dir, artifacts, lambda: None).options["static_shapes"] is False
 
