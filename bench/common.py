@@ -208,3 +208,19 @@ def int8_verdicts(split: Int8Split, ov_model: Any, rest: str) -> tuple[Any, str]
                       f"{int((out.argmax(1) != reference.argmax(1)).sum())} accuracy "
                       f"{(out.argmax(1) == split.labels).mean():.3f} worst cosine {test_cosine:.5f} "
                       f"{'PASS' if not test_failures else 'FAIL'}")
+
+
+def calls_for(call: Callable[[], Any], seconds: float) -> None:
+    """Call `call` back to back for `seconds`."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        call()
+
+
+def timed_calls(call: Callable[[], Any], seconds: float) -> list[tuple[float, float]]:
+    """(start offset, latency) in seconds of back-to-back calls of `call` for `seconds`."""
+    start, calls = time.perf_counter(), []
+    while (began := time.perf_counter()) - start < seconds:
+        call()
+        calls.append((began - start, time.perf_counter() - began))
+    return calls

@@ -24,23 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import calls_for, timed_calls  # noqa: E402
+
 DECAY_BUCKETS_MS = (0, 2, 5, 10, 20, 50, 100)
-
-
-def calls_for(call, seconds: float) -> None:
-    """Call `call` back to back for `seconds`."""
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        call()
-
-
-def timed_calls(call, seconds: float) -> list[tuple[float, float]]:
-    """(start offset, latency) in seconds of back-to-back calls of `call` for `seconds`."""
-    start, calls = time.perf_counter(), []
-    while (began := time.perf_counter()) - start < seconds:
-        call()
-        calls.append((began - start, time.perf_counter() - began))
-    return calls
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import calls_for, timed_calls  # noqa: E402
 
 NNCF_PEER = "peer:nncf-default-int8"
 
@@ -68,13 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         windows: dict[tuple[str, bool], list[float]] = {key: [] for key in calls}
         for _ in range(args.rounds):
             for key, call in calls.items():
-                end = time.perf_counter() + 0.05
-                while time.perf_counter() < end:
-                    call()
-                latencies, end = [], time.perf_counter() + args.window_ms / 1000
-                while (start := time.perf_counter()) < end:
-                    call()
-                    latencies.append(time.perf_counter() - start)
+                calls_for(call, 0.05)
+                latencies = [latency for _, latency in timed_calls(call, args.window_ms / 1000)]
                 windows[key].append(float(np.median(latencies)) * 1e3)
         for name in artifacts:
             static, dynamic = (np.asarray(windows[name, s]) for s in (True, False))

@@ -451,17 +451,21 @@ def run_bench(targets: Sequence[BenchTarget], *, input_shape: tuple[int, int, in
         if runner is not None:
             with contextlib.suppress(Exception):
                 runner.deactivate()
+    def probe_again() -> dict[str, Any]:
+        return measure_peaks(size=settings.gemm_size, device=settings.device, threads=settings.threads,
+                             previous=peaks)
+
+    def cell_results() -> list[dict[str, Any]]:
+        return [_cell_result(c, cells, loads, macs_per_image, peaks, threads) for c in cells if c.kind == "runner"]
+
     if measured_here:  # once more after the runners are gone: the best of both is the machine's peak
-        peaks = measure_peaks(size=settings.gemm_size, device=settings.device, threads=settings.threads,
-                              previous=peaks)
-    results = [_cell_result(c, cells, loads, macs_per_image, peaks, threads) for c in cells if c.kind == "runner"]
+        peaks = probe_again()
+    results = cell_results()
     if measured_here and any((r.get("pct_of_peak") or 0) > 100 for r in results):
         # a whole model outran both probes, so they ran in a slow moment (resnet50's openvino-bf16 at 103 % of a
         # 1,016 GFLOP/s probe that reached 1,156 the day before): probe a third time, keep the best
-        peaks = measure_peaks(size=settings.gemm_size, device=settings.device, threads=settings.threads,
-                              previous=peaks)
-        results = [_cell_result(c, cells, loads, macs_per_image, peaks, threads) for c in cells
-                   if c.kind == "runner"]
+        peaks = probe_again()
+        results = cell_results()
     return {"format": BENCH_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "warnings": _warnings(results, peaks), "machine": machine_info(), "versions": library_versions(),
             "settings": {**settings.to_dict(), "threads": threads}, "peaks_gflops": peaks, "rounds": rounds,
