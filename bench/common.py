@@ -224,3 +224,27 @@ def timed_calls(call: Callable[[], Any], seconds: float) -> list[tuple[float, fl
         call()
         calls.append((began - start, time.perf_counter() - began))
     return calls
+
+
+NNCF_PEER = "peer:nncf-default-int8"
+
+
+def openvino_artifacts(parser: argparse.ArgumentParser, build: Any, names: str, model: str) -> dict[str, Any]:
+    """The OpenVINO artifacts `names` (comma-separated) of `build`, by name: the build's own, or NNCF_PEER (the IR
+    `exporter bench --peers` made under BUILD/peers/, with the options it runs with); a parser error otherwise."""
+    from exporter.backends.base import PEERS
+
+    artifacts = {}
+    for name in names.split(","):
+        if name == NNCF_PEER:
+            def missing() -> None:
+                parser.error(f"{build.dir} has no NNCF default IR yet: run `exporter bench {model} --peers` first")
+
+            artifacts[name] = PEERS[name.removeprefix("peer:")](Path(build.dir), {a.name: a for a in build.artifacts},
+                                                                missing)
+        else:
+            artifact = build.artifact(name)
+            if artifact is None or artifact.backend != "openvino":
+                parser.error(f"{name} is not an OpenVINO artifact of {build.dir}")
+            artifacts[name] = artifact
+    return artifacts

@@ -22,9 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import calls_for, timed_calls  # noqa: E402
-
-NNCF_PEER = "peer:nncf-default-int8"
+from bench.common import NNCF_PEER, calls_for, openvino_artifacts, timed_calls  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,25 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from exporter.backends import Variant
-    from exporter.backends.base import PEERS
     from exporter.machine import set_threads
     from exporter.manifest import load_build
 
     build = load_build(args.model)
     threads = set_threads(None)
-    artifacts = {}
-    for name in args.artifacts.split(","):
-        if name == NNCF_PEER:  # the peer as `exporter bench --peers` runs it (its options), once it has made the IR
-            def missing() -> None:
-                parser.error(f"{build.dir} has no NNCF default IR yet: run `exporter bench {args.model} --peers` first")
-
-            artifacts[name] = PEERS[name.removeprefix("peer:")](Path(build.dir), {a.name: a for a in build.artifacts},
-                                                                missing)
-        else:
-            artifact = build.artifact(name)
-            if artifact is None or artifact.backend != "openvino":
-                parser.error(f"{name} is not an OpenVINO artifact of {build.dir}")
-            artifacts[name] = artifact
+    artifacts = openvino_artifacts(parser, build, args.artifacts, args.model)
     print(f"{build.model} ({build.dir}), {threads} threads, {args.rounds} rounds of {args.window_ms:.0f} ms")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         x = np.random.default_rng(0).random((batch, *build.input_shape), dtype=np.float32)

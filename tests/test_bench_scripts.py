@@ -244,3 +244,25 @@ def test_static_shapes_probe_times_both_compilations(tmp_path: Path, capsys: pyt
     with pytest.raises(SystemExit):  # no NNCF default IR until `exporter bench --peers` has made it
         probe.main([str(result.build_dir), "--artifacts", "peer:nncf-default-int8", "--rounds", "1"])
     assert "run `exporter bench" in capsys.readouterr().err
+
+
+def test_strides_probe_times_an_ir_as_saved_and_rewritten(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("openvino")
+    from exporter.backends import openvino_strides
+    from exporter.export import build
+    from tests.export_builds import build_options
+
+    result = build(build_options("lenet", tmp_path, backends=["openvino"]))
+    probe = _script("strides_probe")
+    arguments = [str(result.build_dir), "--artifacts", "openvino-fp32", "--batch-sizes", "1,2", "--rounds", "1",
+                 "--window-ms", "2"]
+    assert probe.main(arguments) == 0
+    assert "openvino-fp32: nothing to rewrite" in capsys.readouterr().out  # lenet has no strided 1×1 convolution
+    monkeypatch.setattr(openvino_strides, "propagate_strides", lambda model: ["conv"])  # a rewrite changing nothing
+    assert probe.main(arguments) == 0
+    out = capsys.readouterr().out
+    assert "openvino-fp32: 1 convolutions rewritten (conv)" in out
+    assert [line.split()[-1] for line in out.splitlines() if "max |rewritten" in line] == ["0", "0"]
+    ratios = [float(line.split()[-1]) for line in out.splitlines() if "rewritten ÷ as saved" in line]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)

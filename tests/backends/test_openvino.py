@@ -367,6 +367,33 @@ def test_mixed_preset_with_the_classifier_unquantized_is_kept_when_it_passes(tmp
     assert info["fp32_layers"] == ovb.end_layers(ir, "last")  # the classifier alone stays unquantized
 
 
+@pytest.mark.parametrize("rewrite_passes", [True, False])
+def test_the_stride_rewrite_is_judged_again_and_named_in_the_manifest(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                                      rewrite_passes: bool) -> None:
+    """The kept int8 model is saved with its strides propagated (`propagate_strides`) after a second verdict on
+    the held-back images, and the artifact's note says how many convolutions compute fewer positions; a rewrite
+    that failed where the model passed would be dropped."""
+    from exporter.backends import openvino_int8 as ovb
+
+    monkeypatch.setattr(ovb, "cpu_supports_bf16", lambda core=None: False)
+    verdicts = iter([([], 1.0, 0.999), ([], 1.0, 0.998) if rewrite_passes else (["rewrite: cosine"], 0.99, 0.9)])
+    monkeypatch.setattr(ovb, "int8_held_back_verdict", lambda reference, output, pool=None: next(verdicts))
+    rewritten = []
+    monkeypatch.setattr(ovb, "propagate_strides", lambda model: rewritten.append(model) or ["conv_a", "conv_b"])
+    calibration = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    ctx = make_context("lenet_bn", tmp_path, int8=True, calibration=calibration)
+    artifact = {a.name: a for a in export_openvino(ctx)}["openvino-int8"]
+    info = ctx.diagnostics["openvino"]["int8"]
+    assert len(rewritten) == 1 and next(verdicts, None) is None  # judged twice: as quantized, as rewritten
+    assert not info["failures"]
+    if rewrite_passes:
+        assert info["strides_propagated"] == ["conv_a", "conv_b"] and info["min_cosine"] == 0.998
+        assert "2 convolutions compute only the positions their strided readers use" in artifact.notes[0]
+    else:
+        assert info["strides_propagated"] == [] and info["min_cosine"] == 0.999
+        assert "strided readers" not in artifact.notes[0]
+
+
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no native bf16: the rest of an int8 model runs in f32 anyway")
 @pytest.mark.parametrize("f32_passes", [True, False])
 def test_int8_rest_falls_back_to_f32_only_when_that_passes(tmp_path, monkeypatch: pytest.MonkeyPatch,
