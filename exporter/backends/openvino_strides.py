@@ -64,10 +64,13 @@ def _same_padded_stride_one(node: Any) -> bool:
         for k, begin, end in zip(_kernel(node), attributes["pads_begin"], attributes["pads_end"]))
 
 
-def _per_channel_constant(value: Any) -> bool:
-    shape = value.get_partial_shape()
-    return value.get_node().get_type_name() == "Constant" and (
-        shape.rank.get_length() < 3 or all(d.is_static and d.get_length() == 1 for d in _spatial(shape)[-2:]))
+def _per_channel_constant(value: Any, spatial_rank: int) -> bool:
+    """A Constant that broadcasts along every spatial axis of an output with `spatial_rank` of them (its trailing
+    dimensions 1, as a bias or a FakeQuantize range): the same for every position. A rank-1 [C] constant is not one:
+    it broadcasts along the last axis."""
+    dims = list(value.get_partial_shape())
+    return value.get_node().get_type_name() == "Constant" and all(
+        d.is_static and d.get_length() == 1 for d in dims[len(dims) - min(len(dims), spatial_rank):])
 
 
 def _convolution(like: Any, data: Any, strides: list[int]) -> Any:
@@ -100,8 +103,8 @@ class _Rewrite:
         inputs, size = list(node.input_values()), _static_spatial(value)
         # a non-constant input of another size would be broadcast, and its positions are not the output's
         if node.get_type_name() in POINTWISE_OPS and size and all(
-                _per_channel_constant(v) or _static_spatial(v) == size for v in inputs):
-            return "pointwise", [i for i, v in enumerate(inputs) if not _per_channel_constant(v)]
+                _per_channel_constant(v, len(size)) or _static_spatial(v) == size for v in inputs):
+            return "pointwise", [i for i, v in enumerate(inputs) if not _per_channel_constant(v, len(size))]
         return "", []
 
     def reaches_convolution(self, value: Any, readers: int = 1) -> bool:

@@ -16,8 +16,10 @@ class _V1Stage(nn.Module):
     """The end of a ResNet v1 stage: a bottleneck (1×1, 3×3, 1×1, identity shortcut) whose output only strided 1×1
     convolutions read (the next stage's first conv and projection); `full_reader` adds a reader of every position."""
 
-    def __init__(self, full_reader: bool = False) -> None:
+    def __init__(self, full_reader: bool = False, row_offsets: int = 0) -> None:
         super().__init__()
+        # a constant of one value per column (not per channel): it differs between the positions a stride keeps
+        self.register_buffer("row_offsets", torch.arange(float(row_offsets)) if row_offsets else None)
         self.stem = nn.Conv2d(1, 8, 3, padding=1)
         self.conv1, self.conv2, self.conv3 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
         self.next_conv, self.next_projection = nn.Conv2d(8, 16, 1, stride=2), nn.Conv2d(8, 16, 1, stride=2)
@@ -26,12 +28,13 @@ class _V1Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = torch.relu(self.stem(x))
         out = torch.relu(self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(shortcut))))) + shortcut)
+        if self.row_offsets is not None:
+            out = out + self.row_offsets
         strided = torch.relu(self.next_conv(out)) + self.next_projection(out)
         return strided.mean((2, 3)) + (out.mean((2, 3)).sum(1, keepdim=True) if self.full_reader else 0)
 
 
 def _ir(net: nn.Module, size: int) -> ov.Model:
-    torch.manual_seed(0)
     model = ov.convert_model(net.eval(), example_input=torch.zeros(1, net.stem.in_channels, size, size))
     model.reshape([-1, net.stem.in_channels, size, size])  # as a build's IR: the batch dynamic
     return model
@@ -69,6 +72,15 @@ def test_a_tensor_also_read_in_full_is_left_as_it_is() -> None:
     before = _strides(model)
     assert propagate_strides(model) == [] and _strides(model) == before
     assert not any(op.get_type_name() == "MaxPool" for op in model.get_ordered_ops())
+
+
+def test_a_constant_that_varies_along_a_row_stops_the_stride() -> None:
+    torch.manual_seed(0)
+    net = _V1Stage(row_offsets=16)
+    model, original = _ir(net, 16), _ir(net, 16)
+    assert propagate_strides(model) == []
+    x = np.random.default_rng(0).standard_normal((1, 1, 16, 16), dtype=np.float32)
+    np.testing.assert_array_equal(_outputs(model, x), _outputs(original, x))
 
 
 def test_a_quantized_model_computes_exactly_the_same() -> None:
