@@ -248,3 +248,30 @@ def openvino_artifacts(parser: argparse.ArgumentParser, build: Any, names: str, 
                 parser.error(f"{name} is not an OpenVINO artifact of {build.dir}")
             artifacts[name] = artifact
     return artifacts
+
+
+def openvino_probe_parser(doc: str, artifacts_default: str) -> argparse.ArgumentParser:
+    """The arguments the OpenVINO probes share: a model or build, its artifacts, batch sizes and the rounds."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("model", help="a built model (its latest build) or a build directory")
+    parser.add_argument("--artifacts", default=artifacts_default,
+                        help=f"comma-separated OpenVINO artifacts of the build, or {NNCF_PEER} "
+                             f"(default: {artifacts_default})")
+    parser.add_argument("--batch-sizes", default="1", help="comma-separated (default 1)")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--window-ms", type=float, default=200.0, help="timed calls per runner and round")
+    return parser
+
+
+def windowed_p50s(calls: dict[Any, Callable[[], Any]], rounds: int, window_ms: float) -> dict[Any, list[float]]:
+    """Per call, the p50 in ms of each of `rounds` windows: every round runs each call for 50 ms untimed (settling
+    after the previous one), then `window_ms` of timed calls."""
+    import numpy as np
+
+    windows: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            calls_for(call, 0.05)
+            latencies = [latency for _, latency in timed_calls(call, window_ms / 1000)]
+            windows[key].append(float(np.median(latencies)) * 1e3)
+    return windows

@@ -14,7 +14,6 @@ batch size: each runner's median of the windows' p50, and per artifact the media
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,17 +21,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import NNCF_PEER, calls_for, openvino_artifacts, timed_calls  # noqa: E402
+from bench.common import NNCF_PEER, openvino_artifacts, openvino_probe_parser, windowed_p50s  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a built model (its latest build) or a build directory")
-    parser.add_argument("--artifacts", default=f"openvino-int8,{NNCF_PEER}",
-                        help=f"comma-separated OpenVINO artifacts of the build, or {NNCF_PEER} (default: both)")
-    parser.add_argument("--batch-sizes", default="1", help="comma-separated (default 1)")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--window-ms", type=float, default=200.0, help="timed calls per runner and round")
+    parser = openvino_probe_parser(__doc__, f"openvino-int8,{NNCF_PEER}")
     args = parser.parse_args(argv)
 
     from exporter.backends import Variant
@@ -51,12 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 runner = Variant(artifact, options={"static_shapes": static}).runner(build.dir, threads=threads)
                 prepared = runner.activate().prepare(x)
                 calls[name, static] = lambda r=runner, p=prepared: r.run(p)
-        windows: dict[tuple[str, bool], list[float]] = {key: [] for key in calls}
-        for _ in range(args.rounds):
-            for key, call in calls.items():
-                calls_for(call, 0.05)
-                latencies = [latency for _, latency in timed_calls(call, args.window_ms / 1000)]
-                windows[key].append(float(np.median(latencies)) * 1e3)
+        windows = windowed_p50s(calls, args.rounds, args.window_ms)
         for name in artifacts:
             static, dynamic = (np.asarray(windows[name, s]) for s in (True, False))
             print(f"  batch {batch:<3} {name:<24} static {np.median(static):.3f} ms, dynamic {np.median(dynamic):.3f} "

@@ -14,7 +14,6 @@ rewritten ÷ as saved within a round (the VM's phases move both and cancel out o
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -23,17 +22,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import NNCF_PEER, calls_for, openvino_artifacts, timed_calls  # noqa: E402
+from bench.common import NNCF_PEER, openvino_artifacts, openvino_probe_parser, windowed_p50s  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a built model (its latest build) or a build directory")
-    parser.add_argument("--artifacts", default=NNCF_PEER,
-                        help=f"comma-separated OpenVINO artifacts of the build, or {NNCF_PEER} (the default)")
-    parser.add_argument("--batch-sizes", default="1", help="comma-separated (default 1)")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--window-ms", type=float, default=200.0, help="timed calls per runner and round")
+    parser = openvino_probe_parser(__doc__, NNCF_PEER)
     args = parser.parse_args(argv)
 
     import openvino as ov
@@ -67,12 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 difference = np.abs(runners[name, "rewritten"].infer(x) - runners[name, "as saved"].infer(x)).max()
                 print(f"  batch {batch:<3} {name:<24} max |rewritten − as saved| {difference:.3g}")
             calls = {key: (lambda r=runner, p=runner.prepare(x): r.run(p)) for key, runner in runners.items()}
-            windows: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-            for _ in range(args.rounds):
-                for key, call in calls.items():
-                    calls_for(call, 0.05)
-                    latencies = [latency for _, latency in timed_calls(call, args.window_ms / 1000)]
-                    windows[key].append(float(np.median(latencies)) * 1e3)
+            windows = windowed_p50s(calls, args.rounds, args.window_ms)
             for name in names:
                 saved, rewritten_ms = (np.asarray(windows[name, v]) for v in ("as saved", "rewritten"))
                 print(f"  batch {batch:<3} {name:<24} as saved {np.median(saved):.3f} ms, rewritten "
