@@ -305,7 +305,7 @@ def quantize_int8(ctx: BuildContext, model: Any, info: dict[str, Any]) -> Artifa
                  f"{ACCURACY_CONTROL_MAX_REVERTED} layers reverted{ranges_note}"
                  + start_note + ")")
     # FakeQuantize nodes keep OpenVINO from moving strided 1×1 convolutions' stride up (it does for fp32 / bf16):
-    # trained resnet50, batch 1, 4.94 → 4.59 ms (bench/results/README.md). Exact, and judged again as saved.
+    # trained resnet50, batch 1, 4.703 → 4.286 ms (bench/strides_probe.py). Exact, and judged again as saved.
     rewritten = quantized.clone()
     info["strides_propagated"] = propagate_strides(rewritten)
     if info["strides_propagated"]:
