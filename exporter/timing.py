@@ -451,6 +451,7 @@ def run_bench(targets: Sequence[BenchTarget], *, input_shape: tuple[int, int, in
         if runner is not None:
             with contextlib.suppress(Exception):
                 runner.deactivate()
+
     def probe_again() -> dict[str, Any]:
         return measure_peaks(size=settings.gemm_size, device=settings.device, threads=settings.threads,
                              previous=peaks)

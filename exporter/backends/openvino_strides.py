@@ -45,7 +45,7 @@ def _plain(conv: Any) -> bool:
 
 def _strided_pointwise_conv(node: Any, strides: list[int] | None = None) -> bool:
     """A 1×1 Convolution without padding and with a stride above 1 (equal to `strides` if given)."""
-    if node.get_type_name() != "Convolution" or not _plain(node):
+    if not _plain(node):
         return False
     attributes = node.get_attributes()
     own = list(attributes["strides"])
@@ -56,7 +56,7 @@ def _strided_pointwise_conv(node: Any, strides: list[int] | None = None) -> bool
 def _same_padded_stride_one(node: Any) -> bool:
     """A stride-1 Convolution whose odd kernel is centred by its padding: with stride s it computes every s-th
     position of its stride-1 output, and the same count of them (⌈n / s⌉)."""
-    if node.get_type_name() != "Convolution" or not _plain(node):
+    if not _plain(node):
         return False
     attributes = node.get_attributes()
     return all(s == 1 for s in attributes["strides"]) and all(
@@ -89,14 +89,16 @@ class _Rewrite:
         self.live = {op.get_instance_id() for op in model.get_ordered_ops()}
         self.strided: list[str] = []  # the convolutions that now compute fewer positions
 
-    def readers(self, value: Any) -> int:
-        return sum(1 for target in value.get_target_inputs() if target.get_node().get_instance_id() in self.live)
+    def readers(self, value: Any) -> list[Any]:
+        """The nodes still in the model that read `value` (a replaced node keeps reading its inputs)."""
+        return [target.get_node() for target in value.get_target_inputs()
+                if target.get_node().get_instance_id() in self.live]
 
     def carried_into(self, value: Any, readers: int = 1) -> tuple[str, list[int]]:
         """How `value`'s producer can compute only every s-th position when only the `readers` being rewritten read
         it: ("pointwise", the indices of its non-constant inputs), ("convolution", []) or ("", []) for neither."""
         node = value.get_node()
-        if self.readers(value) != readers:
+        if len(self.readers(value)) != readers:
             return "", []
         if _same_padded_stride_one(node):
             return "convolution", []
@@ -139,8 +141,7 @@ def propagate_strides(model: Any) -> list[str]:
             if not _strided_pointwise_conv(op):
                 continue
             source, strides = op.input_value(0), list(op.get_attributes()["strides"])
-            readers = [target.get_node() for target in source.get_target_inputs()
-                       if target.get_node().get_instance_id() in rewrite.live]
+            readers = rewrite.readers(source)
             # only where a convolution takes the stride: a MaxPool in its place would gain nothing
             if not all(_strided_pointwise_conv(reader, strides) for reader in readers) or \
                     not rewrite.reaches_convolution(source, len(readers)):
